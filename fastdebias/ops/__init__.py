@@ -1,0 +1,67 @@
+"""The one dispatch point: model code calls ``fastdebias.ops.<op>``; the backend is picked here.
+
+Order of preference for ``backend="auto"``: CUDA extension → Triton → PyTorch reference. The reference is
+always available and is the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdebias.errors import BackendError
+from fastdebias.reference import lora as _ref_lora
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn a user's backend choice into the concrete one used for ``device``, or raise BackendError."""
+    if backend not in BACKENDS:
+        raise BackendError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise BackendError("backend='triton' needs the triton package: pip install 'triton>=3.0'")
+        if device.type != "cuda" and not _interpreting():
+            raise BackendError(
+                "backend='triton' runs on CUDA devices; on CPU set TRITON_INTERPRET=1 (slow, for tests) "
+                "or use backend='torch'"
+            )
+        return "triton"
+    if backend == "cuda":
+        raise BackendError("backend='cuda' (csrc/ extension) is not built in this install; use 'triton' or 'torch'")
+    return "torch"
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    adapter_idx: torch.Tensor | None,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """x: [M, K] → [M, N]; see ``fastdebias.reference.lora.lora_linear`` for the contract."""
+    if backend == "triton":
+        from fastdebias.ops import lora as _triton_lora
+
+        return _triton_lora.lora_linear(x, weight, lora_a, lora_b, scale, adapter_idx)
+    return _ref_lora.lora_linear(x, weight, lora_a, lora_b, scale, adapter_idx)

@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: the CPU path and the oracle every kernel is tested against."""

@@ -1,0 +1,1 @@
+"""Triton kernels (importable only as fastdebias.kernels): @triton.jit functions and their configs."""
