@@ -12,9 +12,9 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top level of the repo but is only ever importable as fastdebias.kernels:
     # a bare top-level `kernels` would shadow the PyPI package of that name, which transformers probes for.
-    packages=["fastdebias", "fastdebias.ops", "fastdebias.reference", "fastdebias.kernels"],
+    packages=["fastdebias", "fastdebias.ops", "fastdebias.reference", "fastdebias.kernels", "fastdebias.data"],
     package_dir={"fastdebias": "fastdebias", "fastdebias.kernels": "kernels"},
-    package_data={"fastdebias": ["data/*"]},
+    package_data={"fastdebias.data": ["*.jsonl", "*.md"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4,<3",

@@ -1,0 +1,35 @@
+"""fastdebias: fast bias-mitigating decoding for Llama-family models with unmerged LoRA adapters.
+
+    model = fastdebias.load()                      # embedded SmolLM2-135M-Instruct
+    outs = fastdebias.debias(model, ["Old people can't learn new technology."])
+"""
+
+from fastdebias.errors import (
+    AdapterError,
+    BackendError,
+    CheckpointError,
+    EmbeddedModelError,
+    FastDebiasError,
+    GenerationError,
+    TokenizerError,
+)
+from fastdebias.generate import FIRST_ADAPTER, GenerationResult, debias, generate
+from fastdebias.pipeline import FastDebiasModel, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "BackendError",
+    "CheckpointError",
+    "EmbeddedModelError",
+    "FIRST_ADAPTER",
+    "FastDebiasError",
+    "FastDebiasModel",
+    "GenerationError",
+    "GenerationResult",
+    "TokenizerError",
+    "debias",
+    "generate",
+    "load",
+]

@@ -1,0 +1,419 @@
+"""Prefill, one-token decode, token choice and stopping: the decode path, plus SR-LLM-style ``debias``.
+
+A batch of prompts is left-padded into one static KV cache; rows finish independently (EOS, a stop string, or
+the length limit). Token choice and the finished flags stay on the device; the host reads them only every
+``check_every`` steps (every step when it must decode text: stop strings or streaming).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fastdebias.errors import GenerationError, TokenizerError
+from fastdebias.model import KVCache
+from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens
+
+
+class _FirstAdapter:
+    def __repr__(self) -> str:
+        return "<first adapter>"
+
+
+FIRST_ADAPTER = _FirstAdapter()
+"""Default of ``adapter=``: the first adapter loaded (or none if none was). ``None`` means no adapter."""
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output. ``token_ids`` are the generated ids (an EOS that ended the row included)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int = 0
+    interventions: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise GenerationError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
+    if not isinstance(repetition_penalty, (int, float)) or not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+
+
+def encode_prompts(model, prompts) -> list[list[int]]:
+    """str | list[str] | list[list[int]] → token ids (strings use the tokenizer's defaults; ids used as given)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise GenerationError("prompts: expected a non-empty str, list of str, or list of token-id lists")
+    vocab = model.config.vocab_size
+    out: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if p == "":
+                raise GenerationError(f"prompts[{i}] is an empty string; give at least one character")
+            if model.tokenizer is None:
+                raise TokenizerError(f"prompts[{i}] is text but {model.path} has no tokenizer; pass token ids")
+            ids = model.tokenizer(p)["input_ids"]
+        elif isinstance(p, (list, tuple)) or (isinstance(p, torch.Tensor) and p.dim() == 1):
+            ids = [int(t) for t in p]
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise GenerationError(f"prompts[{i}] holds token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+        else:
+            raise GenerationError(f"prompts[{i}]: expected str or a list of token ids, got {type(p).__name__}")
+        if len(ids) == 0:
+            raise GenerationError(f"prompts[{i}] is empty; give at least one token")
+        out.append(list(ids))
+    return out
+
+
+def resolve_adapter_rows(model, adapter, n: int) -> list[int]:
+    """adapter=FIRST/None/name/list → per-prompt adapter index (-1 = no adapter)."""
+    names = model.adapter_names
+    if model.merged_adapter is not None:
+        if adapter is FIRST_ADAPTER or adapter == model.merged_adapter:
+            return [-1] * n
+        raise GenerationError(
+            f"adapter={adapter!r}: this model was loaded with merge=True, so only the merged adapter "
+            f"{model.merged_adapter!r} is available; load with merge=False to switch adapters per prompt"
+        )
+    if adapter is FIRST_ADAPTER:
+        return [0 if names else -1] * n
+
+    def one(a, where: str) -> int:
+        if a is None:
+            return -1
+        if a not in names:
+            have = names or "none (pass adapter= to fastdebias.load)"
+            raise GenerationError(f"{where}={a!r} is not a loaded adapter; loaded: {have}")
+        return names.index(a)
+
+    if isinstance(adapter, (list, tuple)):
+        if len(adapter) != n:
+            raise GenerationError(f"adapter: got a list of {len(adapter)} names for {n} prompts; give one per prompt")
+        return [one(a, f"adapter[{i}]") for i, a in enumerate(adapter)]
+    return [one(adapter, "adapter")] * n
+
+
+def _normalize_eos(model, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = model.eos_token_ids
+    if isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    ids = [int(e) for e in (eos_token_id or [])]
+    bad = [e for e in ids if not 0 <= e < model.config.vocab_size]
+    if bad:
+        raise GenerationError(f"eos_token_id {bad} is outside the vocabulary [0, {model.config.vocab_size})")
+    return ids
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None):
+    """Left-pad ``ids`` into [B, T], allocate the static cache, run the prompt. Returns (logits, cache, start, T)."""
+    dev = model.device
+    b, t = len(ids), max(len(x) for x in ids)
+    tokens = torch.zeros(b, t, dtype=torch.long)
+    for i, x in enumerate(ids):
+        tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
+    start = torch.tensor([t - len(x) for x in ids], dtype=torch.long, device=dev)
+    cache = KVCache.allocate(model.config, b, t + max_new_tokens, model.dtype, dev)
+    slots = torch.arange(t, device=dev).expand(b, t)
+    logits = model.decoder(tokens.to(dev), slots, start, t, cache, adapter_idx)
+    return logits, cache, start, tokens
+
+
+def decode_one_token(model, token: torch.Tensor, slot: int, start, cache, adapter_idx) -> torch.Tensor:
+    """token: [B] at cache slot ``slot`` (all rows) → fp32 logits [B, V]."""
+    b = token.shape[0]
+    slots = torch.full((b, 1), slot, dtype=torch.long, device=token.device)
+    return model.decoder(token.view(b, 1), slots, start, slot + 1, cache, adapter_idx)
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string (not yet streamable)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _generate_batch(
+    model,
+    ids: list[list[int]],
+    rows: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    generator: torch.Generator | None,
+    eos: list[int],
+    stop: list[str],
+    stream: Callable[[int, str], None] | None,
+    index_offset: int,
+) -> list[GenerationResult]:
+    dev = model.device
+    b, v = len(ids), model.config.vocab_size
+    adapter_idx = torch.tensor(rows, dtype=torch.int32, device=dev) if any(r >= 0 for r in rows) else None
+    logits, cache, start, prompt_tokens = prefill(model, ids, max_new_tokens, adapter_idx)
+    t = prompt_tokens.shape[1]
+    eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
+    pad_token = eos[0] if eos else 0
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(b, v, dtype=torch.bool, device=dev)
+        real = torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)
+        seen.scatter_(1, prompt_tokens.to(dev), real)  # padding scatters False: never penalised
+    out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    stopped_at = [-1] * b
+    emitted = [""] * b
+    host_each_step = bool(stop) or stream is not None
+    check_every = 1 if (host_each_step or dev.type == "cpu") else 8
+    tok = model.tokenizer
+    n_steps = max_new_tokens
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        nxt = choose_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token), nxt)
+        out[:, step] = nxt
+        done |= torch.isin(nxt, eos_t)
+        if seen is not None:
+            seen.scatter_(1, nxt.view(b, 1), True)
+        if host_each_step:
+            done_host = done.tolist()
+            gen = out[:, : step + 1].tolist()
+            for i in range(b):
+                if stopped_at[i] >= 0:
+                    continue
+                ended_eos = done_host[i]
+                text = tok.decode(gen[i], skip_special_tokens=True)
+                cut, hit = _cut_at_stop(text, stop)
+                if hit:
+                    stopped_at[i] = step
+                    done[i] = True
+                if stream is not None:
+                    final = hit or ended_eos or step == max_new_tokens - 1
+                    ready = cut if final else cut[: len(cut) - _stop_holdback(cut, stop)]
+                    if not final and ready.endswith("\ufffd"):
+                        ready = ready.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
+                    if len(ready) > len(emitted[i]) and ready.startswith(emitted[i]):
+                        stream(index_offset + i, ready[len(emitted[i]):])
+                        emitted[i] = ready
+                if ended_eos and stopped_at[i] < 0:
+                    stopped_at[i] = step
+        if step == max_new_tokens - 1:
+            break
+        if (step + 1) % check_every == 0 and bool(done.all()):
+            n_steps = step + 1
+            break
+        logits = decode_one_token(model, nxt, t + step, start, cache, adapter_idx)
+    gen = out[:, :n_steps].tolist()
+    results = []
+    eos_set = set(eos)
+    for i in range(b):
+        seq = gen[i]
+        reason = "length"
+        for j, x in enumerate(seq):
+            if x in eos_set:
+                seq, reason = seq[: j + 1], "eos"
+                break
+        text = tok.decode(seq, skip_special_tokens=True) if tok is not None else ""
+        if stop:
+            text, hit = _cut_at_stop(text, stop)
+            if hit:
+                reason = "stop"
+                # keep the ids up to the token that completed the stop string
+                for j in range(1, len(seq) + 1):
+                    if _cut_at_stop(tok.decode(seq[:j], skip_special_tokens=True), stop)[1]:
+                        seq = seq[:j]
+                        break
+        results.append(GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i])))
+    return results
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts,
+    *,
+    adapter=FIRST_ADAPTER,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    stop: str | list[str] | None = None,
+    stream: Callable[[int, str], None] | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> list[GenerationResult]:
+    """Generate a continuation for each prompt.
+
+    Parameters
+    ----------
+    model : a model from ``fastdebias.load``.
+    prompts : str, list of str, or list of token-id lists (ids are used as given: no special tokens added).
+    adapter : omitted → the first loaded adapter; ``None`` → no adapter; a name; or a list of names/None,
+        one per prompt (several adapters in one batch).
+    max_new_tokens : tokens to generate at most per prompt (>= 1).
+    temperature : 0 is greedy (argmax); > 0 samples.
+    top_k, top_p : filters for sampling; ``0`` and ``1.0`` mean off.
+    repetition_penalty : transformers' rule over the row's context (prompt and generated); 1.0 is off.
+    seed : makes sampling reproducible (a device generator seeded once per call).
+    eos_token_id : int or list; defaults to the checkpoint's.
+    stop : strings that end a sequence; they are excluded from ``.text``.
+    stream : callback ``stream(prompt_index, new_text)`` called as each prompt's text grows (a callback, not
+        an iterator). Text that might still become a stop string is held back until it cannot.
+    batch_size : prompts decoded together (default: all at once).
+    progress : tqdm bar across batches (default: when there is more than one batch).
+
+    Returns
+    -------
+    list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``), one per prompt, in order.
+    """
+    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    ids = encode_prompts(model, prompts)
+    rows = resolve_adapter_rows(model, adapter, len(ids))
+    eos = _normalize_eos(model, eos_token_id)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or s == "" for s in stops):
+        raise GenerationError(f"stop: expected non-empty strings, got {stop!r}")
+    if (stops or stream is not None) and model.tokenizer is None:
+        raise TokenizerError(f"stop/stream need a tokenizer, and {model.path} has none")
+    if stream is not None and not callable(stream):
+        raise GenerationError("stream: expected a callable stream(prompt_index, new_text)")
+    ctx = model.max_context
+    for i, x in enumerate(ids):
+        if len(x) + max_new_tokens > ctx:
+            raise GenerationError(
+                f"prompts[{i}] has {len(x)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+                f"context of {ctx} tokens: shorten the prompt or lower max_new_tokens"
+            )
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    bs = batch_size or len(ids)
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    chunks = range(0, len(ids), bs)
+    show = progress if progress is not None else len(chunks) > 1
+    results: list[GenerationResult] = []
+    for lo in tqdm(chunks, desc="Generating", unit="batch", disable=not show):
+        results += _generate_batch(
+            model, ids[lo:lo + bs], rows[lo:lo + bs], max_new_tokens=max_new_tokens, temperature=float(temperature),
+            top_k=top_k, top_p=float(top_p), repetition_penalty=float(repetition_penalty), generator=generator,
+            eos=eos, stop=stops, stream=stream, index_offset=lo,
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------------- debiasing
+
+SRLLM_SYSTEM = (
+    "<<SYS>>You are a text debiasing bot, you take as input a text and you output its debiased version by "
+    "rephrasing it to be free from any age, gender, political, social or socio-economic biases ,  without any "
+    "extra outputs<</SYS>>"
+)
+SRLLM_INSTRUCTION = "[INST] Debias this text by rephrasing it to be free of bias : {text} [/INST]"
+SRLLM_END = "<s/>"  # the literal closing marker SR-LLM was trained with (not </s>)
+CHAT_SYSTEM = (
+    "You are a text debiasing bot. You take as input a text and output its debiased version, rephrased to be "
+    "free from any age, gender, political, social or socio-economic bias, without any extra output."
+)
+CHAT_USER = "Debias this text by rephrasing it to be free of bias: {text}"
+
+
+def srllm_prompt(text: str) -> str:
+    """SR-LLM's training format up to the response: '<s>', system, instruction, joined by newlines, then '\\n'."""
+    return "\n".join(["<s>", SRLLM_SYSTEM, SRLLM_INSTRUCTION.format(text=text), ""])
+
+
+def debias_prompt_format(model, prompt_format: str = "auto") -> str:
+    """The rule: "srllm" if an adapter is loaded (SR-LLM adapters are trained on that format) or the tokenizer
+    has no chat template; otherwise "chat" (instruction-tuned models such as the embedded SmolLM2)."""
+    if prompt_format not in ("auto", "srllm", "chat"):
+        raise GenerationError(f"prompt_format must be 'auto', 'srllm' or 'chat', got {prompt_format!r}")
+    if prompt_format != "auto":
+        return prompt_format
+    if model.adapter_names or model.merged_adapter is not None:
+        return "srllm"
+    return "chat" if getattr(model.tokenizer, "chat_template", None) else "srllm"
+
+
+def debias(
+    model,
+    texts,
+    *,
+    prompt_format: str = "auto",
+    template: str | None = None,
+    **generate_kwargs,
+) -> list[GenerationResult]:
+    """Rewrite each text without bias. ``template`` (a str with ``{text}``) overrides the prompt format.
+
+    The SR-LLM format stops at EOS or the literal ``<s/>``; results' ``.text`` is stripped of surrounding space.
+    Other keyword arguments go to ``generate``.
+    """
+    if model.tokenizer is None:
+        raise TokenizerError(f"debias needs a tokenizer, and {model.path} has none")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise GenerationError("texts: expected a non-empty str or list of str")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise GenerationError(f"texts[{i}] is empty; give the text to debias")
+    stops = generate_kwargs.pop("stop", None)
+    stops = [stops] if isinstance(stops, str) else list(stops or [])
+    tok = model.tokenizer
+    if template is not None:
+        if "{text}" not in template:
+            raise GenerationError("template: must contain the placeholder {text}")
+        prompts = [tok(template.replace("{text}", t))["input_ids"] for t in texts]
+    elif debias_prompt_format(model, prompt_format) == "srllm":
+        prompts = [tok(srllm_prompt(t))["input_ids"] for t in texts]
+        stops.append(SRLLM_END)
+    else:
+        prompts = [
+            tok.apply_chat_template(
+                [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER.format(text=t)}],
+                add_generation_prompt=True, tokenize=False,
+            )
+            for t in texts
+        ]
+        prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    generate_kwargs.setdefault("max_new_tokens", 128)
+    results = generate(model, prompts, stop=stops or None, **generate_kwargs)
+    for r in results:
+        r.text = r.text.strip()
+    return results

@@ -1,0 +1,375 @@
+"""Load SR-LLM-format checkpoints: an HF Llama-family base directory plus PEFT LoRA adapter directories.
+
+Weights are read tensor by tensor from memory-mapped safetensors (or ``torch.load(weights_only=True, mmap=True)``
+for legacy ``pytorch_model*.bin``) straight into the model, so RAM never holds a second full copy. Every
+problem raises a ``CheckpointError`` / ``AdapterError`` naming the file or field; ``load`` builds its result
+only when everything checked out, so nothing is left half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from fastdebias.errors import AdapterError, CheckpointError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Keys some older checkpoints carry that hold no learned state (recomputed from the config).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); restore the file from the original checkpoint") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_config(model_dir: Path):
+    """Parse ``config.json`` with transformers and check it describes a supported Llama-family model."""
+    from transformers import AutoConfig
+
+    raw = read_json(model_dir / "config.json", "model config (config.json)")
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+        raise CheckpointError(
+            f"{model_dir / 'config.json'}: architectures={archs} / model_type={model_type!r} is not supported; "
+            f"fastdebias loads {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # transformers raises many types for malformed configs
+        raise CheckpointError(f"{model_dir / 'config.json'}: transformers cannot parse it: {e}") from e
+    where = model_dir / "config.json"
+    for field, ok in (
+        ("hidden_act", getattr(config, "hidden_act", "silu") == "silu"),
+        ("attention_bias", not getattr(config, "attention_bias", False)),
+        ("mlp_bias", not getattr(config, "mlp_bias", False)),
+        ("pretraining_tp", getattr(config, "pretraining_tp", 1) == 1),
+    ):
+        if not ok:
+            raise CheckpointError(f"{where}: {field}={getattr(config, field)!r} is not supported by fastdebias")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise CheckpointError(
+            f"{where}: rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.num_attention_heads % (config.num_key_value_heads or config.num_attention_heads):
+        raise CheckpointError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+    config.head_dim = head_dim
+    if getattr(config, "num_key_value_heads", None) is None:
+        config.num_key_value_heads = config.num_attention_heads
+    return config
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """HF parameter name → shape for a Llama-family model (the names our model uses too)."""
+    h, hd = config.hidden_size, config.head_dim
+    nh, nkv, inter, v = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (nh * hd, h),
+                p + "self_attn.k_proj.weight": (nkv * hd, h),
+                p + "self_attn.v_proj.weight": (nkv * hd, h),
+                p + "self_attn.o_proj.weight": (h, nh * hd),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------- weight files
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The base checkpoint's weight files, in the order the index lists them."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = model_dir / index_name
+        if index_path.is_file():
+            index = read_json(index_path, "weight index")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: field 'weight_map' is missing or empty")
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (model_dir / f).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{index_path}: lists shard(s) {missing} that are not in {model_dir}; download the missing shards"
+                )
+            return [model_dir / f for f in files]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    raise CheckpointError(
+        f"{model_dir}: no weights found; expected model.safetensors, sharded model-0000k-of-0000n.safetensors with "
+        "model.safetensors.index.json, or pytorch_model*.bin"
+    )
+
+
+def _safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """Legacy pickle checkpoints, loaded only through the weights-only unpickler."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-zipfile legacy format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors (weights_only=True). "
+            "Convert it to safetensors with a trusted tool, or re-save its state_dict"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
+    return sd
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one weight file, one tensor at a time (memory-mapped)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors file ({e}); download or re-save it"
+            ) from e
+    else:
+        yield from _safe_torch_load(path).items()
+
+
+def count_tensors(path: Path) -> int | None:
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return len(list(f.keys()))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}); download or re-save it") from e
+
+
+def load_base_weights(
+    model_dir: Path, config, dtype: torch.dtype, device: torch.device, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read every expected tensor, check its shape, convert to ``dtype`` on ``device``; tqdm across shards."""
+    shapes = expected_shapes(config)
+    files = _weight_files(model_dir)
+    totals = [count_tensors(p) for p in files]
+    total = sum(t for t in totals if t is not None) if all(t is not None for t in totals) else None
+    out: dict[str, torch.Tensor] = {}
+    with tqdm(total=total, desc=f"Loading {model_dir.name}", unit="tensor", disable=not progress) as bar:
+        for path in files:
+            for name, t in iter_tensors(path):
+                bar.update(1)
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name not in shapes:
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # tied checkpoints sometimes still store the (identical) head
+                    warnings.warn(f"{path}: ignoring unexpected tensor {name!r}", stacklevel=3)
+                    continue
+                if tuple(t.shape) != shapes[name]:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has shape {tuple(t.shape)}, but config.json implies "
+                        f"{shapes[name]}; the weights and config.json do not belong together"
+                    )
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected floating point")
+                out[name] = t.to(device=device, dtype=dtype)
+                del t
+    missing = [n for n in shapes if n not in out]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{model_dir}: weights are missing tensor(s) {missing[:5]}{more}; the checkpoint is incomplete"
+        )
+    return out
+
+
+# -------------------------------------------------------------------------------------------- adapters
+
+_UNSUPPORTED_LORA_FIELDS = {
+    "use_dora": "DoRA",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "lora_bias": "LoRA bias terms",
+    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+}
+
+
+@dataclass
+class AdapterWeights:
+    """One loaded LoRA adapter: per target module (HF module name) its A [r, in], B [out, r] and scale."""
+
+    name: str
+    path: Path
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def _adapter_files(adapter_dir: Path) -> Path:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise AdapterError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin found")
+
+
+def _lora_config(adapter_dir: Path):
+    from peft import LoraConfig
+
+    cfg_path = adapter_dir / "adapter_config.json"
+    raw = read_json(cfg_path, "adapter config (adapter_config.json)") if cfg_path.is_file() else None
+    if raw is None:
+        raise AdapterError(f"{cfg_path}: adapter config not found; is {adapter_dir} a PEFT LoRA adapter directory?")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type={raw.get('peft_type')!r}; only LoRA adapters are supported")
+    for field, what in _UNSUPPORTED_LORA_FIELDS.items():
+        if raw.get(field):
+            raise AdapterError(
+                f"{cfg_path}: field {field!r} = {raw[field]!r}: {what} is not supported; "
+                "retrain or export the adapter as plain LoRA"
+            )
+    if raw.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_path}: bias={raw['bias']!r} is not supported (only 'none')")
+    if raw.get("fan_in_fan_out", False):
+        raise AdapterError(f"{cfg_path}: fan_in_fan_out=true is not supported (it is for GPT-2 Conv1D layers)")
+    known = set(LoraConfig.__dataclass_fields__)
+    kwargs = {k: v for k, v in raw.items() if k in known}
+    try:
+        cfg = LoraConfig(**kwargs)
+    except Exception as e:
+        raise AdapterError(f"{cfg_path}: peft rejects this LoRA config: {e}") from e
+    if not isinstance(cfg.r, int) or cfg.r < 1:
+        raise AdapterError(f"{cfg_path}: field 'r' must be a positive integer, got {cfg.r!r}")
+    return cfg, cfg_path
+
+
+def _strip_key(key: str) -> tuple[str, str] | None:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' → ('model.layers.0.self_attn.q_proj', 'A')."""
+    if key.startswith("base_model.model."):
+        key = key[len("base_model.model.") :]
+    for kind in ("A", "B"):
+        for tail in (f".lora_{kind}.weight", f".lora_{kind}.default.weight"):
+            if key.endswith(tail):
+                return key[: -len(tail)], kind
+    return None
+
+
+def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, tuple[int, int]]) -> AdapterWeights:
+    """Read and validate one PEFT LoRA adapter against the base model's module shapes ([out, in])."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir}: adapter directory not found")
+    cfg, cfg_path = _lora_config(adapter_dir)
+    wpath = _adapter_files(adapter_dir)
+    try:
+        tensors = dict(iter_tensors(wpath))
+    except CheckpointError as e:
+        raise AdapterError(str(e)) from e
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        parsed = _strip_key(key)
+        if parsed is None:
+            if "lora_embedding" in key or "embed_tokens" in key:
+                raise AdapterError(f"{wpath}: tensor {key!r}: LoRA on embeddings is not supported")
+            raise AdapterError(f"{wpath}: tensor {key!r} is not a LoRA A/B weight; unsupported adapter content")
+        module, kind = parsed
+        if module not in module_shapes:
+            raise AdapterError(
+                f"{wpath}: tensor {key!r} targets module {module!r}, which does not exist in the base model "
+                f"(check target_modules and that the adapter was trained on this architecture)"
+            )
+        pairs.setdefault(module, {})[kind] = t
+
+    if cfg.target_modules == "all-linear":  # PEFT's shorthand: every linear layer except the output head
+        targeted = [m for m in module_shapes if m != "lm_head"]
+    else:
+        targeted = [m for m in module_shapes if check_target_module_exists(cfg, m)]
+    if not targeted:
+        raise AdapterError(
+            f"{cfg_path}: target_modules={cfg.target_modules!r} matches no module of the base model "
+            f"(LoRA-capable modules: {', '.join(LORA_MODULES)}, lm_head)"
+        )
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for module in targeted:
+        if module not in pairs:
+            raise AdapterError(f"{wpath}: no LoRA weights for targeted module {module!r}; the adapter file is incomplete")
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{wpath}: module {module!r} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
+        a, b = ab["A"], ab["B"]
+        out_f, in_f = module_shapes[module]
+        rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), module), cfg.r)
+        alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), module), cfg.lora_alpha)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f:
+            raise AdapterError(
+                f"{wpath}: module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                f"layer [out={out_f}, in={in_f}]; the adapter was trained for a different base model"
+            )
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(
+                f"{wpath}: module {module!r}: tensors have rank {a.shape[0]}/{b.shape[1]} but {cfg_path.name} says "
+                f"r={rank} (field 'r' or 'rank_pattern'); fix the config to match the weights"
+            )
+        scale = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
+        modules[module] = (a, b, float(scale))
+    return AdapterWeights(name=name, path=adapter_dir, modules=modules)
+
+
+def normalize_adapters(adapter) -> list[tuple[str, Path]]:
+    """None | path | list of paths | {name: path} → [(name, dir)], names unique."""
+    if adapter is None:
+        return []
+    if isinstance(adapter, (str, os.PathLike)):
+        items = [(Path(adapter).name, Path(adapter))]
+    elif isinstance(adapter, dict):
+        items = [(str(k), Path(v)) for k, v in adapter.items()]
+    elif isinstance(adapter, (list, tuple)):
+        items = [(Path(a).name, Path(a)) for a in adapter]
+    else:
+        raise AdapterError(f"adapter: expected a directory, a list of directories or a dict name→dir, got {adapter!r}")
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapter: duplicate adapter names {names}; pass a dict to name them explicitly")
+    return items

@@ -1,0 +1,235 @@
+"""Reference Llama-family decoder: static KV cache, prefill + one-token decode, unmerged multi-adapter LoRA.
+
+gpt-fast-like: a config from transformers, flat modules named as in HF checkpoints (so state-dict and PEFT keys
+map 1:1), and every projection routed through ``fastdebias.ops.lora_linear`` so one switch picks the backend.
+
+Cache layout: each row owns cache slots ``0..S-1``. A prompt is left-padded to the batch's longest, so row ``b``'s
+real tokens start at slot ``start[b]``; its RoPE position is ``slot - start[b]``. Each row has its own current slot,
+so a row can be rewound (position reset) without touching the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdebias import ops
+from fastdebias.loader import LORA_MODULES, AdapterWeights
+
+
+class LoRALinear(nn.Module):
+    """A base projection with an optional stack of LoRA adapters, applied unmerged per row."""
+
+    def __init__(self, weight: torch.Tensor, backend: str = "torch") -> None:
+        super().__init__()
+        self.weight = weight  # [N, K]
+        self.lora_a: torch.Tensor | None = None  # [n_adapters, R, K]
+        self.lora_b: torch.Tensor | None = None  # [n_adapters, N, R]
+        self.lora_scale: torch.Tensor | None = None  # [n_adapters] fp32
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = ops.lora_linear(
+            x.reshape(-1, x.shape[-1]), self.weight, self.lora_a, self.lora_b, self.lora_scale,
+            rows if self.lora_a is not None else None, backend=self.backend,
+        )
+        return y.view(*lead, y.shape[-1])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scaling from transformers' own RoPE initialisers (llama3, yarn, ...)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dim = config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Per-layer K and V, each [B, n_kv_heads, max_len, head_dim], allocated once per generate call."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        n = config.num_hidden_layers
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
+
+
+class Attention(nn.Module):
+    def __init__(self, config, w: dict[str, torch.Tensor], backend: str) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (LoRALinear(w[n], backend) for n in LORA_MODULES[:4])
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def forward(self, x, rows, cos, sin, k_cache, v_cache, slots, mask, kv_len):
+        b, t, _ = x.shape
+        q = self.q_proj(x, rows).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x, rows).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, rows).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, hd]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        # Scatter this step's K/V into each row's own slots: index [B,1] × [B,T] → [B, T, n_kv, hd].
+        bidx = torch.arange(b, device=x.device).view(b, 1)
+        k_cache[bidx, :, slots] = k.transpose(1, 2)
+        v_cache[bidx, :, slots] = v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
+            scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1), rows)
+
+
+class MLP(nn.Module):
+    def __init__(self, w: dict[str, torch.Tensor], backend: str) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (LoRALinear(w[n], backend) for n in LORA_MODULES[4:])
+
+    def forward(self, x, rows):
+        return self.down_proj(F.silu(self.gate_proj(x, rows)) * self.up_proj(x, rows), rows)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, w: dict[str, torch.Tensor], backend: str) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, w, backend)
+        self.mlp = MLP(w, backend)
+        self.input_layernorm = RMSNorm(w["input_layernorm"], config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm"], config.rms_norm_eps)
+
+    def forward(self, h, rows, cos, sin, k_cache, v_cache, slots, mask, kv_len):
+        h = h + self.self_attn(self.input_layernorm(h), rows, cos, sin, k_cache, v_cache, slots, mask, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h), rows)
+
+
+class LlamaDecoder(nn.Module):
+    """The whole decoder. ``forward`` returns fp32 logits of each row's last position only."""
+
+    def __init__(self, config, weights: dict[str, torch.Tensor], backend: str = "torch") -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = weights["model.embed_tokens.weight"]
+        self.layers = nn.ModuleList()
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            w = {k[len(p):].split(".")[-2]: v for k, v in weights.items() if k.startswith(p)}
+            self.layers.append(DecoderLayer(config, w, backend))
+        self.norm = RMSNorm(weights["model.norm.weight"], config.rms_norm_eps)
+        head = self.embed_tokens if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.lm_head = LoRALinear(head, backend)
+        inv_freq, attn_scale = rope_inv_freq(config)
+        pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dev = self.embed_tokens.device
+        self.rope_cos = (emb.cos() * attn_scale).to(dev)  # [max_pos, hd] fp32
+        self.rope_sin = (emb.sin() * attn_scale).to(dev)
+        self.adapter_names: list[str] = []
+
+    # ------------------------------------------------------------------------------------------ adapters
+
+    def lora_modules(self) -> dict[str, LoRALinear]:
+        """HF module name → LoRALinear, for every projection an adapter may target."""
+        mods = {"lm_head": self.lm_head}
+        for i, layer in enumerate(self.layers):
+            for n in LORA_MODULES[:4]:
+                mods[f"model.layers.{i}.self_attn.{n}"] = getattr(layer.self_attn, n)
+            for n in LORA_MODULES[4:]:
+                mods[f"model.layers.{i}.mlp.{n}"] = getattr(layer.mlp, n)
+        return mods
+
+    def attach_adapters(self, adapters: list[AdapterWeights]) -> None:
+        """Stack adapters per module (ranks zero-padded to the module's max; scale 0 where untargeted)."""
+        n = len(adapters)
+        self.adapter_names = [a.name for a in adapters]
+        for name, mod in self.lora_modules().items():
+            present = [a.modules.get(name) for a in adapters]
+            if not any(p is not None for p in present):
+                continue
+            r_max = max(p[0].shape[0] for p in present if p is not None)
+            out_f, in_f = mod.weight.shape
+            w = mod.weight
+            lora_a = torch.zeros(n, r_max, in_f, dtype=w.dtype, device=w.device)
+            lora_b = torch.zeros(n, out_f, r_max, dtype=w.dtype, device=w.device)
+            scale = torch.zeros(n, dtype=torch.float32, device=w.device)
+            for j, p in enumerate(present):
+                if p is not None:
+                    a, b, s = p
+                    lora_a[j, : a.shape[0]] = a.to(w.dtype)
+                    lora_b[j, :, : b.shape[1]] = b.to(w.dtype)
+                    scale[j] = s
+            mod.lora_a, mod.lora_b, mod.lora_scale = lora_a, lora_b, scale
+
+    def merge_adapter(self, adapter: AdapterWeights) -> None:
+        """Fold W ← W + s·B@A (computed in fp32) into the base weights; lossy for QLoRA-trained adapters."""
+        for name, mod in self.lora_modules().items():
+            if name in adapter.modules:
+                a, b, s = adapter.modules[name]
+                delta = (b.float() @ a.float()) * s
+                mod.weight = (mod.weight.float() + delta.to(mod.weight.device)).to(mod.weight.dtype)
+        self.adapter_names = []
+
+    def set_backend(self, backend: str) -> None:
+        for mod in self.lora_modules().values():
+            mod.backend = backend
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        start: torch.Tensor,
+        kv_len: int,
+        cache: KVCache,
+        adapter_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``tokens`` [B, T] written at cache ``slots`` [B, T]; rows' real tokens begin at ``start`` [B].
+
+        Returns fp32 logits [B, V] of the last position. ``kv_len`` (host int) bounds the slots attended to.
+        """
+        b, t = tokens.shape
+        positions = (slots - start.view(b, 1)).clamp(min=0)
+        cos = self.rope_cos[positions].to(self.embed_tokens.dtype)
+        sin = self.rope_sin[positions].to(self.embed_tokens.dtype)
+        j = torch.arange(kv_len, device=tokens.device).view(1, 1, kv_len)
+        s = slots.view(b, t, 1)
+        # Causal within the row's own span; a padding query sees only itself (never an all-masked row → NaN).
+        mask = (((j >= start.view(b, 1, 1)) & (j <= s)) | (j == s)).unsqueeze(1)  # [B, 1, T, kv_len]
+        rows = adapter_idx.repeat_interleave(t) if adapter_idx is not None else None
+        h = F.embedding(tokens, self.embed_tokens)
+        for layer, kc, vc in zip(self.layers, cache.k, cache.v):
+            h = layer(h, rows, cos, sin, kc, vc, slots, mask, kv_len)
+        h = self.norm(h[:, -1:])
+        last_rows = adapter_idx if adapter_idx is not None else None
+        return self.lm_head(h, last_rows)[:, 0].float()

@@ -1,0 +1,168 @@
+"""``fastdebias.load``: a base checkpoint (or the embedded default) plus LoRA adapters → a ready model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastdebias import ops
+from fastdebias.errors import AdapterError, CheckpointError, FastDebiasError, TokenizerError
+from fastdebias.loader import expected_shapes, load_adapter, load_base_weights, load_config, normalize_adapters
+from fastdebias.model import LlamaDecoder
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class FastDebiasModel:
+    """A loaded model: the decoder, its tokenizer and config, and the adapters it can apply per prompt."""
+
+    def __init__(self, path, decoder, tokenizer, config, device, dtype, backend, merged_adapter, eos_token_ids):
+        self.path: Path = path
+        self.decoder: LlamaDecoder = decoder
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device: torch.device = device
+        self.dtype: torch.dtype = dtype
+        self.backend: str = backend
+        self.merged_adapter: str | None = merged_adapter
+        self.eos_token_ids: list[int] = eos_token_ids
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.decoder.adapter_names
+
+    @property
+    def max_context(self) -> int:
+        ctx = self.config.max_position_embeddings
+        window = getattr(self.config, "sliding_window", None)
+        return min(ctx, window) if window else ctx
+
+    def __repr__(self) -> str:
+        return (
+            f"FastDebiasModel(path={str(self.path)!r}, device={self.device}, dtype={self.dtype}, "
+            f"backend={self.backend!r}, adapters={self.adapter_names}, merged={self.merged_adapter!r})"
+        )
+
+
+def _resolve_dtype(dtype, config, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        if device.type == "cpu":
+            return torch.float32
+        cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        cfg = _DTYPES.get(str(cfg).replace("torch.", ""), None) if cfg is not None else None
+        return cfg if cfg in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.replace("torch.", "")]
+    raise FastDebiasError(f"dtype={dtype!r} is not supported; use float32, float16 or bfloat16")
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise FastDebiasError(f"device={device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FastDebiasError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise FastDebiasError(f"device={device!r}: only cpu and cuda devices are supported")
+    return dev
+
+
+def _load_tokenizer(model_dir: Path):
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any((model_dir / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise TokenizerError(f"{model_dir}: the tokenizer files cannot be loaded by transformers: {e}") from e
+
+
+def _eos_ids(model_dir: Path, config, tokenizer) -> list[int]:
+    """generation_config.json's eos_token_id, else config.json's, else the tokenizer's."""
+    import json
+
+    eos = None
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{gen}: not valid JSON ({e})") from e
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def load(
+    model_path: str | Path | None = None,
+    adapter=None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    merge: bool = False,
+    backend: str = "auto",
+    progress: bool = True,
+) -> FastDebiasModel:
+    """Load a Llama-family checkpoint and LoRA adapters.
+
+    Parameters
+    ----------
+    model_path : HF model directory (config.json + safetensors/bin weights + tokenizer). ``None`` → the embedded
+        SmolLM2-135M-Instruct, converted once into the user cache.
+    adapter : a PEFT LoRA adapter directory, a list of them (named by directory name), or a dict name → directory.
+    dtype : float32 | float16 | bfloat16 (default: float32 on CPU, the checkpoint's half type on CUDA).
+    device : "cpu" | "cuda" | "cuda:N" (default: CUDA when available).
+    merge : fold the single adapter into the base weights (lossy for QLoRA-trained adapters; default False).
+    backend : "auto" | "torch" | "triton" | "cuda"; "torch" is the pure-PyTorch reference.
+    progress : show tqdm progress bars.
+    """
+    dev = _resolve_device(device)
+    resolved_backend = ops.resolve_backend(backend, dev)
+    if model_path is None:
+        from fastdebias.embedded import embedded_model_dir
+
+        model_dir = embedded_model_dir(progress=progress)
+    else:
+        model_dir = Path(model_path)
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{model_dir}: model directory not found")
+    config = load_config(model_dir)
+    dt = _resolve_dtype(dtype, config, dev)
+    specs = normalize_adapters(adapter)
+    if merge and len(specs) != 1:
+        raise AdapterError(f"merge=True needs exactly one adapter, got {len(specs)}")
+    # Adapters are checked against the shapes config.json implies before any base weight is read: fail fast.
+    shapes = {k[: -len(".weight")]: s for k, s in expected_shapes(config).items() if len(s) == 2}
+    shapes.pop("model.embed_tokens", None)
+    shapes["lm_head"] = (config.vocab_size, config.hidden_size)
+    adapters = [load_adapter(path, name, config, shapes) for name, path in specs]
+    tokenizer = _load_tokenizer(model_dir)
+    weights = load_base_weights(model_dir, config, dt, dev, progress=progress)
+    decoder = LlamaDecoder(config, weights, backend=resolved_backend)
+    del weights
+    merged = None
+    if merge:
+        decoder.merge_adapter(adapters[0])
+        merged = adapters[0].name
+    elif adapters:
+        decoder.attach_adapters(adapters)
+    return FastDebiasModel(
+        path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
+        backend=resolved_backend, merged_adapter=merged, eos_token_ids=_eos_ids(model_dir, config, tokenizer),
+    )
