@@ -347,11 +347,12 @@ SRLLM_SYSTEM = (
 )
 SRLLM_INSTRUCTION = "[INST] Debias this text by rephrasing it to be free of bias : {text} [/INST]"
 SRLLM_END = "<s/>"  # the literal closing marker SR-LLM was trained with (not </s>)
-CHAT_SYSTEM = (
-    "You are a text debiasing bot. You take as input a text and output its debiased version, rephrased to be "
-    "free from any age, gender, political, social or socio-economic bias, without any extra output."
+# For chat models not trained on SR-LLM's format; the wording was picked by trying a few on SmolLM2-135M.
+CHAT_SYSTEM = "You are a helpful assistant that rewrites biased sentences into fair, neutral sentences."
+CHAT_USER = (
+    "Rewrite the following sentence so that it does not stereotype any group. Reply with only the rewritten "
+    "sentence.\n\nSentence: {text}"
 )
-CHAT_USER = "Debias this text by rephrasing it to be free of bias: {text}"
 
 
 def srllm_prompt(text: str) -> str:

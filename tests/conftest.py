@@ -87,7 +87,7 @@ def make_llama(
     tokenizer_dir: Path | None = None,
     safe: bool = True,
     max_shard_size: str | None = None,
-    max_position_embeddings: int = 256,
+    max_position_embeddings: int = 512,
 ) -> Path:
     """Save a random tiny LlamaForCausalLM (or Mistral) with transformers; weights are scaled up so that
     greedy decoding has clear winners (near-ties would make token parity depend on rounding)."""

@@ -1,0 +1,5 @@
+import sys
+
+from fastdebias.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""Command line: ``fastdebias generate|debias`` (also ``python -m fastdebias``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from fastdebias.errors import FastDebiasError
+
+
+def _adapter_arg(values: list[str] | None):
+    """--adapter DIR or --adapter NAME=DIR, repeatable → what fastdebias.load takes."""
+    if not values:
+        return None
+    if all("=" in v for v in values):
+        return dict(v.split("=", 1) for v in values)
+    if any("=" in v for v in values):
+        raise FastDebiasError("--adapter: use either DIR or NAME=DIR for every adapter, not a mix")
+    return values if len(values) > 1 else values[0]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", help="input texts (default: --file, else stdin, one per line)")
+    p.add_argument("--file", "-f", help="read inputs from this file, one per line ('-' = stdin)")
+    p.add_argument("--model", "-m", default=None, help="HF Llama-family model dir (default: embedded SmolLM2-135M)")
+    p.add_argument("--adapter", "-a", action="append", metavar="[NAME=]DIR",
+                   help="PEFT LoRA adapter dir; repeat for several")
+    p.add_argument("--use-adapter", default=None, help="name of the loaded adapter to apply ('none' for none)")
+    p.add_argument("--merge", action="store_true", help="merge the single adapter into the base weights")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string; repeat for several")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object per input")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdebias", description="Fast bias-mitigating LLM decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="continue each prompt", description="Generate a continuation per prompt.")
+    _add_common(g)
+    d = sub.add_parser("debias", help="rewrite each text without bias",
+                       description="Rewrite each text without bias (SR-LLM prompt format, or the chat template).")
+    _add_common(d)
+    d.add_argument("--prompt-format", default="auto", choices=["auto", "srllm", "chat"])
+    d.add_argument("--template", default=None, help="custom prompt template containing {text}")
+    return parser
+
+
+def _read_inputs(args) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    if args.file and args.file != "-":
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise FastDebiasError(f"--file {args.file}: cannot read it ({e.strerror})") from e
+    elif args.file == "-" or not sys.stdin.isatty():
+        lines = sys.stdin.read().splitlines()
+    else:
+        raise FastDebiasError("no input: give texts as arguments, --file PATH, or pipe them on stdin")
+    lines = [ln for ln in lines if ln.strip()]
+    if not lines:
+        raise FastDebiasError("no input: the file/stdin held no non-empty lines")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import fastdebias
+
+    try:
+        inputs = _read_inputs(args)
+        model = fastdebias.load(args.model, _adapter_arg(args.adapter), dtype=args.dtype, device=args.device,
+                                merge=args.merge, backend=args.backend, progress=not args.quiet)
+        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                      stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False)
+        if args.use_adapter is not None:
+            kwargs["adapter"] = None if args.use_adapter.lower() == "none" else args.use_adapter
+        if args.command == "debias":
+            outs = fastdebias.debias(model, inputs, prompt_format=args.prompt_format, template=args.template, **kwargs)
+        else:
+            outs = fastdebias.generate(model, inputs, **kwargs)
+    except FastDebiasError as e:
+        print(f"fastdebias: error: {e}", file=sys.stderr)
+        return 2
+    for text, out in zip(inputs, outs):
+        if args.json:
+            print(json.dumps({"input": text, "output": out.text, "finish_reason": out.finish_reason,
+                              "token_ids": out.token_ids}, ensure_ascii=False))
+        else:
+            print(f"> {text}\n{out.text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

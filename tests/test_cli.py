@@ -1,0 +1,43 @@
+"""The `fastdebias` command line: subcommands, inputs from args/file/stdin, --json, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import fastdebias
+from fastdebias.cli import main
+
+
+def test_generate_json_matches_api(llama_dir, capsys):
+    assert main(["generate", "--model", str(llama_dir), "--max-new-tokens", "5", "--json", "-q", "Old people"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip())
+    ref = fastdebias.generate(fastdebias.load(llama_dir, progress=False), ["Old people"], max_new_tokens=5)[0]
+    assert rec["input"] == "Old people" and rec["output"] == ref.text and rec["token_ids"] == ref.token_ids
+
+
+def test_debias_from_file_with_adapter(llama_dir, adapter_qv, tmp_path, capsys):
+    f = tmp_path / "in.txt"
+    f.write_text("Old people\n\nWomen and men\n")
+    argv = ["debias", "--model", str(llama_dir), "--adapter", f"sr={adapter_qv}", "--file", str(f),
+            "--max-new-tokens", "4", "--json", "-q"]
+    assert main(argv) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["input"] for r in recs] == ["Old people", "Women and men"]
+
+
+def test_errors_exit_2_with_message(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "-q", "hi"]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_stdin(llama_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdebias", "generate", "--model", str(llama_dir), "--max-new-tokens", "3", "-q",
+         "--json"], input="Old people\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["input"] == "Old people"
+    helped = subprocess.run([sys.executable, "-m", "fastdebias", "debias", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--prompt-format" in helped.stdout

@@ -1,0 +1,216 @@
+"""Every bad input raises a FastDebiasError subclass whose message names the file/field/argument."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastdebias
+from fastdebias import AdapterError, CheckpointError, GenerationError
+
+from .conftest import make_adapter, make_llama
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="model directory not found"):
+        fastdebias.load(tmp_path / "nope", progress=False)
+
+
+def test_missing_config(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json.*not found"):
+        fastdebias.load(d, progress=False)
+
+
+def test_missing_weights(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights found"):
+        fastdebias.load(d, progress=False)
+
+
+def test_invalid_json_config(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        fastdebias.load(d, progress=False)
+
+
+def test_unsupported_architecture(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="GPT2LMHeadModel.*not supported"):
+        fastdebias.load(d, progress=False)
+
+
+def test_truncated_safetensors(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or corrupt"):
+        fastdebias.load(d, progress=False)
+
+
+def test_corrupt_safetensors_header(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\xff" * 32
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        fastdebias.load(d, progress=False)
+
+
+def test_shard_listed_but_absent(tmp_path):
+    d = make_llama(tmp_path / "m", max_shard_size="60KB")
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=rf"{shards[1].name}.*not in"):
+        fastdebias.load(d, progress=False)
+
+
+def test_wrong_tensor_shape(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(7, 64)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(7, 64\)"):
+        fastdebias.load(d, progress=False)
+
+
+def test_missing_tensor(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["model.norm.weight"]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor.*model\.norm\.weight"):
+        fastdebias.load(d, progress=False)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_bin_refused_by_weights_only(tmp_path, llama_dir):
+    d = copy(llama_dir, tmp_path / "m")
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save({**sd, "evil": _Evil()}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused to unpickle"):
+        fastdebias.load(d, progress=False)
+
+
+def test_adapter_for_other_base_shapes(tmp_path, llama_dir):
+    other = make_llama(tmp_path / "other", hidden_size=32, heads=4, kv_heads=2, intermediate=48)
+    ad = make_adapter(other, tmp_path / "ad")
+    with pytest.raises(AdapterError, match=r"q_proj.*do not fit the base layer"):
+        fastdebias.load(llama_dir, ad, progress=False)
+
+
+def test_adapter_target_module_absent(tmp_path, llama_dir, adapter_qv):
+    ad = copy(adapter_qv, tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["qkv_proj"]
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"target_modules=.*qkv_proj.*matches no module"):
+        fastdebias.load(llama_dir, ad, progress=False)
+
+
+def test_adapter_tensor_for_nonexistent_module(tmp_path, llama_dir, adapter_qv):
+    ad = copy(adapter_qv, tmp_path / "ad")
+    sd = load_file(str(ad / "adapter_model.safetensors"))
+    sd["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(8, 64)
+    save_file(sd, str(ad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"layers\.9\.self_attn\.q_proj.*does not exist"):
+        fastdebias.load(llama_dir, ad, progress=False)
+
+
+def test_adapter_r_disagrees_with_tensors(tmp_path, llama_dir, adapter_qv):
+    ad = copy(adapter_qv, tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"rank 8/8 but adapter_config\.json says r=16"):
+        fastdebias.load(llama_dir, ad, progress=False)
+
+
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [("use_dora", True, "DoRA"), ("modules_to_save", ["lm_head"], "modules_to_save"), ("bias", "all", "bias"),
+     ("fan_in_fan_out", True, "fan_in_fan_out"), ("peft_type", "IA3", "only LoRA")],
+)
+def test_adapter_unsupported_features(tmp_path, llama_dir, adapter_qv, field, value, msg):
+    ad = copy(adapter_qv, tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg[field] = value
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=msg):
+        fastdebias.load(llama_dir, ad, progress=False)
+
+
+def test_adapter_dir_missing_and_weights_missing(tmp_path, llama_dir, adapter_qv):
+    with pytest.raises(AdapterError, match="not found"):
+        fastdebias.load(llama_dir, tmp_path / "none", progress=False)
+    ad = copy(adapter_qv, tmp_path / "ad")
+    (ad / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="no adapter_model"):
+        fastdebias.load(llama_dir, ad, progress=False)
+
+
+def test_merge_needs_exactly_one_adapter(llama_dir):
+    with pytest.raises(AdapterError, match="merge=True needs exactly one adapter"):
+        fastdebias.load(llama_dir, merge=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(llama_dir):
+    return fastdebias.load(llama_dir, progress=False)
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,msg",
+    [
+        ([], {}, "prompts: expected a non-empty"),
+        (["a", ""], {}, r"prompts\[1\] is an empty string"),
+        ([[1, 2], []], {}, r"prompts\[1\] is empty"),
+        ([[1, 999]], {}, r"prompts\[0\] holds token id\(s\) \[999\] outside the vocabulary"),
+        ([[1] * 510], {"max_new_tokens": 10}, r"prompts\[0\] has 510 tokens.*context of 512"),
+        ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ([[1, 2]], {"temperature": -0.5}, "temperature must be"),
+        ([[1, 2]], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ([[1, 2]], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ([[1, 2]], {"top_k": -1}, "top_k must be"),
+        ([[1, 2]], {"repetition_penalty": 0}, "repetition_penalty must be"),
+        ([[1, 2]], {"adapter": "nope"}, "adapter='nope' is not a loaded adapter"),
+        ([[1, 2]], {"stop": [""]}, "stop: expected non-empty strings"),
+    ],
+)
+def test_generate_argument_errors(model, prompts, kwargs, msg):
+    with pytest.raises(GenerationError, match=msg):
+        fastdebias.generate(model, prompts, **kwargs)
+
+
+def test_errors_are_one_hierarchy():
+    for cls in (CheckpointError, AdapterError, GenerationError, fastdebias.TokenizerError, fastdebias.BackendError):
+        assert issubclass(cls, fastdebias.FastDebiasError)
+
+
+def test_backend_errors(llama_dir):
+    with pytest.raises(fastdebias.BackendError, match="backend='bogus'"):
+        fastdebias.load(llama_dir, backend="bogus", progress=False)
+    with pytest.raises(fastdebias.BackendError, match="backend='cuda'"):
+        fastdebias.load(llama_dir, backend="cuda", progress=False)

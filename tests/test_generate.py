@@ -1,0 +1,164 @@
+"""generate/debias behaviour: sampling, seeds, stop strings, EOS lists, streaming, adapters, prompt formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdebias
+from fastdebias.generate import SRLLM_END, debias_prompt_format, srllm_prompt
+from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens, top_k_top_p_filter
+
+PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3]]
+
+
+@pytest.fixture(scope="module")
+def model(llama_dir):
+    return fastdebias.load(llama_dir, progress=False)
+
+
+def test_same_seed_same_tokens_and_different_seed_differs(model):
+    kw = dict(max_new_tokens=16, temperature=1.5)
+    a = [r.token_ids for r in fastdebias.generate(model, PROMPTS, seed=7, **kw)]
+    b = [r.token_ids for r in fastdebias.generate(model, PROMPTS, seed=7, **kw)]
+    c = [r.token_ids for r in fastdebias.generate(model, PROMPTS, seed=8, **kw)]
+    assert a == b
+    assert a != c
+
+
+def test_top_k_1_equals_greedy(model):
+    greedy = [r.token_ids for r in fastdebias.generate(model, PROMPTS, max_new_tokens=10)]
+    topk1 = [r.token_ids for r in fastdebias.generate(model, PROMPTS, max_new_tokens=10, temperature=2.0, top_k=1,
+                                                       seed=3)]
+    assert greedy == topk1
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(llama_dir, model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+    p = PROMPTS[0]
+    ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, repetition_penalty=1.8,
+                      pad_token_id=0)[0, len(p):].tolist()
+    got = fastdebias.generate(model, [p], max_new_tokens=10, repetition_penalty=1.8)[0].token_ids
+    assert got == ref[: len(got)]
+    assert got != fastdebias.generate(model, [p], max_new_tokens=10)[0].token_ids
+
+
+def test_processors_match_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 111, generator=g) * 3
+    ids = torch.randint(0, 111, (3, 9), generator=g)
+    seen = torch.zeros(3, 111, dtype=torch.bool).scatter_(1, ids, True)
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(ids, logits))
+    for k, p in [(5, 1.0), (0, 0.8), (7, 0.5), (200, 0.95)]:
+        ref = logits
+        if k:
+            ref = TopKLogitsWarper(k)(ids, ref)
+        if p < 1:
+            ref = TopPLogitsWarper(p)(ids, ref)
+        assert torch.equal(top_k_top_p_filter(logits, k, p), ref)
+
+
+def test_sampling_frequencies_follow_probabilities():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 50, generator=g).expand(20000, 50).contiguous()
+    draws = choose_tokens(logits, temperature=0.7, top_k=10, generator=g)
+    probs = torch.softmax(top_k_top_p_filter(logits[:1] / 0.7, 10, 1.0), -1)[0]
+    freq = torch.bincount(draws, minlength=50).float() / draws.numel()
+    assert set(draws.unique().tolist()) <= set(torch.nonzero(probs).flatten().tolist())
+    assert torch.nn.functional.cosine_similarity(freq, probs, dim=0) > 0.99
+
+
+def test_stop_strings_cut_text_and_tokens(model):
+    free = fastdebias.generate(model, ["Old people"], max_new_tokens=12)[0]
+    assert len(free.text) > 4
+    stop = free.text[2:5]
+    out = fastdebias.generate(model, ["Old people"], max_new_tokens=12, stop=stop)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[: free.text.find(stop)]
+    assert stop not in out.text
+    assert len(out.token_ids) < len(free.token_ids)
+    assert free.token_ids[: len(out.token_ids)] == out.token_ids
+
+
+def test_eos_list_and_finish_reasons(model):
+    free = fastdebias.generate(model, PROMPTS, max_new_tokens=8)
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 8 for r in free)
+    eos = [free[0].token_ids[3], 250]
+    out = fastdebias.generate(model, PROMPTS, max_new_tokens=8, eos_token_id=eos)
+    assert out[0].finish_reason == "eos" and out[0].token_ids == free[0].token_ids[:4]
+
+
+def test_stream_callback_concatenates_to_text(model):
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    outs = fastdebias.generate(model, ["Old people", "Women and"], max_new_tokens=10,
+                               stream=lambda i, s: pieces[i].append(s))
+    for i, o in enumerate(outs):
+        assert "".join(pieces[i]) == o.text
+        assert len(pieces[i]) > 1
+
+
+def test_batched_with_batch_size_equals_single_batch(model):
+    a = fastdebias.generate(model, PROMPTS * 2, max_new_tokens=6)
+    b = fastdebias.generate(model, PROMPTS * 2, max_new_tokens=6, batch_size=3)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_text_prompts_are_tokenized_with_defaults(model):
+    out = fastdebias.generate(model, "Old people", max_new_tokens=5)[0]
+    ids = model.tokenizer("Old people")["input_ids"]
+    assert ids[0] == 1  # the tiny tokenizer's BOS, added by its defaults
+    assert out.token_ids == fastdebias.generate(model, [ids], max_new_tokens=5)[0].token_ids
+    assert out.prompt_tokens == len(ids)
+
+
+def test_adapter_selection(llama_dir, adapter_qv, adapter_all):
+    m = fastdebias.load(llama_dir, [adapter_qv, adapter_all], progress=False)
+    assert m.adapter_names == [adapter_qv.name, adapter_all.name]
+    first = fastdebias.generate(m, PROMPTS, max_new_tokens=6)
+    named = fastdebias.generate(m, PROMPTS, max_new_tokens=6, adapter=adapter_qv.name)
+    none = fastdebias.generate(m, PROMPTS, max_new_tokens=6, adapter=None)
+    base = fastdebias.load(llama_dir, progress=False)
+    assert [r.token_ids for r in first] == [r.token_ids for r in named]
+    assert [r.token_ids for r in none] == [r.token_ids for r in fastdebias.generate(base, PROMPTS, max_new_tokens=6)]
+
+
+def test_srllm_prompt_format_is_exact():
+    p = srllm_prompt("Some text.")
+    assert p.startswith("<s>\n<<SYS>>You are a text debiasing bot")
+    assert "socio-economic biases ,  without any extra outputs<</SYS>>\n" in p
+    assert p.endswith("[INST] Debias this text by rephrasing it to be free of bias : Some text. [/INST]\n")
+    assert SRLLM_END == "<s/>"
+
+
+def test_prompt_format_rule(llama_dir, adapter_qv, embedded_dir):
+    tiny = fastdebias.load(llama_dir, progress=False)
+    assert debias_prompt_format(tiny) == "srllm"  # no chat template
+    assert debias_prompt_format(fastdebias.load(llama_dir, adapter_qv, progress=False)) == "srllm"
+    smol = fastdebias.load(embedded_dir, progress=False)
+    assert debias_prompt_format(smol) == "chat"
+    assert debias_prompt_format(smol, "srllm") == "srllm"
+
+
+def test_debias_srllm_stops_at_literal_marker(llama_dir, adapter_qv):
+    m = fastdebias.load(llama_dir, adapter_qv, progress=False)
+    raw = fastdebias.generate(m, [srllm_prompt("Old people")], max_new_tokens=20, stop=[SRLLM_END])
+    out = fastdebias.debias(m, ["Old people"], max_new_tokens=20)
+    assert out[0].text == raw[0].text.strip()
+    assert SRLLM_END not in out[0].text
+
+
+def test_debias_template_override(model):
+    out = fastdebias.debias(model, ["Old people"], template="Fix: {text} ->", max_new_tokens=5)
+    ref = fastdebias.generate(model, ["Fix: Old people ->"], max_new_tokens=5)
+    assert out[0].text == ref[0].text.strip()
+
+
+def test_embedded_debias_produces_a_rewrite(embedded_dir):
+    m = fastdebias.load(embedded_dir, progress=False)
+    out = fastdebias.debias(m, ["Women are too emotional to be leaders."], max_new_tokens=40)[0]
+    assert out.finish_reason in ("eos", "length")
+    assert len(out.text.split()) >= 3
