@@ -10,10 +10,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # kernels/ lives at the top level of the repo but is only ever importable as fastdebias.kernels:
+    # kernels/ lives at the top level of the repo but is only ever importable as fastdebias.kernels (through the
+    # symlink fastdebias/kernels -> ../kernels, which works from a source tree, an editable and a wheel install):
     # a bare top-level `kernels` would shadow the PyPI package of that name, which transformers probes for.
     packages=["fastdebias", "fastdebias.ops", "fastdebias.reference", "fastdebias.kernels", "fastdebias.data"],
-    package_dir={"fastdebias": "fastdebias", "fastdebias.kernels": "kernels"},
     package_data={"fastdebias.data": ["*.jsonl", "*.md"]},
     include_package_data=True,
     install_requires=[
