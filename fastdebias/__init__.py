@@ -14,6 +14,7 @@ from fastdebias.errors import (
     TokenizerError,
 )
 from fastdebias.generate import FIRST_ADAPTER, GenerationResult, debias, generate
+from fastdebias.lexicon import Intervention, Lexicon
 from fastdebias.pipeline import FastDebiasModel, load
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __all__ = [
     "FastDebiasModel",
     "GenerationError",
     "GenerationResult",
+    "Intervention",
+    "Lexicon",
     "TokenizerError",
     "debias",
     "generate",

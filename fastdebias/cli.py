@@ -40,6 +40,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string; repeat for several")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lexicon", default=None, metavar="PATH|default|none",
+                   help="bias lexicon (.jsonl/.csv/.txt); debias defaults to 'default', generate to 'none'")
+    p.add_argument("--lexicon-mode", default="backtrack", choices=["backtrack", "hf"])
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -87,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False)
+        lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)
+        kwargs.update(lexicon=None if str(lexicon).lower() == "none" else lexicon, lexicon_mode=args.lexicon_mode)
         if args.use_adapter is not None:
             kwargs["adapter"] = None if args.use_adapter.lower() == "none" else args.use_adapter
         if args.command == "debias":
@@ -97,11 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastdebias: error: {e}", file=sys.stderr)
         return 2
     for text, out in zip(inputs, outs):
+        interventions = [dict(step=i.step, phrase=i.phrase, category=i.category, action=i.action,
+                              token_id=i.token_id) for i in out.interventions]
         if args.json:
             print(json.dumps({"input": text, "output": out.text, "finish_reason": out.finish_reason,
-                              "token_ids": out.token_ids}, ensure_ascii=False))
+                              "token_ids": out.token_ids, "interventions": interventions}, ensure_ascii=False))
         else:
-            print(f"> {text}\n{out.text}\n")
+            print(f"> {text}\n{out.text}")
+            for i in interventions:
+                print(f"  [{i['action']} at step {i['step']}: {i['phrase']!r} ({i['category']})]")
+            print()
     return 0
 
 

@@ -34,7 +34,7 @@ class GenerationResult:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "banned" (every token was banned)
     prompt_tokens: int = 0
     interventions: list = field(default_factory=list)
 
@@ -127,7 +127,7 @@ def _normalize_eos(model, eos_token_id) -> list[int]:
 
 
 def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None):
-    """Left-pad ``ids`` into [B, T], allocate the static cache, run the prompt. Returns (logits, cache, start, T)."""
+    """Left-pad ``ids`` into [B, T], allocate the static cache, run the prompt. Returns (logits, cache, start, tokens)."""
     dev = model.device
     b, t = len(ids), max(len(x) for x in ids)
     tokens = torch.zeros(b, t, dtype=torch.long)
@@ -136,15 +136,15 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     start = torch.tensor([t - len(x) for x in ids], dtype=torch.long, device=dev)
     cache = KVCache.allocate(model.config, b, t + max_new_tokens, model.dtype, dev)
     slots = torch.arange(t, device=dev).expand(b, t)
-    logits = model.decoder(tokens.to(dev), slots, start, t, cache, adapter_idx)
+    tokens = tokens.to(dev)
+    logits = model.decoder(tokens, slots, start, t, cache, adapter_idx)
     return logits, cache, start, tokens
 
 
-def decode_one_token(model, token: torch.Tensor, slot: int, start, cache, adapter_idx) -> torch.Tensor:
-    """token: [B] at cache slot ``slot`` (all rows) → fp32 logits [B, V]."""
+def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: int, start, cache, adapter_idx):
+    """token: [B] written at per-row cache ``slots`` [B] → fp32 logits [B, V] for the next position."""
     b = token.shape[0]
-    slots = torch.full((b, 1), slot, dtype=torch.long, device=token.device)
-    return model.decoder(token.view(b, 1), slots, start, slot + 1, cache, adapter_idx)
+    return model.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx)
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -163,6 +163,52 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+class _LexiconState:
+    """Per-batch lexicon bookkeeping on the device: automaton states, rewinds, position bans, the log."""
+
+    def __init__(self, matcher, mode: str, max_rewinds: int, prompt: torch.Tensor, start: torch.Tensor,
+                 max_new: int, n_iter: int) -> None:
+        b, t = prompt.shape
+        dev = prompt.device
+        self.m, self.backtrack, self.max_rewinds = matcher, mode == "backtrack", max_rewinds
+        real = torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)
+        self.state = matcher.init_states(prompt, real)  # [B]
+        self.hist = torch.zeros(b, max_new + 1, dtype=torch.long, device=dev)  # state before each position
+        self.hist[:, 0] = self.state
+        self.rewinds = torch.zeros(b, dtype=torch.long, device=dev)
+        k = max(max_rewinds, 1)
+        self.ban_pos = torch.full((b, k), -1, dtype=torch.long, device=dev)  # a rewind bans ban_tok at ban_pos
+        self.ban_tok = torch.zeros(b, k, dtype=torch.long, device=dev)
+        # log: per iteration, up to two records (the chosen token's penalty; a ban/rewind)
+        self.log = torch.full((4, b, n_iter, 2), -1, dtype=torch.long, device=dev)  # pos, entry, action, token
+
+    def hf_rows(self, cur: torch.Tensor) -> torch.Tensor | bool:
+        """Rows that use transformers' last-token masking for phrase bans this step."""
+        if not self.backtrack:
+            return True
+        # past the rewind budget, or the matched context reaches into the prompt (a rewind cannot go there)
+        return (self.rewinds >= self.max_rewinds) | (self.m.depth[self.state] > cur)
+
+    def apply(self, logits, cur, hf_rows):
+        x = self.m.apply(logits, self.state, mask_phrases=hf_rows)
+        if self.backtrack:
+            here = (self.ban_pos == cur.view(-1, 1)).int()
+            banned = torch.zeros(x.shape, dtype=torch.int32, device=x.device).scatter_add_(1, self.ban_tok, here)
+            x = x.masked_fill(banned > 0, float("-inf"))
+        return x
+
+    def record(self, it: int, slot: int, mask, pos, entry, action: int, token) -> None:
+        for k, val in enumerate((pos, entry, torch.full_like(pos, action), token)):
+            self.log[k, :, it, slot] = torch.where(mask & (entry >= 0), val, self.log[k, :, it, slot])
+
+    def results(self, row: int):
+        from fastdebias.lexicon import interventions_from_log
+
+        pos, entry, action, token = (x[row].reshape(-1) for x in self.log.cpu())
+        keep = entry >= 0
+        return interventions_from_log(self.m, pos[keep], entry[keep], action[keep], token[keep])
+
+
 def _generate_batch(
     model,
     ids: list[list[int]],
@@ -178,70 +224,127 @@ def _generate_batch(
     stop: list[str],
     stream: Callable[[int, str], None] | None,
     index_offset: int,
+    matcher=None,
+    lexicon_mode: str = "backtrack",
+    max_rewinds: int = 8,
 ) -> list[GenerationResult]:
     dev = model.device
     b, v = len(ids), model.config.vocab_size
     adapter_idx = torch.tensor(rows, dtype=torch.int32, device=dev) if any(r >= 0 for r in rows) else None
-    logits, cache, start, prompt_tokens = prefill(model, ids, max_new_tokens, adapter_idx)
-    t = prompt_tokens.shape[1]
+    logits, cache, start, prompt = prefill(model, ids, max_new_tokens, adapter_idx)
+    t = prompt.shape[1]
+    ar = torch.arange(b, device=dev)
     eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
     pad_token = eos[0] if eos else 0
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(b, v, dtype=torch.bool, device=dev)
-        real = torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)
-        seen.scatter_(1, prompt_tokens.to(dev), real)  # padding scatters False: never penalised
+    n_iter = max_new_tokens
+    lex = None
+    if matcher is not None:
+        if lexicon_mode == "backtrack":  # each rewind costs one step plus the positions it gives back
+            n_iter += max_rewinds * (matcher.max_depth + 1)
+        lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
+    counts = None
+    if repetition_penalty != 1.0:  # token counts of the context (counts, not flags, so a rewind can undo them)
+        real = (torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)).int()
+        counts = torch.zeros(b, v, dtype=torch.int32, device=dev).scatter_add_(1, prompt, real)
     out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
+    cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    stopped_at = [-1] * b
+    all_banned = torch.zeros(b, dtype=torch.bool, device=dev)
+    positions = torch.arange(max_new_tokens, device=dev).view(1, -1)
+    stop_hit = [False] * b
     emitted = [""] * b
     host_each_step = bool(stop) or stream is not None
     check_every = 1 if (host_each_step or dev.type == "cpu") else 8
     tok = model.tokenizer
-    n_steps = max_new_tokens
-    for step in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        nxt = choose_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token), nxt)
-        out[:, step] = nxt
-        done |= torch.isin(nxt, eos_t)
-        if seen is not None:
-            seen.scatter_(1, nxt.view(b, 1), True)
+    hold_tokens = matcher.max_depth if (lex is not None and lex.backtrack) else 0
+    for it in range(n_iter):
+        x = logits
+        hf_rows = True
+        if lex is not None:
+            hf_rows = lex.hf_rows(cur)
+            x = lex.apply(x, cur, hf_rows)
+        if counts is not None:
+            x = apply_repetition_penalty(x, counts > 0, repetition_penalty)
+        # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
+        dead = torch.isneginf(x).all(dim=-1) & ~done
+        all_banned |= dead
+        x = torch.where(dead.view(b, 1), torch.zeros_like(x), x)
+        nxt = choose_tokens(x, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        active = ~done & ~dead
+        rewind = torch.zeros_like(active)
+        if lex is not None:
+            bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
+            if lex.backtrack:
+                rewind = active & (ban_len >= 2) & ~hf_rows
+            penalised = active & ~rewind & torch.isfinite(bias) & (bias != 0)
+            lex.record(it, 0, penalised, cur, entry, 0, nxt)
+            top = logits.argmax(dim=-1)  # the model's own first choice: log a ban only when it removed it
+            _, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
+            masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
+            lex.record(it, 1, active & ~rewind & masked & (top != nxt), cur, top_entry, 1, top)
+        commit = active & ~rewind
+        nxt = torch.where(commit, nxt, torch.full_like(nxt, pad_token))
+        wpos = cur.clamp(max=max_new_tokens - 1)
+        out[ar, wpos] = torch.where(commit, nxt, out[ar, wpos])
+        if counts is not None:
+            counts.scatter_add_(1, nxt.view(b, 1), commit.int().view(b, 1))
+        if lex is not None:
+            lex.state = torch.where(commit, lex.m.step(lex.state, nxt), lex.state)
+            if lex.backtrack:
+                # rewind to where the phrase began, ban its first token there, restore that position's state
+                p = torch.where(rewind, cur - (ban_len - 1), cur).clamp(min=0)
+                first = out[ar, p.clamp(max=max_new_tokens - 1)]
+                lex.record(it, 1, rewind, p, entry, 2, first)
+                slot = lex.rewinds.clamp(max=lex.ban_pos.shape[1] - 1)
+                stale = lex.ban_pos > p.view(b, 1)  # bans past the rewind point belong to a context now gone
+                lex.ban_pos = torch.where(stale & rewind.view(b, 1), -1, lex.ban_pos)
+                lex.ban_pos[ar, slot] = torch.where(rewind, p, lex.ban_pos[ar, slot])
+                lex.ban_tok[ar, slot] = torch.where(rewind, first, lex.ban_tok[ar, slot])
+                if counts is not None:
+                    drop = (positions >= p.view(b, 1)) & (positions < cur.view(b, 1)) & rewind.view(b, 1)
+                    counts.scatter_add_(1, out, -drop.int())
+                lex.rewinds += rewind.long()
+                cur = torch.where(rewind, p, cur + commit.long())
+                lex.state = torch.where(rewind, lex.hist[ar, cur], lex.state)
+                lex.hist[ar, cur.clamp(max=max_new_tokens)] = lex.state
+            else:
+                cur = cur + commit.long()
+        else:
+            cur = cur + commit.long()
+        done |= (commit & torch.isin(nxt, eos_t)) | (cur >= max_new_tokens) | dead
         if host_each_step:
-            done_host = done.tolist()
-            gen = out[:, : step + 1].tolist()
+            done_host, cur_host = done.tolist(), cur.tolist()
+            gen = out.tolist()
             for i in range(b):
-                if stopped_at[i] >= 0:
+                if stop_hit[i]:
                     continue
-                ended_eos = done_host[i]
-                text = tok.decode(gen[i], skip_special_tokens=True)
+                stable = cur_host[i] if done_host[i] else max(cur_host[i] - hold_tokens, 0)
+                text = tok.decode(gen[i][:stable], skip_special_tokens=True)
                 cut, hit = _cut_at_stop(text, stop)
                 if hit:
-                    stopped_at[i] = step
+                    stop_hit[i] = True
                     done[i] = True
                 if stream is not None:
-                    final = hit or ended_eos or step == max_new_tokens - 1
+                    final = hit or done_host[i]
                     ready = cut if final else cut[: len(cut) - _stop_holdback(cut, stop)]
-                    if not final and ready.endswith("\ufffd"):
+                    if not final:
                         ready = ready.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
                     if len(ready) > len(emitted[i]) and ready.startswith(emitted[i]):
                         stream(index_offset + i, ready[len(emitted[i]):])
                         emitted[i] = ready
-                if ended_eos and stopped_at[i] < 0:
-                    stopped_at[i] = step
-        if step == max_new_tokens - 1:
+        if it == n_iter - 1 or ((it + 1) % check_every == 0 and bool(done.all())):
             break
-        if (step + 1) % check_every == 0 and bool(done.all()):
-            n_steps = step + 1
-            break
-        logits = decode_one_token(model, nxt, t + step, start, cache, adapter_idx)
-    gen = out[:, :n_steps].tolist()
+        feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], prompt[:, -1])
+        kv_len = min(t + it + 1, t + max_new_tokens)
+        logits = decode_one_token(model, feed, t + cur - 1, kv_len, start, cache, adapter_idx)
+    lengths = cur.tolist()
+    gen = out.tolist()
+    banned_rows = all_banned.tolist()
     results = []
     eos_set = set(eos)
     for i in range(b):
-        seq = gen[i]
-        reason = "length"
+        seq = gen[i][: lengths[i]]
+        reason = "banned" if banned_rows[i] else "length"
         for j, x in enumerate(seq):
             if x in eos_set:
                 seq, reason = seq[: j + 1], "eos"
@@ -256,7 +359,10 @@ def _generate_batch(
                     if _cut_at_stop(tok.decode(seq[:j], skip_special_tokens=True), stop)[1]:
                         seq = seq[:j]
                         break
-        results.append(GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i])))
+        res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]))
+        if lex is not None:
+            res.interventions = lex.results(i)
+        results.append(res)
     return results
 
 
@@ -277,6 +383,9 @@ def generate(
     stream: Callable[[int, str], None] | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
+    lexicon=None,
+    lexicon_mode: str = "backtrack",
+    max_rewinds: int = 8,
 ) -> list[GenerationResult]:
     """Generate a continuation for each prompt.
 
@@ -297,6 +406,11 @@ def generate(
         an iterator). Text that might still become a stop string is held back until it cannot.
     batch_size : prompts decoded together (default: all at once).
     progress : tqdm bar across batches (default: when there is more than one batch).
+    lexicon : a ``fastdebias.Lexicon``, a lexicon file path, ``"default"`` (the shipped one) or ``None``.
+    lexicon_mode : ``"backtrack"`` (default): when a banned phrase would complete, rewind the row to where the
+        phrase began and ban its first token there (at most ``max_rewinds`` times per row, then ``"hf"``);
+        ``"hf"``: transformers' ``sequence_bias``/``bad_words_ids`` semantics (only the last token is masked).
+        Penalties behave as in ``"hf"`` in both modes. Each result's ``.interventions`` lists what fired.
 
     Returns
     -------
@@ -322,6 +436,18 @@ def generate(
             )
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if lexicon_mode not in ("backtrack", "hf"):
+        raise GenerationError(f"lexicon_mode must be 'backtrack' or 'hf', got {lexicon_mode!r}")
+    if isinstance(max_rewinds, bool) or not isinstance(max_rewinds, int) or max_rewinds < 0:
+        raise GenerationError(f"max_rewinds must be an integer >= 0, got {max_rewinds!r}")
+    matcher = None
+    if lexicon is not None:
+        from fastdebias.lexicon import Lexicon
+
+        lex = Lexicon.resolve(lexicon)
+        if lex is not None and len(lex):
+            matcher = lex.compile(model.tokenizer, vocab_size=model.config.vocab_size, eos_token_id=eos,
+                                  device=model.device)
     bs = batch_size or len(ids)
     generator = None
     if seed is not None and temperature > 0:
@@ -333,7 +459,8 @@ def generate(
         results += _generate_batch(
             model, ids[lo:lo + bs], rows[lo:lo + bs], max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_k=top_k, top_p=float(top_p), repetition_penalty=float(repetition_penalty), generator=generator,
-            eos=eos, stop=stops, stream=stream, index_offset=lo,
+            eos=eos, stop=stops, stream=stream, index_offset=lo, matcher=matcher, lexicon_mode=lexicon_mode,
+            max_rewinds=max_rewinds,
         )
     return results
 
@@ -378,9 +505,12 @@ def debias(
     *,
     prompt_format: str = "auto",
     template: str | None = None,
+    lexicon="default",
     **generate_kwargs,
 ) -> list[GenerationResult]:
     """Rewrite each text without bias. ``template`` (a str with ``{text}``) overrides the prompt format.
+
+    The shipped default lexicon is applied unless ``lexicon=None`` (or another lexicon) is given.
 
     The SR-LLM format stops at EOS or the literal ``<s/>``; results' ``.text`` is stripped of surrounding space.
     Other keyword arguments go to ``generate``.
@@ -414,7 +544,7 @@ def debias(
         ]
         prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     generate_kwargs.setdefault("max_new_tokens", 128)
-    results = generate(model, prompts, stop=stops or None, **generate_kwargs)
+    results = generate(model, prompts, stop=stops or None, lexicon=lexicon, **generate_kwargs)
     for r in results:
         r.text = r.text.strip()
     return results
