@@ -499,6 +499,25 @@ def debias_prompt_format(model, prompt_format: str = "auto") -> str:
     return "chat" if getattr(model.tokenizer, "chat_template", None) else "srllm"
 
 
+def debias_prompts(model, texts: Sequence[str], *, prompt_format: str = "auto", template: str | None = None):
+    """Token ids of the debiasing prompt for each text, and the stop strings its format needs."""
+    tok = model.tokenizer
+    if template is not None:
+        if "{text}" not in template:
+            raise GenerationError("template: must contain the placeholder {text}")
+        return [tok(template.replace("{text}", t))["input_ids"] for t in texts], []
+    if debias_prompt_format(model, prompt_format) == "srllm":
+        return [tok(srllm_prompt(t))["input_ids"] for t in texts], [SRLLM_END]
+    chats = [
+        tok.apply_chat_template(
+            [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER.format(text=t)}],
+            add_generation_prompt=True, tokenize=False,
+        )
+        for t in texts
+    ]
+    return [tok(c, add_special_tokens=False)["input_ids"] for c in chats], []
+
+
 def debias(
     model,
     texts,
@@ -526,23 +545,8 @@ def debias(
             raise GenerationError(f"texts[{i}] is empty; give the text to debias")
     stops = generate_kwargs.pop("stop", None)
     stops = [stops] if isinstance(stops, str) else list(stops or [])
-    tok = model.tokenizer
-    if template is not None:
-        if "{text}" not in template:
-            raise GenerationError("template: must contain the placeholder {text}")
-        prompts = [tok(template.replace("{text}", t))["input_ids"] for t in texts]
-    elif debias_prompt_format(model, prompt_format) == "srllm":
-        prompts = [tok(srllm_prompt(t))["input_ids"] for t in texts]
-        stops.append(SRLLM_END)
-    else:
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER.format(text=t)}],
-                add_generation_prompt=True, tokenize=False,
-            )
-            for t in texts
-        ]
-        prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompts, extra_stops = debias_prompts(model, texts, prompt_format=prompt_format, template=template)
+    stops += extra_stops
     generate_kwargs.setdefault("max_new_tokens", 128)
     results = generate(model, prompts, stop=stops or None, lexicon=lexicon, **generate_kwargs)
     for r in results:

@@ -134,3 +134,23 @@ def test_embedded_debias_reports_interventions(embedded_dir):
     lex = Lexicon.default()
     assert all(i.category in {e.category for e in lex} for i in out.interventions)
     assert "poor people are lazy" not in out.text.lower()
+
+
+def test_embedded_hf_mode_matches_transformers_with_default_lexicon(embedded_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = fastdebias.load(embedded_dir, progress=False)
+    tok = m.tokenizer
+    from fastdebias.generate import debias_prompts
+
+    ids = debias_prompts(m, ["Poor people are lazy and do not want to work."])[0][0]
+    lex = Lexicon.default()
+    got = fastdebias.generate(m, [ids], max_new_tokens=24, lexicon=lex, lexicon_mode="hf")[0]
+    matcher = lex.compile(tok, vocab_size=m.config.vocab_size, eos_token_id=m.eos_token_ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(embedded_dir), dtype=torch.float32)
+    ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, pad_token_id=2,
+                      sequence_bias=matcher.hf_sequence_bias(), bad_words_ids=matcher.hf_bad_words_ids())
+    ref = ref[0, len(ids):].tolist()
+    assert got.token_ids == ref[: len(got.token_ids)]
+    free = fastdebias.generate(m, [ids], max_new_tokens=24)[0]
+    assert got.token_ids != free.token_ids and got.interventions  # the lexicon took part
