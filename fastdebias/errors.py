@@ -29,3 +29,7 @@ class BackendError(FastDebiasError):
 
 class EmbeddedModelError(FastDebiasError):
     """The embedded default model (SmolLM2-135M-Instruct) cannot be found or converted."""
+
+
+class LexiconError(FastDebiasError, ValueError):
+    """A lexicon file, row or entry is malformed, or an entry cannot be tokenized for the model."""
