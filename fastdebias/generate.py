@@ -278,10 +278,13 @@ def _generate_batch(
                 rewind = active & (ban_len >= 2) & ~hf_rows
             penalised = active & ~rewind & torch.isfinite(bias) & (bias != 0)
             lex.record(it, 0, penalised, cur, entry, 0, nxt)
-            top = logits.argmax(dim=-1)  # the model's own first choice: log a ban only when it removed it
-            _, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
+            # The model's own first choice, when the lexicon displaced it: banned, or penalised out of first place.
+            top = logits.argmax(dim=-1)
+            top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
             masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
-            lex.record(it, 1, active & ~rewind & masked & (top != nxt), cur, top_entry, 1, top)
+            displaced = active & ~rewind & (top != nxt)
+            lex.record(it, 1, displaced & masked, cur, top_entry, 1, top)
+            lex.record(it, 1, displaced & ~masked & torch.isfinite(top_bias) & (top_bias < 0), cur, top_entry, 0, top)
         commit = active & ~rewind
         nxt = torch.where(commit, nxt, torch.full_like(nxt, pad_token))
         wpos = cur.clamp(max=max_new_tokens - 1)
