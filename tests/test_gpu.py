@@ -83,3 +83,38 @@ def test_cuda_sampling_reproducible(real_shape_dir):
     assert [r.token_ids for r in fastdebias.generate(model, PROMPTS, **kw)] == [
         r.token_ids for r in fastdebias.generate(model, PROMPTS, **kw)
     ]
+
+
+def test_cuda_triton_backend_greedy_equals_torch(real_shape_dir):
+    m, a = real_shape_dir
+    ref = fastdebias.load(m, a, device="cuda", dtype="float32", backend="torch", progress=False)
+    tri = fastdebias.load(m, a, device="cuda", dtype="float32", backend="triton", progress=False)
+    names = [a.name, None, a.name, None]
+    got = [r.token_ids for r in fastdebias.generate(tri, PROMPTS, adapter=names, max_new_tokens=24)]
+    assert got == [r.token_ids for r in fastdebias.generate(ref, PROMPTS, adapter=names, max_new_tokens=24)]
+
+
+def test_cuda_triton_backend_bf16_logits_close(real_shape_dir):
+    m, a = real_shape_dir
+    ids = PROMPTS[:2]
+    idx = torch.zeros(2, dtype=torch.int32, device="cuda")
+    ref = fastdebias.load(m, a, device="cuda", dtype="bfloat16", backend="torch", progress=False)
+    tri = fastdebias.load(m, a, device="cuda", dtype="bfloat16", backend="triton", progress=False)
+    lr, *_ = prefill(ref, ids, 1, idx)
+    lt, *_ = prefill(tri, ids, 1, idx)
+    scale = lr.abs().max().item()
+    torch.testing.assert_close(lt, lr, rtol=2e-2, atol=3e-2 * scale)
+
+
+def test_cuda_lexicon_backtrack_on_device(real_shape_dir):
+    from fastdebias.lexicon import Lexicon
+
+    m, a = real_shape_dir
+    model = fastdebias.load(m, a, device="cuda", dtype="float32", progress=False)
+    free = [r.token_ids for r in fastdebias.generate(model, PROMPTS, max_new_tokens=16)]
+    phrases = {tuple(r[3:5]) for r in free}
+    lex = Lexicon.from_token_sequences({p: float("-inf") for p in phrases})
+    for seed in range(4):
+        outs = fastdebias.generate(model, PROMPTS, max_new_tokens=16, lexicon=lex, temperature=1.0, seed=seed)
+        for o in outs:
+            assert not any(tuple(o.token_ids[i:i + 2]) in phrases for i in range(len(o.token_ids) - 1))
