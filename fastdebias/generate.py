@@ -51,7 +51,8 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
         raise GenerationError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+    rp = repetition_penalty
+    if not isinstance(rp, (int, float)) or not (rp > 0 and math.isfinite(rp)):
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
 
 
@@ -127,7 +128,10 @@ def _normalize_eos(model, eos_token_id) -> list[int]:
 
 
 def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None):
-    """Left-pad ``ids`` into [B, T], allocate the static cache, run the prompt. Returns (logits, cache, start, tokens)."""
+    """Left-pad ``ids`` into [B, T], allocate the static cache, run the prompt.
+
+    Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
+    """
     dev = model.device
     b, t = len(ids), max(len(x) for x in ids)
     tokens = torch.zeros(b, t, dtype=torch.long)

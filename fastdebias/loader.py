@@ -88,7 +88,8 @@ def load_config(model_dir: Path):
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """HF parameter name → shape for a Llama-family model (the names our model uses too)."""
     h, hd = config.hidden_size, config.head_dim
-    nh, nkv, inter, v = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, config.vocab_size
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    inter, v = config.intermediate_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -334,7 +335,9 @@ def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module in targeted:
         if module not in pairs:
-            raise AdapterError(f"{wpath}: no LoRA weights for targeted module {module!r}; the adapter file is incomplete")
+            raise AdapterError(
+                f"{wpath}: no LoRA weights for targeted module {module!r}; the adapter file is incomplete"
+            )
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{wpath}: module {module!r} has lora_{'A' if 'A' in ab else 'B'} but not its pair")

@@ -1,4 +1,4 @@
-"""The lexicon inside generate: "hf" parity with transformers, "backtrack" guarantees, interventions, all-banned rows."""
+"""The lexicon inside generate: "hf" parity with transformers, "backtrack" guarantees, interventions."""
 
 from __future__ import annotations
 
