@@ -17,25 +17,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdebias import ops
-from fastdebias.loader import LORA_MODULES, AdapterWeights
+from fastdebias.loader import AdapterWeights
 
 
 class LoRALinear(nn.Module):
-    """A base projection with an optional stack of LoRA adapters, applied unmerged per row."""
+    """A projection made of 1–3 output slices (q/k/v, gate/up fused; o, down, lm_head alone), each with an
+    optional stack of LoRA adapters applied unmerged per row. One fused weight, one op call per forward."""
 
-    def __init__(self, weight: torch.Tensor, backend: str = "torch") -> None:
+    def __init__(self, weights: list[torch.Tensor], backend: str = "torch") -> None:
         super().__init__()
-        self.weight = weight  # [N, K]
-        self.lora_a: torch.Tensor | None = None  # [n_adapters, R, K]
-        self.lora_b: torch.Tensor | None = None  # [n_adapters, N, R]
-        self.lora_scale: torch.Tensor | None = None  # [n_adapters] fp32
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)  # [sum N_i, K]
+        # per slice: (lora_a [n_adapters, R, K], lora_b [n_adapters, N_i, R], scale [n_adapters] fp32) or None
+        self.loras: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
+        self.packed = None  # the backend's pre-packed form of ``loras`` (built once by ``attach``)
         self.backend = backend
+
+    def slice_range(self, i: int) -> tuple[int, int]:
+        start = sum(self.sizes[:i])
+        return start, start + self.sizes[i]
+
+    def attach(self, i: int, lora) -> None:
+        self.loras[i] = lora
+        self.packed = ops.pack_lora(self.sizes, self.loras, backend=self.backend)
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = ops.lora_linear(
-            x.reshape(-1, x.shape[-1]), self.weight, self.lora_a, self.lora_b, self.lora_scale,
-            rows if self.lora_a is not None else None, backend=self.backend,
+        y = ops.lora_linear_sliced(
+            x.reshape(-1, x.shape[-1]), self.weight, self.sizes, self.loras, self.packed,
+            rows if self.packed is not None else None, backend=self.backend,
         )
         return y.view(*lead, y.shape[-1])
 
@@ -88,14 +98,16 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config, w: dict[str, torch.Tensor], backend: str) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (LoRALinear(w[n], backend) for n in LORA_MODULES[:4])
+        self.qkv_proj = LoRALinear([w.pop("q_proj"), w.pop("k_proj"), w.pop("v_proj")], backend)
+        self.o_proj = LoRALinear([w.pop("o_proj")], backend)
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
     def forward(self, x, rows, cos, sin, k_cache, v_cache, slots, mask, kv_len):
         b, t, _ = x.shape
-        q = self.q_proj(x, rows).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x, rows).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x, rows).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x, rows).split(self.qkv_proj.sizes, dim=-1)
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, hd]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -113,10 +125,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, w: dict[str, torch.Tensor], backend: str) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = (LoRALinear(w[n], backend) for n in LORA_MODULES[4:])
+        self.gate_up_proj = LoRALinear([w.pop("gate_proj"), w.pop("up_proj")], backend)
+        self.down_proj = LoRALinear([w.pop("down_proj")], backend)
 
     def forward(self, x, rows):
-        return self.down_proj(F.silu(self.gate_proj(x, rows)) * self.up_proj(x, rows), rows)
+        gate, up = self.gate_up_proj(x, rows).split(self.gate_up_proj.sizes, dim=-1)
+        return self.down_proj(F.silu(gate) * up, rows)
 
 
 class DecoderLayer(nn.Module):
@@ -146,7 +160,7 @@ class LlamaDecoder(nn.Module):
             self.layers.append(DecoderLayer(config, w, backend))
         self.norm = RMSNorm(weights["model.norm.weight"], config.rms_norm_eps)
         head = self.embed_tokens if config.tie_word_embeddings else weights["lm_head.weight"]
-        self.lm_head = LoRALinear(head, backend)
+        self.lm_head = LoRALinear([head], backend)
         inv_freq, attn_scale = rope_inv_freq(config)
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq.float())
@@ -158,27 +172,30 @@ class LlamaDecoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------ adapters
 
-    def lora_modules(self) -> dict[str, LoRALinear]:
-        """HF module name → LoRALinear, for every projection an adapter may target."""
-        mods = {"lm_head": self.lm_head}
+    def lora_targets(self) -> dict[str, tuple[LoRALinear, int]]:
+        """HF module name → (fused projection, slice index), for every projection an adapter may target."""
+        mods: dict[str, tuple[LoRALinear, int]] = {"lm_head": (self.lm_head, 0)}
         for i, layer in enumerate(self.layers):
-            for n in LORA_MODULES[:4]:
-                mods[f"model.layers.{i}.self_attn.{n}"] = getattr(layer.self_attn, n)
-            for n in LORA_MODULES[4:]:
-                mods[f"model.layers.{i}.mlp.{n}"] = getattr(layer.mlp, n)
+            p = f"model.layers.{i}."
+            for j, n in enumerate(("q_proj", "k_proj", "v_proj")):
+                mods[p + "self_attn." + n] = (layer.self_attn.qkv_proj, j)
+            mods[p + "self_attn.o_proj"] = (layer.self_attn.o_proj, 0)
+            for j, n in enumerate(("gate_proj", "up_proj")):
+                mods[p + "mlp." + n] = (layer.mlp.gate_up_proj, j)
+            mods[p + "mlp.down_proj"] = (layer.mlp.down_proj, 0)
         return mods
 
     def attach_adapters(self, adapters: list[AdapterWeights]) -> None:
         """Stack adapters per module (ranks zero-padded to the module's max; scale 0 where untargeted)."""
         n = len(adapters)
         self.adapter_names = [a.name for a in adapters]
-        for name, mod in self.lora_modules().items():
+        for name, (mod, i) in self.lora_targets().items():
             present = [a.modules.get(name) for a in adapters]
             if not any(p is not None for p in present):
                 continue
             r_max = max(p[0].shape[0] for p in present if p is not None)
-            out_f, in_f = mod.weight.shape
             w = mod.weight
+            out_f, in_f = mod.sizes[i], w.shape[1]
             lora_a = torch.zeros(n, r_max, in_f, dtype=w.dtype, device=w.device)
             lora_b = torch.zeros(n, out_f, r_max, dtype=w.dtype, device=w.device)
             scale = torch.zeros(n, dtype=torch.float32, device=w.device)
@@ -188,20 +205,24 @@ class LlamaDecoder(nn.Module):
                     lora_a[j, : a.shape[0]] = a.to(w.dtype)
                     lora_b[j, :, : b.shape[1]] = b.to(w.dtype)
                     scale[j] = s
-            mod.lora_a, mod.lora_b, mod.lora_scale = lora_a, lora_b, scale
+            mod.attach(i, (lora_a, lora_b, scale))
 
     def merge_adapter(self, adapter: AdapterWeights) -> None:
         """Fold W ← W + s·B@A (computed in fp32) into the base weights; lossy for QLoRA-trained adapters."""
-        for name, mod in self.lora_modules().items():
+        for name, (mod, i) in self.lora_targets().items():
             if name in adapter.modules:
                 a, b, s = adapter.modules[name]
-                delta = (b.float() @ a.float()) * s
-                mod.weight = (mod.weight.float() + delta.to(mod.weight.device)).to(mod.weight.dtype)
+                lo, hi = mod.slice_range(i)
+                delta = ((b.float() @ a.float()) * s).to(mod.weight.device)
+                if mod is self.lm_head and mod.weight is self.embed_tokens:
+                    mod.weight = mod.weight.clone()  # untie: the merge must not change the input embedding
+                mod.weight[lo:hi] = (mod.weight[lo:hi].float() + delta).to(mod.weight.dtype)
         self.adapter_names = []
 
     def set_backend(self, backend: str) -> None:
-        for mod in self.lora_modules().values():
+        for mod, _ in self.lora_targets().values():
             mod.backend = backend
+            mod.packed = ops.pack_lora(mod.sizes, mod.loras, backend=backend)
 
     # ------------------------------------------------------------------------------------------- forward
 

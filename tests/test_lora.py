@@ -25,7 +25,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
 
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 # dtype → (rtol, atol). Outputs reach |y| ~ 10. The reference rounds x·Aᵀ, the LoRA delta and the sum to the input
 # dtype while the kernel rounds once, so 16-bit results differ by up to ~2 ulp of the larger of base and delta (the
@@ -269,7 +269,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,k,n,r,n_adapters,pattern", GPU_CASES)
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@requires_cuda
 @_skip_on_oom
 def test_gpu_matches_reference(m, k, n, r, n_adapters, pattern, dtype):
     gen = torch.Generator().manual_seed(m + k + n + r)
@@ -286,7 +286,7 @@ def test_gpu_matches_reference(m, k, n, r, n_adapters, pattern, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@requires_cuda
 @_skip_on_oom
 def test_gpu_sliced_qkv_matches_reference(dtype):
     gen = torch.Generator().manual_seed(11)
@@ -301,7 +301,7 @@ def test_gpu_sliced_qkv_matches_reference(dtype):
 
 @pytest.mark.parametrize("n_adapters", [1, 4])
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@requires_cuda
 @_skip_on_oom
 def test_gpu_cuda_graph_replay_follows_adapter_mix(n_adapters):
     # The captured launch must stay valid when the adapter mix changes: no grid sized from the mix, no host sync.
@@ -334,7 +334,7 @@ def test_gpu_cuda_graph_replay_follows_adapter_mix(n_adapters):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@requires_cuda
 def test_gpu_mismatched_devices_raise():
     x, w, a, b, s, idx = _bad_inputs()
     with pytest.raises(GenerationError, match="move weight"):

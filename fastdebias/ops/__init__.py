@@ -50,6 +50,51 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pack_lora(sizes: list[int], loras: list, backend: str = "torch"):
+    """Pre-pack a fused projection's per-slice LoRA pairs for ``backend``, once, at load time.
+
+    Returns None when no slice carries LoRA (the op then runs the base projection only)."""
+    if all(lora is None for lora in loras):
+        return None
+    if backend == "triton":
+        from fastdebias.ops import lora as _triton_lora
+
+        return _triton_lora.pack_sliced_lora(sizes, loras)
+    return tuple(i for i, lora in enumerate(loras) if lora is not None)
+
+
+def lora_linear_sliced(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sizes: list[int],
+    loras: list,
+    packed,
+    adapter_idx: torch.Tensor | None,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """A fused projection of output slices ``sizes`` (q/k/v, gate/up, or one slice), each with its own LoRA.
+
+    x: [M, K], weight: [sum(sizes), K] → [M, sum(sizes)]. ``packed`` comes from ``pack_lora``; ``adapter_idx``
+    [M] (-1 = none) or None for the base projection only. Rows with -1 are bit-identical to the base projection.
+    """
+    if backend == "triton":
+        from fastdebias.ops import lora as _triton_lora
+
+        if len(sizes) == 1:
+            lora = loras[0] if packed is not None else (None, None, None)
+            return _triton_lora.lora_linear(x, weight, *lora, adapter_idx if packed is not None else None)
+        return _triton_lora.lora_linear_sliced(x, weight, sizes, packed, adapter_idx)
+    y = torch.nn.functional.linear(x, weight)
+    if packed is None or adapter_idx is None:
+        return y
+    keep = adapter_idx.view(-1, 1) >= 0
+    for i in packed:
+        lo = sum(sizes[:i])
+        ys = y[:, lo:lo + sizes[i]]
+        y[:, lo:lo + sizes[i]] = torch.where(keep, ys + _ref_lora.lora_delta(x, *loras[i], adapter_idx), ys)
+    return y
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

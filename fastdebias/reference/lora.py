@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,13 @@ def lora_linear(
     y = F.linear(x, weight)
     if lora_a is None or adapter_idx is None:
         return y
+    return torch.where(adapter_idx.view(-1, 1) >= 0, y + lora_delta(x, lora_a, lora_b, scale, adapter_idx), y)
+
+
+def lora_delta(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, adapter_idx: torch.Tensor
+) -> torch.Tensor:
+    """The LoRA term alone, s_a·((x·A_aᵀ)·B_aᵀ) per row ([M, N], zero for rows with index -1)."""
     n, r, k = lora_a.shape
     m = x.shape[0]
     # Every row goes through every adapter's shrink (n·r values, tiny), then a per-row mask keeps its own
@@ -40,5 +49,32 @@ def lora_linear(
     xa = F.linear(x, lora_a.reshape(n * r, k)).view(m, n, r)
     sel = (adapter_idx.view(m, 1) == torch.arange(n, device=x.device).view(1, n)).to(scale.dtype) * scale.view(1, n)
     xa = (xa.float() * sel.view(m, n, 1)).to(x.dtype)
-    delta = F.linear(xa.view(m, n * r), lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r))
-    return torch.where(adapter_idx.view(m, 1) >= 0, y + delta, y)
+    return F.linear(xa.view(m, n * r), lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r))
+
+
+def lora_linear_sliced(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    slice_sizes: Sequence[int],
+    loras: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None],
+    adapter_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A fused projection (q/k/v, gate/up) whose output slices each carry their own LoRA pair or none.
+
+    Parameters
+    ----------
+    x : [M, K] float tensor.
+    weight : [sum(slice_sizes), K] the slices' base weights concatenated along the output axis.
+    slice_sizes : output features N_i of each slice.
+    loras : per slice ``(lora_a [n_adapters, r_i, K], lora_b [n_adapters, N_i, r_i], scale [n_adapters] fp32)``,
+        or None for a slice without LoRA.
+    adapter_idx : [M] integer adapter index per row; -1 means no adapter.
+
+    Returns
+    -------
+    [M, sum(slice_sizes)] tensor in ``x.dtype``: the per-slice :func:`lora_linear` outputs, concatenated.
+    """
+    outs = []
+    for w, lora in zip(weight.split(list(slice_sizes)), loras):
+        outs.append(lora_linear(x, w) if lora is None else lora_linear(x, w, *lora, adapter_idx))
+    return torch.cat(outs, dim=-1)
