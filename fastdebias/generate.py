@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fastdebias import ops
 from fastdebias.errors import GenerationError, TokenizerError
 from fastdebias.model import KVCache
 from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens
@@ -224,6 +225,7 @@ def _generate_batch(
     top_p: float,
     repetition_penalty: float,
     generator: torch.Generator | None,
+    seed: int | None,
     eos: list[int],
     stop: list[str],
     stream: Callable[[int, str], None] | None,
@@ -261,29 +263,49 @@ def _generate_batch(
     check_every = 1 if (host_each_step or dev.type == "cpu") else 8
     tok = model.tokenizer
     hold_tokens = matcher.max_depth if (lex is not None and lex.backtrack) else 0
+    fused_step = model.backend == "triton"
+    if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
+        step_t = torch.zeros(1, dtype=torch.long, device=dev)
+        seed_int = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        row_ids = torch.arange(index_offset, index_offset + b, device=dev)
     for it in range(n_iter):
-        x = logits
-        hf_rows = True
-        if lex is not None:
-            hf_rows = lex.hf_rows(cur)
-            x = lex.apply(x, cur, hf_rows)
-        if counts is not None:
-            x = apply_repetition_penalty(x, counts > 0, repetition_penalty)
-        # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
-        dead = torch.isneginf(x).all(dim=-1) & ~done
+        hf_rows = lex.hf_rows(cur) if lex is not None else True
+        if fused_step:
+            # one fused pass: lexicon, position bans, repetition penalty, temperature, top-k/top-p, choice,
+            # automaton advance and lookup of the chosen token
+            bans = torch.where(lex.ban_pos == cur.view(b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
+            r = ops.logits_step(
+                logits, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
+                banned_tokens=bans, counts=counts, repetition_penalty=repetition_penalty, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed_int, step=step_t, row_ids=row_ids, backend="triton",
+            )
+            step_t += 1
+            nxt, dead = r.next_ids, r.all_banned & ~done
+            if lex is not None:
+                bias, ban_len, entry, next_state = r.bias, r.ban_len, r.entry, r.states
+        else:
+            x = logits
+            if lex is not None:
+                x = lex.apply(x, cur, hf_rows)
+            if counts is not None:
+                x = apply_repetition_penalty(x, counts > 0, repetition_penalty)
+            # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
+            dead = torch.isneginf(x).all(dim=-1) & ~done
+            x = torch.where(dead.view(b, 1), torch.zeros_like(x), x)
+            nxt = choose_tokens(x, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if lex is not None:
+                bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
+                next_state = lex.m.step(lex.state, nxt)
         all_banned |= dead
-        x = torch.where(dead.view(b, 1), torch.zeros_like(x), x)
-        nxt = choose_tokens(x, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         active = ~done & ~dead
         rewind = torch.zeros_like(active)
         if lex is not None:
-            bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
             if lex.backtrack:
                 rewind = active & (ban_len >= 2) & ~hf_rows
             penalised = active & ~rewind & torch.isfinite(bias) & (bias != 0)
             lex.record(it, 0, penalised, cur, entry, 0, nxt)
             # The model's own first choice, when the lexicon displaced it: banned, or penalised out of first place.
-            top = logits.argmax(dim=-1)
+            top = r.top if fused_step else logits.argmax(dim=-1)
             top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
             masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
             displaced = active & ~rewind & (top != nxt)
@@ -296,7 +318,7 @@ def _generate_batch(
         if counts is not None:
             counts.scatter_add_(1, nxt.view(b, 1), commit.int().view(b, 1))
         if lex is not None:
-            lex.state = torch.where(commit, lex.m.step(lex.state, nxt), lex.state)
+            lex.state = torch.where(commit, next_state, lex.state)
             if lex.backtrack:
                 # rewind to where the phrase began, ban its first token there, restore that position's state
                 p = torch.where(rewind, cur - (ban_len - 1), cur).clamp(min=0)
@@ -466,6 +488,7 @@ def generate(
         results += _generate_batch(
             model, ids[lo:lo + bs], rows[lo:lo + bs], max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_k=top_k, top_p=float(top_p), repetition_penalty=float(repetition_penalty), generator=generator,
+            seed=None if seed is None else int(seed) % 2**62,
             eos=eos, stop=stops, stream=stream, index_offset=lo, matcher=matcher, lexicon_mode=lexicon_mode,
             max_rewinds=max_rewinds,
         )

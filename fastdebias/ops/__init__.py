@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdebias.errors import BackendError
+from fastdebias.errors import BackendError, GenerationError
+from fastdebias.reference import logits as _ref_logits
 from fastdebias.reference import lora as _ref_lora
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -110,3 +111,46 @@ def lora_linear(
 
         return _triton_lora.lora_linear(x, weight, lora_a, lora_b, scale, adapter_idx)
     return _ref_lora.lora_linear(x, weight, lora_a, lora_b, scale, adapter_idx)
+
+
+def logits_step(
+    logits: torch.Tensor | None = None,
+    *,
+    hidden: torch.Tensor | None = None,
+    lm_head: torch.Tensor | None = None,
+    matcher=None,
+    states: torch.Tensor | None = None,
+    mask_phrases: bool | torch.Tensor = True,
+    banned_tokens: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    step: int | torch.Tensor = 0,
+    row_ids: torch.Tensor | None = None,
+    backend: str = "torch",
+) -> _ref_logits.LogitsStep:
+    """One bias-aware decode step: [B, V] ``logits``, or ``hidden`` [B, K] and the ``lm_head`` [V, K] weight (fused).
+
+    See ``fastdebias.reference.logits.logits_step`` for the contract and ``fastdebias.ops.logits`` for which
+    Triton path each case takes. Returns a ``LogitsStep`` of [B] tensors (next_ids, states, all_banned, ...).
+    """
+    step_args = dict(
+        matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens, counts=counts,
+        repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        step=step, row_ids=row_ids,
+    )  # fmt: skip
+    fused = hidden is not None or lm_head is not None
+    if fused == (logits is not None) or (fused and (hidden is None or lm_head is None)):
+        raise GenerationError("logits_step: pass either logits, or hidden and lm_head (the fused lm_head + step)")
+    if backend == "triton":
+        from fastdebias.ops import logits as _triton_logits
+
+        if fused:
+            return _triton_logits.lm_head_step(hidden, lm_head, **step_args)
+        return _triton_logits.logits_step(logits, **step_args)
+    if fused:
+        return _ref_logits.lm_head_step(hidden, lm_head, **step_args)
+    return _ref_logits.logits_step(logits, **step_args)
