@@ -37,10 +37,11 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+# Globals read inside @triton.jit functions must be tl.constexpr (triton 3.6 refuses plain globals).
+NEG_INF = tl.constexpr(float("-inf"))
 # Order-preserving integer key of fp32 -inf (keys of other floats are larger, NaNs aside) and a key above them all.
-KEY_NEG_INF = 0x007FFFFF
-KEY_BIG = 1 << 33
+KEY_NEG_INF = tl.constexpr(0x007FFFFF)
+KEY_BIG = tl.constexpr(1 << 33)
 
 MODE_GREEDY = 0
 MODE_SAMPLE = 1

@@ -94,16 +94,20 @@ def test_cuda_triton_backend_greedy_equals_torch(real_shape_dir):
     assert got == [r.token_ids for r in fastdebias.generate(ref, PROMPTS, adapter=names, max_new_tokens=24)]
 
 
-def test_cuda_triton_backend_bf16_logits_close(real_shape_dir):
+def test_cuda_triton_backend_bf16_logits_as_accurate_as_torch(real_shape_dir):
+    """bf16 logits vs the fp32 truth: the Triton backend is no less accurate than the torch bf16 path (+25%)."""
     m, a = real_shape_dir
     ids = PROMPTS[:2]
     idx = torch.zeros(2, dtype=torch.int32, device="cuda")
-    ref = fastdebias.load(m, a, device="cuda", dtype="bfloat16", backend="torch", progress=False)
-    tri = fastdebias.load(m, a, device="cuda", dtype="bfloat16", backend="triton", progress=False)
-    lr, *_ = prefill(ref, ids, 1, idx)
-    lt, *_ = prefill(tri, ids, 1, idx)
-    scale = lr.abs().max().item()
-    torch.testing.assert_close(lt, lr, rtol=2e-2, atol=3e-2 * scale)
+
+    def logits(dtype, backend):
+        model = fastdebias.load(m, a, device="cuda", dtype=dtype, backend=backend, progress=False)
+        return prefill(model, ids, 1, idx)[0]
+
+    truth = logits("float32", "torch")
+    err_torch = (logits("bfloat16", "torch") - truth).abs().max().item()
+    err_triton = (logits("bfloat16", "triton") - truth).abs().max().item()
+    assert err_triton <= 1.25 * err_torch + 1e-3 * truth.abs().max().item(), (err_triton, err_torch)
 
 
 def test_cuda_lexicon_backtrack_on_device(real_shape_dir):
