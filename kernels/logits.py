@@ -190,8 +190,9 @@ def _gumbel(seed_lo, seed_hi, row_key, step, cols):
     c0 = zero + cols[None, :].to(tl.uint32)
     c1 = zero + row_key[:, None].to(tl.uint32)
     c2 = zero + step[:, None].to(tl.uint32)
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    # (triton 3.6 has no tl.to_tensor: broadcast the scalar seeds through an int64 zero instead)
+    k0 = (zero.to(tl.int64) + seed_lo).to(tl.uint32)
+    k1 = (zero.to(tl.int64) + seed_hi).to(tl.uint32)
     r, _, _, _ = tl.philox_impl(c0, c1, c2, zero, k0, k1)
     # 23 random bits as an odd multiple of 2**-24: exact in fp32, never 0 or 1 (so G is finite).
     u = (((r >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08
