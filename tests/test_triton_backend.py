@@ -38,3 +38,27 @@ def test_triton_backend_with_lexicon_penalty_and_sampling(llama_dir, adapter_qv)
     assert [r.token_ids for r in s1] == [r.token_ids for r in s2]  # same seed, same tokens on one backend
     for r in s1:
         assert not any(tuple(r.token_ids[i:i + 2]) == phrase for i in range(len(r.token_ids) - 1))
+
+
+def test_triton_backend_fp16_as_accurate_as_torch(tmp_path):
+    """fp16 logits vs the fp32 truth (mean over a batch that takes the prefill path, M > 64 rows)."""
+    import torch
+
+    from fastdebias.generate import prefill
+
+    from .conftest import make_adapter, make_llama
+
+    m = make_llama(tmp_path / "m", hidden_size=128, intermediate=256, heads=4, kv_heads=2)
+    a = make_adapter(m, tmp_path / "a", r=16)
+    g = torch.Generator().manual_seed(0)
+    ids = [[1] + torch.randint(3, 250, (n,), generator=g).tolist() for n in (70, 40, 9, 3)]
+    idx = torch.zeros(len(ids), dtype=torch.int32)
+
+    def logits(dtype, backend):
+        return prefill(fastdebias.load(m, a, dtype=dtype, backend=backend, progress=False), ids, 1, idx)[0]
+
+    truth = logits("float32", "torch")
+    torch.testing.assert_close(logits("float32", "triton"), truth, rtol=1e-4, atol=1e-4)
+    err_torch = (logits("float16", "torch") - truth).abs().mean().item()
+    err_triton = (logits("float16", "triton") - truth).abs().mean().item()
+    assert err_triton <= 1.25 * err_torch, (err_triton, err_torch)
