@@ -1,4 +1,4 @@
-"""Command line: ``fastdebias generate|debias`` (also ``python -m fastdebias``)."""
+"""Command line: ``fastdebias generate|debias|bench`` (also ``python -m fastdebias``)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     d.add_argument("--prompt-format", default="auto", choices=["auto", "srllm", "chat"])
     d.add_argument("--template", default=None, help="custom prompt template containing {text}")
+    from fastdebias.bench import add_arguments as add_bench_arguments
+
+    b = sub.add_parser("bench", help="decode benchmark against transformers",
+                       description="Head-to-head decode benchmark in one run: fastdebias vs transformers generate "
+                                   "(eager, PEFT unmerged) and static cache + torch.compile (merged), same prompts, "
+                                   "adapter and lexicon. Prints a markdown table; exits 1 if greedy outputs of "
+                                   "fastdebias and transformers differ.")
+    add_bench_arguments(b)
     return parser
 
 
@@ -79,8 +87,36 @@ def _read_inputs(args) -> list[str]:
     return lines
 
 
+def _bench(args) -> int:
+    from fastdebias import bench
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(f"fastdebias bench: {msg}", file=sys.stderr)
+
+    def checkpoint(partial: dict) -> None:  # a run cut short (a time limit) still leaves its points on disk
+        bench.write_outputs(partial, json_path=args.json_path, md_path=args.md_path, out_dir=args.out_dir,
+                            with_plot=False)
+
+    try:
+        result = bench.run(bench.config_from_args(args), log=log, checkpoint=checkpoint)
+    except FastDebiasError as e:
+        print(f"fastdebias: error: {e}", file=sys.stderr)
+        return 2
+    print(bench.format_markdown(result))
+    for line in bench.mismatch_lines(result):
+        print(line)
+        print(line, file=sys.stderr)
+    for path in bench.write_outputs(result, json_path=args.json_path, md_path=args.md_path,
+                                    plot_path=args.plot_path, out_dir=args.out_dir):
+        log(f"wrote {path}")
+    return 1 if result["mismatches"] else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     import fastdebias
 
     try:

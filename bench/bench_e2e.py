@@ -1,0 +1,20 @@
+"""End-to-end decode benchmark: fastdebias vs transformers generate, same prompts, adapter and lexicon, one run.
+
+The same as ``fastdebias bench`` (the code is ``fastdebias/bench.py``); every option is passed through:
+
+    python bench/bench_e2e.py --out bench/results                         # embedded SmolLM2, CPU or GPU
+    python bench/bench_e2e.py --synthetic llama2-7b --out bench/results   # SR-LLM shape, GPU only
+    python bench/bench_e2e.py --quick --json /tmp/e2e.json                # CI-sized
+
+``--out DIR`` writes ``e2e_<device>.json``, ``.md`` and ``.png`` (named by device, e.g. ``e2e_cpu``); ``--help``
+lists the sweep options (batch sizes, lexicon sizes, prompt and output length, repetitions, --no-compile).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fastdebias.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

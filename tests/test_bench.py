@@ -1,0 +1,171 @@
+"""``fastdebias bench``: the --quick run end to end (JSON fields, plot, token identity), and its building blocks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from fastdebias import bench
+from fastdebias.cli import main
+
+# Written out here rather than imported, so that dropping a field from the JSON fails a test.
+POINT_FIELDS = {
+    "system", "batch", "lexicon_size", "status", "reason", "ttft_ms", "tpot_ms", "total_ms", "tokens_per_s",
+    "decode_tokens_per_s", "bytes_per_step", "gbps", "pct_copy_bandwidth", "peak_allocated_mib",
+    "peak_reserved_mib", "peak_rss_mib", "memory_bound_mib", "speedup_vs_hf_eager", "speedup_vs_hf_compile",
+    "tokens_identical", "ttft_ms_all", "total_ms_all",
+}
+HEADER_FIELDS = {
+    "device", "device_tag", "device_type", "torch", "transformers", "peft", "triton", "python", "dtype", "commit",
+    "dirty", "model", "adapter", "loadavg_start", "loadavg_end", "prompt_len", "new_tokens", "batch_sizes",
+    "lexicon_sizes", "lexicon_size", "lexicon", "reps", "warmup", "prompts", "hf_compile_config", "memory_method",
+    "order", "seconds", "complete",
+}
+TOP_FIELDS = {
+    "schema", "header", "copy_bandwidth_gbs", "model_bytes", "lexicon_build_s", "systems", "points", "comparisons",
+    "mismatches", "lora_overhead", "lexicon_overhead", "goals",
+}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One ``fastdebias bench --quick`` run through the CLI: (exit code, stdout, result JSON, output paths)."""
+    d = tmp_path_factory.mktemp("bench")
+    paths = dict(json=d / "e2e.json", md=d / "e2e.md", png=d / "e2e.png")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["bench", "--quick", "--device", "cpu", "-q", "--json", str(paths["json"]), "--md",
+                     str(paths["md"]), "--plot", str(paths["png"])])
+    return code, out.getvalue(), json.loads(paths["json"].read_text()), paths
+
+
+def test_quick_json_has_every_field(quick):
+    code, _, res, _ = quick
+    assert code == 0
+    assert TOP_FIELDS <= set(res)
+    assert HEADER_FIELDS <= set(res["header"])
+    h = res["header"]
+    assert h["quick"] and h["device_type"] == "cpu" and h["dtype"] == "float32"
+    assert h["batch_sizes"] == [1, 2] and h["lexicon_sizes"] == [0, 1000] and h["new_tokens"] == 8
+    assert res["copy_bandwidth_gbs"] > 0
+    assert set(res["systems"]) == set(bench.SYSTEMS)
+    # every planned (system, batch, lexicon) has a record with every field
+    planned = {(s, b, lx) for s in bench.HEAD_TO_HEAD for b, lx in [(1, 1000), (2, 1000), (1, 0)]}
+    planned |= {(s, b, 1000) for s in ("fastdebias-merged", "fastdebias-noadapter") for b in (1, 2)}
+    assert {(p["system"], p["batch"], p["lexicon_size"]) for p in res["points"]} == planned
+    for p in res["points"]:
+        assert POINT_FIELDS <= set(p), POINT_FIELDS - set(p)
+        if p["system"] == "hf-compile":  # --quick never compiles, and says so
+            assert p["status"] == "skipped" and p["reason"] == "--quick"
+            continue
+        assert p["status"] == "ok", p
+        for k in ("ttft_ms", "total_ms", "tokens_per_s", "bytes_per_step", "peak_rss_mib", "memory_bound_mib"):
+            assert p[k] > 0 and math.isfinite(p[k]), (k, p)
+        assert len(p["ttft_ms_all"]) == len(p["total_ms_all"]) == h["reps"]
+        assert p["tokens_per_s"] == pytest.approx(p["batch"] * 8 / (p["total_ms"] / 1e3))
+        assert p["speedup_vs_hf_eager"] > 0 and p["speedup_vs_hf_compile"] is None
+    assert res["systems"]["hf-compile"]["status"] == "skipped"
+    assert {r["batch"] for r in res["lora_overhead"]} == {1, 2}
+    assert {(r["system"], r["lexicon_size"]) for r in res["lexicon_overhead"]} == {("fastdebias", 1000),
+                                                                                 ("hf-eager", 1000)}
+    assert [g["goal"] for g in res["goals"]][0].startswith("CPU")
+
+
+def test_quick_outputs_token_identical(quick):
+    _, stdout, res, _ = quick
+    assert {(c["batch"], c["lexicon_size"]) for c in res["comparisons"]} == {(1, 1000), (2, 1000), (1, 0)}
+    assert all(c["identical"] and c["rows_identical"] == c["rows"] for c in res["comparisons"]), res["comparisons"]
+    assert res["mismatches"] == []
+    assert "MISMATCH" not in stdout
+    for p in res["points"]:
+        if p["system"] in ("fastdebias", "hf-eager"):
+            assert p["tokens_identical"] is True
+
+
+def test_quick_prints_table_and_writes_plot(quick, tmp_path):
+    _, stdout, res, paths = quick
+    assert "| system | batch | lexicon | TTFT ms | TPOT ms | tok/s |" in stdout
+    assert res["header"]["torch"] in stdout and res["header"]["commit"] in stdout
+    assert paths["md"].read_text() == bench.format_markdown(res)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the plot and table are made from the JSON alone; --out names them by device
+    written = bench.write_outputs(res, out_dir=tmp_path)
+    assert sorted(p.name for p in written) == ["e2e_cpu.json", "e2e_cpu.md", "e2e_cpu.png"]
+
+
+def test_mismatch_is_loud(quick):
+    _, _, res, _ = quick
+    bad = json.loads(json.dumps(res))
+    c = dict(bad["comparisons"][0], identical=False, rows_identical=0, first_divergence=dict(row=0, step=3))
+    bad["comparisons"][0] = c
+    bad["mismatches"] = [c]
+    assert "MISMATCH" in bench.format_markdown(bad)
+    assert bench.mismatch_lines(bad)[0].startswith("MISMATCH: fastdebias vs hf-eager")
+
+
+def test_compare_finds_first_divergence():
+    assert bench._compare([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]])["identical"]
+    c = bench._compare([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
+    assert not c["identical"] and c["rows_identical"] == 1 and c["first_divergence"] == dict(row=1, step=1)
+
+
+def test_synthetic_lexicon():
+    lex = bench.synthetic_lexicon(500, 300, seed=3, exclude=[0, 1, 2])
+    assert len(lex) == 500
+    seqs = [e.phrase for e in lex]
+    assert len(set(seqs)) == 500
+    assert all(1 <= len(s) <= 4 and all(3 <= t < 300 for t in s) for s in seqs)
+    assert all(math.isfinite(e.bias) and e.bias < 0 for e in lex)
+    assert [e.phrase for e in bench.synthetic_lexicon(500, 300, seed=3, exclude=[0, 1, 2])] == seqs
+    assert bench.synthetic_lexicon(0, 300) is None
+
+
+def test_prompts_have_the_requested_length(llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(llama_dir))
+    for n_tokens in (5, 300):
+        prompts = bench.make_prompts(tok, 11, n_tokens, 251)
+        assert len(prompts) == 11 and all(len(p) == n_tokens for p in prompts)
+    assert all(len(p) == 7 for p in bench.make_prompts(None, 3, 7, 100))
+
+
+def test_synthetic_builder_on_a_small_shape(tmp_path):
+    """The --synthetic code path, on a shape small enough for CPU: config, dtype and a LoRA with non-zero B."""
+    from safetensors.torch import load_file
+
+    import fastdebias
+
+    spec = dict(config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            intermediate_size=96, vocab_size=320, max_position_embeddings=128,
+                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                dtype="bfloat16", lora=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model_dir, adapter_dir = bench.make_synthetic("small", tmp_path, torch.device("cpu"), spec)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["vocab_size"] == 320 and cfg["dtype"] == "bfloat16"
+    lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    bs = [v for k, v in lora.items() if "lora_B" in k]
+    assert len(bs) == 4 and all(b.shape[1] == 8 and b.abs().sum() > 0 for b in bs)
+    assert bench.adapter_numel(adapter_dir) == sum(v.numel() for v in lora.values())
+    model = fastdebias.load(model_dir, adapter_dir, dtype="float32", device="cpu", progress=False)
+    assert len(fastdebias.generate(model, [[5, 6, 7]], max_new_tokens=3, eos_token_id=[])[0].token_ids) == 3
+
+
+def test_synthetic_refused_without_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    assert main(["bench", "--synthetic", "llama2-7b", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--synthetic llama2-7b needs a CUDA GPU" in err
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert main(["bench", "--quick", "--systems", "fastdebias,nope", "-q"]) == 2
+    assert "--systems: unknown ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--new-tokens", "1", "-q"]) == 2
+    assert "--new-tokens" in capsys.readouterr().err
