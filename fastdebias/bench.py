@@ -797,11 +797,12 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
     # Interleaved: every system loaded at once, taking turns at each point (fair under a noisy CPU). One at a
     # time: each system alone in memory (its peak memory is its own; a 7B model four times over would not fit);
     # fastdebias and fastdebias-noadapter always share one loaded model.
+    # Cheapest first, torch.compile last: a run cut short by a time limit keeps the most (see ``checkpoint``).
     if cfg.interleave:
         groups = [todo]
     else:
         groups = [[s for s in todo if s in ("fastdebias", "fastdebias-noadapter")]]
-        groups += [[s] for s in todo if s not in groups[0]]
+        groups += [[s] for s in ("fastdebias-merged", "hf-eager", "hf-compile") if s in todo]
     points: list[dict] = []
     outputs: dict[tuple[str, int, int], list[list[int]]] = {}
     peak = _PeakMemory(dev)
@@ -840,6 +841,7 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
         hf_compile_config=("cache_implementation='static', CompileConfig(fullgraph=True, dynamic=False, mode="
                            f"{'reduce-overhead' if dev.type == 'cuda' else 'default'!r})"),
         order="interleaved" if cfg.interleave else "one system at a time", loadavg_start=load_start,
+        model_tag=_model_tag(cfg),
     )
 
     def assemble(complete: bool) -> dict:
@@ -911,6 +913,16 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
                                              systems_info[name]["reason"] or "not measured"))
 
     return assemble(complete=True)
+
+
+def _model_tag(cfg: BenchConfig) -> str:
+    """The model part of result file names: empty for the embedded model, else the synthetic shape, "quick", or
+    the model directory's name."""
+    if cfg.quick:
+        return "quick"
+    if cfg.synthetic:
+        return cfg.synthetic
+    return "" if cfg.model is None else "".join(c if c.isalnum() or c in "-." else "-" for c in Path(cfg.model).name)
 
 
 def _skipped_point(system: str, batch: int, lexicon_size: int, reason: str) -> dict:
@@ -1137,6 +1149,9 @@ def mismatch_lines(result: dict) -> list[str]:
 def plot(result: dict, path: str | os.PathLike) -> None:
     """PNG: tokens/s vs batch (at the sweep's lexicon), one line per system; tokens/s vs lexicon size."""
     from matplotlib.figure import Figure  # Figure + savefig uses the Agg canvas: no pyplot, no display needed
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
 
     h = result["header"]
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -1153,6 +1168,9 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens/s",
             title=f"tokens/s vs batch (lexicon {h['lexicon_size']})")
     ax1.set_xticks(h["batch_sizes"], [str(b) for b in h["batch_sizes"]])
+    ax1.yaxis.set_major_formatter(plain)
+    ax1.yaxis.set_minor_formatter(plain)
+    ax1.tick_params(axis="y", which="minor", labelsize=7)
     ax2.set(xscale="symlog", xlabel="lexicon entries", ylabel="generated tokens/s",
             title=f"tokens/s vs lexicon size (batch {h['batch_sizes'][0]})")
     ax2.set_xscale("symlog", linthresh=100)
@@ -1168,10 +1186,12 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
 def write_outputs(result: dict, *, json_path=None, md_path=None, plot_path=None, out_dir=None,
                   with_plot: bool = True) -> list[Path]:
-    """Write the JSON, the markdown and the PNG where asked; ``out_dir`` names them ``e2e_<device>.*``."""
+    """Write the JSON, the markdown and the PNG where asked; ``out_dir`` names them ``e2e_<device>.*`` for the
+    embedded model, ``e2e_<device>_<model>.*`` otherwise (``e2e_cpu``, ``e2e_NVIDIA-H100-80GB-HBM3_llama2-7b``)."""
     paths: dict[str, Path | None] = dict(json=json_path, md=md_path, png=plot_path)
     if out_dir is not None:
-        stem = Path(out_dir) / f"e2e_{result['header']['device_tag']}"
+        h = result["header"]
+        stem = Path(out_dir) / ("_".join(x for x in ("e2e", h["device_tag"], h.get("model_tag")) if x))
         for ext in paths:
             paths[ext] = paths[ext] or stem.with_suffix(f".{ext}")
     if not with_plot:
@@ -1235,7 +1255,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--md", dest="md_path", default=None, metavar="PATH", help="write the markdown report")
     p.add_argument("--plot", dest="plot_path", default=None, metavar="PATH", help="write the PNG plot")
     p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
-                   help="write e2e_<device>.json/.md/.png into DIR (e.g. bench/results)")
+                   help="write e2e_<device>[_<model>].json/.md/.png into DIR (e.g. bench/results); the JSON and "
+                        "markdown are rewritten after every point")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
 
 

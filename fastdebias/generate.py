@@ -361,7 +361,9 @@ def _generate_batch(
                     if len(ready) > len(emitted[i]) and ready.startswith(emitted[i]):
                         stream(index_offset + i, ready[len(emitted[i]):])
                         emitted[i] = ready
-        if it == n_iter - 1 or ((it + 1) % check_every == 0 and bool(done.all())):
+        # check at every N-th step, and at the step where rows that never rewound reach max_new_tokens
+        check = (it + 1) % check_every == 0 or it + 1 == max_new_tokens
+        if it == n_iter - 1 or (check and bool(done.all())):
             break
         feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], prompt[:, -1])
         kv_len = min(t + it + 1, t + max_new_tokens)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ HEADER_FIELDS = {
     "device", "device_tag", "device_type", "torch", "transformers", "peft", "triton", "python", "dtype", "commit",
     "dirty", "model", "adapter", "loadavg_start", "loadavg_end", "prompt_len", "new_tokens", "batch_sizes",
     "lexicon_sizes", "lexicon_size", "lexicon", "reps", "warmup", "prompts", "hf_compile_config", "memory_method",
-    "order", "seconds", "complete",
+    "order", "seconds", "complete", "model_tag",
 }
 TOP_FIELDS = {
     "schema", "header", "copy_bandwidth_gbs", "model_bytes", "lexicon_build_s", "systems", "points", "comparisons",
@@ -37,10 +38,17 @@ def quick(tmp_path_factory):
     """One ``fastdebias bench --quick`` run through the CLI: (exit code, stdout, result JSON, output paths)."""
     d = tmp_path_factory.mktemp("bench")
     paths = dict(json=d / "e2e.json", md=d / "e2e.md", png=d / "e2e.png")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, writes = io.StringIO(), []
+
+    def spy(result, **kw):  # every write: a checkpoint after each point, then the final one
+        writes.append((json.loads(json.dumps(result)), kw))
+        return write_outputs(result, **kw)
+
+    write_outputs = bench.write_outputs
+    with contextlib.redirect_stdout(out), mock.patch.object(bench, "write_outputs", spy):
         code = main(["bench", "--quick", "--device", "cpu", "-q", "--json", str(paths["json"]), "--md",
                      str(paths["md"]), "--plot", str(paths["png"])])
+    paths["writes"] = writes
     return code, out.getvalue(), json.loads(paths["json"].read_text()), paths
 
 
@@ -95,7 +103,19 @@ def test_quick_prints_table_and_writes_plot(quick, tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the plot and table are made from the JSON alone; --out names them by device
     written = bench.write_outputs(res, out_dir=tmp_path)
-    assert sorted(p.name for p in written) == ["e2e_cpu.json", "e2e_cpu.md", "e2e_cpu.png"]
+    assert sorted(p.name for p in written) == ["e2e_cpu_quick.json", "e2e_cpu_quick.md", "e2e_cpu_quick.png"]
+    embedded = dict(res, header=dict(res["header"], model_tag=""))
+    assert sorted(p.name for p in bench.write_outputs(embedded, out_dir=tmp_path)) == [
+        "e2e_cpu.json", "e2e_cpu.md", "e2e_cpu.png"]
+
+
+def test_partial_results_after_every_point(quick):
+    """A run cut short (a device time limit) keeps what it measured: JSON and markdown after each point."""
+    *partial, (final, final_kw) = quick[3]["writes"]
+    assert len(partial) == 3  # (1, 1000), (2, 1000), (1, 0)
+    assert [len([p for p in r["points"] if p["status"] == "ok"]) for r, _ in partial] == [4, 8, 10]
+    assert all(not r["header"]["complete"] and kw["with_plot"] is False for r, kw in partial)
+    assert final["header"]["complete"] and final_kw.get("with_plot", True)
 
 
 def test_mismatch_is_loud(quick):
