@@ -7,8 +7,9 @@
 
 Systems, on the same prompts, adapter and lexicon:
 
-- ``fastdebias``: ``fastdebias.load(..., backend="auto")`` + ``fastdebias.generate``, LoRA unmerged, the lexicon
-  as a ``fastdebias.Lexicon``;
+- ``fastdebias``: ``fastdebias.load(..., backend="auto", runtime=...)`` + ``fastdebias.generate``, LoRA unmerged,
+  the lexicon as a ``fastdebias.Lexicon``; runtime ``"compile"`` on CPU (the step compiled once per batch bucket,
+  like hf-compile; its first call is timed as ``compile_s``), ``"auto"`` (CUDA graphs) on GPU;
 - ``hf-eager``: transformers ``generate`` (dynamic cache, no compile), the PEFT adapter unmerged
   (``PeftModel.from_pretrained``), the lexicon as ``sequence_bias`` / ``bad_words_ids`` — the stock path;
 - ``hf-compile``: transformers' best stock configuration: static cache + ``torch.compile`` through ``generate``'s
@@ -115,6 +116,7 @@ class BenchConfig:
     reps: int | None = None
     warmup: int = 1
     compile: bool = True
+    runtime: str | None = None  # fastdebias' decode runtime; default: "compile" on CPU, "auto" (CUDA graphs) on GPU
     compile_timeout: float = 900.0
     lexicon_mode: str = "backtrack"
     interleave: bool | None = None  # default: on CPU (noisy, small models), off on GPU (peak memory per system)
@@ -129,14 +131,14 @@ class BenchConfig:
         c = BenchConfig(**asdict(self))
         if c.quick:
             defaults = dict(batch_sizes=[1, 2], lexicon_sizes=[0, 1000], lexicon_size=1000, prompt_len=16,
-                            new_tokens=8, reps=2)
+                            new_tokens=8, reps=2, runtime="eager")
             c.compile = False
         elif cuda:
             defaults = dict(batch_sizes=[1, 8, 32, 64], lexicon_sizes=[0, 1000, 10_000, 100_000],
-                            lexicon_size=10_000, prompt_len=64, new_tokens=128, reps=5)
+                            lexicon_size=10_000, prompt_len=64, new_tokens=128, reps=5, runtime="auto")
         else:
             defaults = dict(batch_sizes=[1, 8, 32], lexicon_sizes=[0, 1000, 10_000], lexicon_size=10_000,
-                            prompt_len=64, new_tokens=64, reps=3)
+                            prompt_len=64, new_tokens=64, reps=3, runtime="compile")
         defaults["interleave"] = not cuda
         for k, v in defaults.items():
             if getattr(c, k) is None:
@@ -517,14 +519,17 @@ class _System:
 
 class _FastDebias(_System):
     def __init__(self, name: str, setup: Setup, dev: torch.device, dtype: torch.dtype, lexicons, mode: str,
-                 model=None) -> None:
+                 runtime: str, model=None) -> None:
         import fastdebias
 
         self.name, self.lexicons, self.mode = name, lexicons, mode
         self.model = model or fastdebias.load(setup.model_dir, setup.adapter_dir, dtype=dtype, device=dev,
-                                              merge=name == "fastdebias-merged", backend="auto", progress=False)
+                                              merge=name == "fastdebias-merged", backend="auto", runtime=runtime,
+                                              progress=False)
         self.adapter = None if name == "fastdebias-noadapter" else fastdebias.FIRST_ADAPTER
         self.compile_times: dict[int, float] = {}
+        self.compile_s = 0.0 if self.model.runtime != "eager" else None
+        self.warmed: set[int] = set()
 
     def prepare_lexicon(self, size: int) -> None:
         """Compile the lexicon for this model once, outside the timings (generate reuses it from the cache)."""
@@ -542,6 +547,14 @@ class _FastDebias(_System):
         outs = fastdebias.generate(self.model, prompts, adapter=self.adapter, max_new_tokens=n, eos_token_id=[],
                                    lexicon=self.lexicons(lexicon_size), lexicon_mode=self.mode, progress=False)
         return [o.token_ids for o in outs]
+
+    def warm(self, prompts, n, lexicon_size) -> None:
+        """The first call compiles / captures the decode step for this batch's buckets: timed as compile_s."""
+        t0 = time.perf_counter()
+        self.call(prompts, n, lexicon_size)
+        if self.compile_s is not None and len(prompts) not in self.warmed:
+            self.compile_s += time.perf_counter() - t0
+            self.warmed.add(len(prompts))
 
     def close(self) -> None:
         self.model = None
@@ -617,7 +630,7 @@ class _Transformers(_System):
 
 def _warm(system: _System, prompts, n: int, lexicon_size: int, warmup: int) -> None:
     for i in range(warmup):  # both shapes of run: the first 1-token run pays one-off costs too
-        if i == 0 and isinstance(system, _Transformers):
+        if i == 0 and isinstance(system, (_Transformers, _FastDebias)):
             system.warm(prompts, n, lexicon_size)
         else:
             system.call(prompts, n, lexicon_size)
@@ -838,6 +851,7 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
         reps=cfg.reps, warmup=cfg.warmup, quick=cfg.quick, synthetic=cfg.synthetic,
         prompts=(f"{len(TEXTS)} SR-LLM debiasing prompts, left-truncated to {cfg.prompt_len} tokens"
                  if tokenizer is not None else f"random token ids, {cfg.prompt_len} per prompt"),
+        fastdebias_runtime=cfg.runtime,
         hf_compile_config=("cache_implementation='static', CompileConfig(fullgraph=True, dynamic=False, mode="
                            f"{'reduce-overhead' if dev.type == 'cuda' else 'default'!r})"),
         order="interleaved" if cfg.interleave else "one system at a time", loadavg_start=load_start,
@@ -872,8 +886,9 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
             try:
                 if name.startswith("fastdebias"):
                     shared = loaded.get("fastdebias") if name == "fastdebias-noadapter" else None
-                    loaded[name] = _FastDebias(name, setup, dev, dtype, lexicon, cfg.lexicon_mode,
+                    loaded[name] = _FastDebias(name, setup, dev, dtype, lexicon, cfg.lexicon_mode, cfg.runtime,
                                                model=shared.model if shared else None)
+                    systems_info[name]["runtime"] = loaded[name].model.runtime
                 else:
                     loaded[name] = _Transformers(name, setup, dev, dtype, hf_lexicon, cfg.compile_timeout)
                     systems_info[name]["attn_implementation"] = loaded[name].attn_implementation
@@ -1073,7 +1088,8 @@ def format_markdown(result: dict) -> str:
         f"- prompts: {h['prompts']}; output: {h['new_tokens']} new tokens (EOS ignored); medians of {h['reps']} "
         f"reps after {h['warmup']} warm-up",
         f"- lexicon: {h['lexicon']}",
-        f"- hf-compile: {h['hf_compile_config']}",
+        f"- fastdebias: runtime {h.get('fastdebias_runtime', 'auto')!r} (see fastdebias.runtime); hf-compile: "
+        f"{h['hf_compile_config']}",
         f"- order: {h['order']}; peak memory: {memory}",
         f"- load average (1/5/15 min) at start {h['loadavg_start']}, at end {h['loadavg_end']}; "
         f"run took {h['seconds']:.0f} s",
@@ -1242,6 +1258,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions, median reported (default 3 CPU, 5 GPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per point (default 1)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip hf-compile")
+    p.add_argument("--runtime", default=None, choices=["auto", "eager", "cuda_graph", "compile"],
+                   help="fastdebias' decode runtime (default: compile on CPU, auto = CUDA graphs on GPU; eager --quick)")
     p.add_argument("--compile-timeout", type=float, default=900.0,
                    help="seconds allowed for torch.compile per batch size before hf-compile is skipped (default 900)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -1265,7 +1283,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         model=args.model, adapter=args.adapter, synthetic=args.synthetic, quick=args.quick, device=args.device,
         dtype=args.dtype, batch_sizes=args.batch_sizes, lexicon_sizes=args.lexicon_sizes,
         lexicon_size=args.lexicon_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
-        warmup=args.warmup, compile=args.compile, compile_timeout=args.compile_timeout,
+        warmup=args.warmup, compile=args.compile, compile_timeout=args.compile_timeout, runtime=args.runtime,
         lexicon_mode=args.lexicon_mode, interleave=args.interleave, systems=args.systems or list(SYSTEMS),
         seed=args.seed, progress=not args.quiet,
     )

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from fastdebias import ops
 from fastdebias.errors import GenerationError, TokenizerError
-from fastdebias.model import KVCache
 from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens
 
 
@@ -129,7 +128,7 @@ def _normalize_eos(model, eos_token_id) -> list[int]:
 
 
 def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None):
-    """Left-pad ``ids`` into [B, T], allocate the static cache, run the prompt.
+    """Left-pad ``ids`` into [B, T], get the static cache from the model's runner, run the prompt (chunked).
 
     Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
     """
@@ -139,17 +138,15 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     for i, x in enumerate(ids):
         tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
     start = torch.tensor([t - len(x) for x in ids], dtype=torch.long, device=dev)
-    cache = KVCache.allocate(model.config, b, t + max_new_tokens, model.dtype, dev)
-    slots = torch.arange(t, device=dev).expand(b, t)
+    cache = model.runner.allocate(b, t + max_new_tokens, model.dtype, dev)
     tokens = tokens.to(dev)
-    logits = model.decoder(tokens, slots, start, t, cache, adapter_idx)
+    logits = model.runner.prefill(tokens, start, cache, adapter_idx)
     return logits, cache, start, tokens
 
 
 def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: int, start, cache, adapter_idx):
     """token: [B] written at per-row cache ``slots`` [B] → fp32 logits [B, V] for the next position."""
-    b = token.shape[0]
-    return model.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx)
+    return model.runner.decode(token, slots, kv_len, start, cache, adapter_idx)
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:

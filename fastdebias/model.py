@@ -115,8 +115,9 @@ class Attention(nn.Module):
         bidx = torch.arange(b, device=x.device).view(b, 1)
         k_cache[bidx, :, slots] = k.transpose(1, 2)
         v_cache[bidx, :, slots] = v.transpose(1, 2)
+        # The cache may hold more rows than this batch (a static runtime pads it to a bucket).
         out = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
+            q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask,
             scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1), rows)
@@ -234,10 +235,12 @@ class LlamaDecoder(nn.Module):
         kv_len: int,
         cache: KVCache,
         adapter_idx: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        last_logits: bool = True,
+    ) -> torch.Tensor | None:
         """Run ``tokens`` [B, T] written at cache ``slots`` [B, T]; rows' real tokens begin at ``start`` [B].
 
-        Returns fp32 logits [B, V] of the last position. ``kv_len`` (host int) bounds the slots attended to.
+        Returns fp32 logits [B, V] of the last position (None with ``last_logits=False``: a prefill chunk that is
+        not the last). ``kv_len`` (host int) bounds the slots attended to.
         """
         b, t = tokens.shape
         positions = (slots - start.view(b, 1)).clamp(min=0)
@@ -251,6 +254,8 @@ class LlamaDecoder(nn.Module):
         h = F.embedding(tokens, self.embed_tokens)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             h = layer(h, rows, cos, sin, kc, vc, slots, mask, kv_len)
+        if not last_logits:
+            return None
         h = self.norm(h[:, -1:])
         last_rows = adapter_idx if adapter_idx is not None else None
         return self.lm_head(h, last_rows)[:, 0].float()

@@ -10,6 +10,7 @@ from fastdebias import ops
 from fastdebias.errors import AdapterError, CheckpointError, FastDebiasError, TokenizerError
 from fastdebias.loader import expected_shapes, load_adapter, load_base_weights, load_config, normalize_adapters
 from fastdebias.model import LlamaDecoder
+from fastdebias.runtime import DecodeRunner, resolve_runtime
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -21,7 +22,8 @@ _DTYPES = {
 class FastDebiasModel:
     """A loaded model: the decoder, its tokenizer and config, and the adapters it can apply per prompt."""
 
-    def __init__(self, path, decoder, tokenizer, config, device, dtype, backend, merged_adapter, eos_token_ids):
+    def __init__(self, path, decoder, tokenizer, config, device, dtype, backend, merged_adapter, eos_token_ids,
+                 runtime: str = "eager"):
         self.path: Path = path
         self.decoder: LlamaDecoder = decoder
         self.tokenizer = tokenizer
@@ -31,6 +33,11 @@ class FastDebiasModel:
         self.backend: str = backend
         self.merged_adapter: str | None = merged_adapter
         self.eos_token_ids: list[int] = eos_token_ids
+        self.runner = DecodeRunner(decoder, runtime)
+
+    @property
+    def runtime(self) -> str:
+        return self.runner.runtime
 
     @property
     def adapter_names(self) -> list[str]:
@@ -45,7 +52,7 @@ class FastDebiasModel:
     def __repr__(self) -> str:
         return (
             f"FastDebiasModel(path={str(self.path)!r}, device={self.device}, dtype={self.dtype}, "
-            f"backend={self.backend!r}, adapters={self.adapter_names}, merged={self.merged_adapter!r})"
+            f"backend={self.backend!r}, runtime={self.runtime!r}, adapters={self.adapter_names}, merged={self.merged_adapter!r})"
         )
 
 
@@ -117,6 +124,7 @@ def load(
     device: str | torch.device | None = None,
     merge: bool = False,
     backend: str = "auto",
+    runtime: str = "auto",
     progress: bool = True,
 ) -> FastDebiasModel:
     """Load a Llama-family checkpoint and LoRA adapters.
@@ -130,10 +138,14 @@ def load(
     device : "cpu" | "cuda" | "cuda:N" (default: CUDA when available).
     merge : fold the single adapter into the base weights (lossy for QLoRA-trained adapters; default False).
     backend : "auto" | "torch" | "triton" | "cuda"; "torch" is the pure-PyTorch reference.
+    runtime : how the decode step runs: "auto" (CUDA graphs on CUDA, eager on CPU) | "eager" | "cuda_graph" |
+        "compile" (``torch.compile`` of the step; on CPU it costs tens of seconds per batch/length bucket the first
+        time, then decodes faster: see the README's benchmarks). See ``fastdebias.runtime``.
     progress : show tqdm progress bars.
     """
     dev = _resolve_device(device)
     resolved_backend = ops.resolve_backend(backend, dev)
+    resolved_runtime = resolve_runtime(runtime, dev)
     if model_path is None:
         from fastdebias.embedded import embedded_model_dir
 
@@ -165,4 +177,5 @@ def load(
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
         backend=resolved_backend, merged_adapter=merged, eos_token_ids=_eos_ids(model_dir, config, tokenizer),
+        runtime=resolved_runtime,
     )

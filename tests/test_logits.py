@@ -139,7 +139,9 @@ def _philox_probe_kernel(c_ptr, out_ptr, k0, k1, N, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     m = offs < N
     c = [tl.load(c_ptr + i * N + offs, mask=m, other=0).to(tl.uint32) for i in range(4)]
-    r = tl.philox_impl(c[0], c[1], c[2], c[3], tl.to_tensor(k0).to(tl.uint32), tl.to_tensor(k1).to(tl.uint32))
+    # (triton 3.6 has no tl.to_tensor: broadcast the scalar keys through an int64 zero, like kernels/logits.py)
+    zero = offs.to(tl.int64) * 0
+    r = tl.philox_impl(c[0], c[1], c[2], c[3], (zero + k0).to(tl.uint32), (zero + k1).to(tl.uint32))
     for i in tl.static_range(4):
         tl.store(out_ptr + i * N + offs, r[i].to(tl.int64) & 0xFFFFFFFF, mask=m)
 

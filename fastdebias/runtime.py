@@ -1,0 +1,159 @@
+"""The decode step with static shapes: the one-token model forward, replayed from a CUDA graph per
+(batch bucket, kv-length bucket), or run through ``torch.compile`` on CPU, or plain eager.
+
+Why static shapes: a CUDA graph replays fixed kernels on fixed addresses, and a compiled function is
+specialised to its input shapes. So under ``"cuda_graph"`` and ``"compile"``:
+
+- the batch is padded up to a power of two (padding rows: token 0 at slot 0, start 0, no adapter; they only
+  ever write their own cache rows, which no real row reads);
+- attention reads the cache up to a kv bucket (the next multiple of ``KV_BUCKET`` slots, at most the cache
+  length; under ``"compile"`` the whole cache) under the model's slot mask, instead of exactly the slots written
+  so far; a CUDA-graph decode therefore moves through a few graphs as it grows (one capture each, reused by every
+  later call with the same buckets);
+- on CPU, the compiled step computes the decode projections as multiply-reduces (``ops._base_linear``), which
+  inductor streams at about twice the rate of MKL's GEMV;
+- the KV cache, the step's input buffers and the LoRA stacks keep their addresses from call to call, and each
+  step copies its inputs into the buffers before the replay. Changing the adapter mix (``adapter_idx``) needs no
+  re-capture: the LoRA kernels' grids depend on shapes only.
+
+A rewind (lexicon backtracking) is a change of a row's slot in ``slots``, which is an input like any other: the
+graph reads it from its buffer, and the mask hides every slot past it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdebias.errors import FastDebiasError
+from fastdebias.model import KVCache
+
+KV_BUCKET = 256  # slots: the attention read grows in steps of this (a new graph per step of growth)
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activation and mask memory for long prompts
+RUNTIMES = ("auto", "eager", "cuda_graph", "compile")
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """``"auto"``: CUDA graphs on CUDA, eager on CPU (compiling costs tens of seconds per shape on CPU)."""
+    if runtime not in RUNTIMES:
+        raise FastDebiasError(f"runtime={runtime!r} is not one of {RUNTIMES}")
+    if runtime == "auto":
+        return "cuda_graph" if device.type == "cuda" else "eager"
+    if runtime == "cuda_graph" and device.type != "cuda":
+        raise FastDebiasError("runtime='cuda_graph' needs a CUDA device; on CPU use 'eager' or 'compile'")
+    return runtime
+
+
+def batch_bucket(b: int) -> int:
+    return 1 << (b - 1).bit_length()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class DecodeRunner:
+    """Owns the KV cache and runs the model forward for prefill (chunked) and for one decode step.
+
+    Under ``"cuda_graph"``/``"compile"`` the cache is kept between calls and grows (never shrinks) to the largest
+    bucket seen; graphs captured for a smaller cache are dropped when it grows.
+    """
+
+    def __init__(self, decoder, runtime: str) -> None:
+        self.decoder, self.runtime = decoder, runtime
+        self.cache: KVCache | None = None
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.compiled = None
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    @property
+    def static(self) -> bool:
+        return self.runtime != "eager"
+
+    def reset(self) -> None:
+        """Drop the cache and every captured graph (frees their memory)."""
+        self.cache, self.graphs, self.pool, self._bufs = None, {}, None, {}
+
+    def allocate(self, b: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        """A cache with at least ``b`` rows of ``length`` slots (bucketed and reused under static runtimes)."""
+        cfg = self.decoder.config
+        if not self.static:
+            return KVCache.allocate(cfg, b, length, dtype, device)
+        bb, lb = batch_bucket(b), min(_round_up(length, KV_BUCKET), max(length, cfg.max_position_embeddings))
+        c = self.cache
+        if c is None or c.k[0].shape[0] < bb or c.k[0].shape[2] < lb or c.k[0].dtype != dtype:
+            if c is not None:
+                bb, lb = max(bb, c.k[0].shape[0]), max(lb, c.k[0].shape[2])
+            self.reset()
+            self.cache = KVCache.allocate(cfg, bb, lb, dtype, device)
+            self._bufs = {
+                "tokens": torch.zeros(bb, 1, dtype=torch.long, device=device),
+                "slots": torch.zeros(bb, 1, dtype=torch.long, device=device),
+                "start": torch.zeros(bb, dtype=torch.long, device=device),
+                "adapter_idx": torch.full((bb,), -1, dtype=torch.int32, device=device),
+            }
+        for name, buf in self._bufs.items():  # padding rows: token 0 at slot 0, start 0, no adapter
+            buf.fill_(-1 if name == "adapter_idx" else 0)
+        return self.cache
+
+    def prefill(self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, adapter_idx) -> torch.Tensor:
+        """tokens [B, T] (left-padded) into slots 0..T-1, in chunks of ``PREFILL_CHUNK`` → last logits [B, V]."""
+        b, t = tokens.shape
+        logits = None
+        for lo in range(0, t, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, t)
+            slots = torch.arange(lo, hi, device=tokens.device).expand(b, hi - lo)
+            logits = self.decoder(tokens[:, lo:hi], slots, start, hi, cache, adapter_idx, last_logits=hi == t)
+        return logits
+
+    def decode(self, token, slots, kv_len: int, start, cache: KVCache, adapter_idx) -> torch.Tensor:
+        """token [B] written at per-row ``slots`` [B], attending to slots < ``kv_len`` → logits [B, V] fp32."""
+        b = token.shape[0]
+        if not self.static:
+            return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx)
+        bufs = self._bufs
+        bb, cache_len = batch_bucket(b), cache.k[0].shape[2]
+        kvb = self.kv_read_len(kv_len, cache_len)
+        bufs["tokens"][:b, 0].copy_(token)
+        bufs["slots"][:b, 0].copy_(slots)
+        bufs["start"][:b].copy_(start)
+        has_adapter = adapter_idx is not None
+        if has_adapter:
+            bufs["adapter_idx"][:b].copy_(adapter_idx)
+        key = (bb, kvb, has_adapter)
+        if self.runtime == "compile":
+            if self.compiled is None:
+                self.compiled = torch.compile(self._forward, dynamic=False)
+            return self.compiled(*key)[:b]
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out[:b]
+
+    def kv_read_len(self, kv_len: int, cache_len: int) -> int:
+        """Slots the static step attends over. CUDA graphs: a new kv bucket costs one capture (milliseconds). A
+        compile costs tens of seconds on CPU, so a compiled step reads the whole cache: one compile per cache size."""
+        if self.runtime == "compile":
+            return cache_len
+        return min(_round_up(kv_len, KV_BUCKET), cache_len)
+
+    def _forward(self, bb: int, kvb: int, has_adapter: bool) -> torch.Tensor:
+        bufs = self._bufs
+        aidx = bufs["adapter_idx"][:bb] if has_adapter else None
+        return self.decoder(bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx)
+
+    def _capture(self, bb: int, kvb: int, has_adapter: bool):
+        # Warm-up on a side stream first (Triton JIT, cuBLAS workspaces), as torch.cuda.graphs asks. The warm-up
+        # and the capture write the same K/V (this step's) into the same slots, so they are harmless.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(bb, kvb, has_adapter)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(bb, kvb, has_adapter)
+        self.pool = graph.pool()
+        return graph, out

@@ -1,0 +1,131 @@
+"""The decode runtime: chunked prefill, the static-shape step (batch and kv buckets, kept cache), CUDA graphs.
+
+On CPU the static-shape logic is exercised through ``runtime="compile"`` with ``torch.compile`` replaced by the
+identity (what a graph or a compiled function replays is exactly that eager function on the static buffers), plus
+one real ``torch.compile``. The CUDA-graph tests run on a GPU only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdebias
+from fastdebias import runtime
+from fastdebias.errors import FastDebiasError
+from fastdebias.generate import prefill
+from fastdebias.lexicon import Lexicon
+
+from .conftest import TOLERANCES
+
+PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3], [1, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+NEW = 12
+
+
+def tokens(results):
+    return [r.token_ids for r in results]
+
+
+@pytest.fixture
+def static_eager(monkeypatch):
+    """runtime="compile" runs its static-shape function eagerly (what a CUDA graph captures and replays)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    # read the cache in buckets of 8 slots, as CUDA graphs do, so that decodes cross bucket boundaries
+    monkeypatch.setattr(runtime.DecodeRunner, "kv_read_len", lambda self, kv_len, n: min(-(-kv_len // 8) * 8, n))
+
+
+def test_chunked_prefill_equals_one_pass(llama_dir, adapter_qv, monkeypatch):
+    model = fastdebias.load(llama_dir, adapter_qv, progress=False)
+    idx = torch.tensor([0, -1, 0], dtype=torch.int32)
+    whole, *_ = prefill(model, PROMPTS, 4, idx)
+    want = tokens(fastdebias.generate(model, PROMPTS, adapter=["qv", None, "qv"], max_new_tokens=NEW))
+    monkeypatch.setattr(runtime, "PREFILL_CHUNK", 3)  # 11 prompt tokens → chunks of 3, 3, 3, 2
+    chunked, *_ = prefill(model, PROMPTS, 4, idx)
+    rtol, atol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(chunked, whole, rtol=rtol, atol=atol)
+    assert tokens(fastdebias.generate(model, PROMPTS, adapter=["qv", None, "qv"], max_new_tokens=NEW)) == want
+
+
+def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, static_eager):
+    adapters = {"qv": adapter_qv, "all": adapter_all}
+    eager = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
+    static = fastdebias.load(llama_dir, adapters, runtime="compile", progress=False)
+    assert static.runtime == "compile" and eager.runtime == "eager"
+    for names in (["qv", None, "all"], ["all", "all", None], None):  # the adapter mix changes between calls
+        want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
+        got = tokens(fastdebias.generate(static, PROMPTS, adapter=names, max_new_tokens=NEW))
+        assert got == want, names
+    # batch 3 is padded to 4; the cache is kept and reused across calls, and grows for a larger batch
+    cache = static.runner.cache
+    assert cache.k[0].shape[0] == 4
+    assert tokens(fastdebias.generate(static, PROMPTS[:1], max_new_tokens=NEW)) == tokens(
+        fastdebias.generate(eager, PROMPTS[:1], max_new_tokens=NEW))
+    assert static.runner.cache is cache
+    five = PROMPTS + [[1, 3], [1, 4, 5]]
+    assert tokens(fastdebias.generate(static, five, max_new_tokens=NEW)) == tokens(
+        fastdebias.generate(eager, five, max_new_tokens=NEW))
+    assert static.runner.cache.k[0].shape[0] == 8
+
+
+def test_static_step_with_backtracking_and_sampling(llama_dir, static_eager):
+    eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
+    static = fastdebias.load(llama_dir, runtime="compile", progress=False)
+    free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
+    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
+    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
+    a = fastdebias.generate(eager, PROMPTS, **kw)
+    b = fastdebias.generate(static, PROMPTS, **kw)
+    assert any(i.action == "rewound" for r in b for i in r.interventions)  # rewinds happened under the static step
+    assert tokens(b) == tokens(a)
+    s1 = fastdebias.generate(eager, PROMPTS, temperature=0.9, seed=5, **kw)
+    s2 = fastdebias.generate(static, PROMPTS, temperature=0.9, seed=5, **kw)
+    assert tokens(s1) == tokens(s2)
+
+
+def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
+    """The real torch.compile on CPU (one bucket: a few seconds to compile the tiny model)."""
+    eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", progress=False)
+    comp = fastdebias.load(llama_dir, adapter_qv, runtime="compile", progress=False)
+    names = ["qv", None]
+    want = tokens(fastdebias.generate(eager, PROMPTS[:2], adapter=names, max_new_tokens=6))
+    assert tokens(fastdebias.generate(comp, PROMPTS[:2], adapter=names, max_new_tokens=6)) == want
+
+
+def test_runtime_errors(llama_dir):
+    with pytest.raises(FastDebiasError, match="runtime='bogus'"):
+        fastdebias.load(llama_dir, runtime="bogus", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(FastDebiasError, match="runtime='cuda_graph' needs a CUDA device"):
+            fastdebias.load(llama_dir, runtime="cuda_graph", progress=False)
+    assert fastdebias.load(llama_dir, device="cpu", progress=False).runtime == "eager"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_equals_eager(llama_dir, adapter_qv, adapter_all, backend):
+    adapters = {"qv": adapter_qv, "all": adapter_all}
+    kw = dict(device="cuda", dtype="float32", backend=backend, progress=False)
+    eager = fastdebias.load(llama_dir, adapters, runtime="eager", **kw)
+    graph = fastdebias.load(llama_dir, adapters, runtime="cuda_graph", **kw)
+    for names in (["qv", None, "all"], ["all", "qv", "qv"], ["qv", None, "all"]):
+        want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
+        n_graphs = len(graph.runner.graphs)
+        assert tokens(fastdebias.generate(graph, PROMPTS, adapter=names, max_new_tokens=NEW)) == want, names
+    # the last call's mix reused the graphs captured for the first: no re-capture when the adapter mix changes
+    assert len(graph.runner.graphs) == n_graphs > 0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_backtracking_equals_eager(llama_dir):
+    kw = dict(device="cuda", dtype="float32", backend="triton", progress=False)
+    eager = fastdebias.load(llama_dir, runtime="eager", **kw)
+    graph = fastdebias.load(llama_dir, runtime="cuda_graph", **kw)
+    free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
+    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
+    a = fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW, lexicon=lex)
+    b = fastdebias.generate(graph, PROMPTS, max_new_tokens=NEW, lexicon=lex)
+    assert any(i.action == "rewound" for r in b for i in r.interventions)
+    assert tokens(b) == tokens(a)
