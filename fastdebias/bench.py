@@ -1259,7 +1259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per point (default 1)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip hf-compile")
     p.add_argument("--runtime", default=None, choices=["auto", "eager", "cuda_graph", "compile"],
-                   help="fastdebias' decode runtime (default: compile on CPU, auto = CUDA graphs on GPU; eager --quick)")
+                   help="fastdebias decode runtime (default: compile on CPU, auto = CUDA graphs on GPU, eager --quick)")
     p.add_argument("--compile-timeout", type=float, default=900.0,
                    help="seconds allowed for torch.compile per batch size before hf-compile is skipped (default 900)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,

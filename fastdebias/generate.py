@@ -144,9 +144,16 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     return logits, cache, start, tokens
 
 
-def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: int, start, cache, adapter_idx):
-    """token: [B] written at per-row cache ``slots`` [B] → fp32 logits [B, V] for the next position."""
-    return model.runner.decode(token, slots, kv_len, start, cache, adapter_idx)
+def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: int, start, cache, adapter_idx,
+                     head: bool = True):  # fmt: skip
+    """token: [B] written at per-row cache ``slots`` [B] → fp32 logits [B, V] for the next position (``head=False``:
+    the final hidden state [B, K], for the fused lm_head + step)."""
+    return model.runner.decode(token, slots, kv_len, start, cache, adapter_idx, head=head)
+
+
+# Rows up to which the Triton backend fuses the lm_head into the logits step (greedy and plain sampling): on the
+# H100 the fused kernel beat F.linear + step at batch 1-8 and lost from 64 (bench/results/logits_*.md).
+FUSED_HEAD_MAX_ROWS = 8
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -261,6 +268,10 @@ def _generate_batch(
     tok = model.tokenizer
     hold_tokens = matcher.max_depth if (lex is not None and lex.backtrack) else 0
     fused_step = model.backend == "triton"
+    # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p need the logits: unfused
+    fused_head = fused_step and b <= FUSED_HEAD_MAX_ROWS and (temperature == 0 or (not 0 < top_k < v and top_p >= 1.0))
+    head_w, head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
+    hidden = None
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         step_t = torch.zeros(1, dtype=torch.long, device=dev)
         seed_int = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -271,8 +282,10 @@ def _generate_batch(
             # one fused pass: lexicon, position bans, repetition penalty, temperature, top-k/top-p, choice,
             # automaton advance and lookup of the chosen token
             bans = torch.where(lex.ban_pos == cur.view(b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
+            head_args = (dict(hidden=hidden, lm_head=head_w, lm_head_lora=head_lora, adapter_idx=adapter_idx)
+                         if hidden is not None else dict(logits=logits))
             r = ops.logits_step(
-                logits, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
+                **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
                 banned_tokens=bans, counts=counts, repetition_penalty=repetition_penalty, temperature=temperature,
                 top_k=top_k, top_p=top_p, seed=seed_int, step=step_t, row_ids=row_ids, backend="triton",
             )
@@ -364,7 +377,10 @@ def _generate_batch(
             break
         feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], prompt[:, -1])
         kv_len = min(t + it + 1, t + max_new_tokens)
-        logits = decode_one_token(model, feed, t + cur - 1, kv_len, start, cache, adapter_idx)
+        if fused_head:
+            hidden = decode_one_token(model, feed, t + cur - 1, kv_len, start, cache, adapter_idx, head=False)
+        else:
+            logits = decode_one_token(model, feed, t + cur - 1, kv_len, start, cache, adapter_idx)
     lengths = cur.tolist()
     gen = out.tolist()
     banned_rows = all_banned.tolist()

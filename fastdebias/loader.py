@@ -14,6 +14,7 @@ import os
 import pickle
 import warnings
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Iterator
 
@@ -244,6 +245,9 @@ class AdapterWeights:
     name: str
     path: Path
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    # copies of base layers peft saves beside the LoRA weights when an embedding-type layer (lm_head, embed_tokens)
+    # is targeted (``save_embedding_layers``): base weight name → tensor; checked against the checkpoint on load
+    saved_base: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
 
 
 def _adapter_files(adapter_dir: Path) -> Path:
@@ -283,6 +287,31 @@ def _lora_config(adapter_dir: Path):
     return cfg, cfg_path
 
 
+# peft's names for the base-layer copies it saves with an adapter that targets lm_head / embed_tokens
+_SAVED_BASE_LAYERS = {
+    "lm_head.base_layer.weight": "lm_head.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.embed_tokens.base_layer.weight": "model.embed_tokens.weight",
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+}
+
+
+def check_saved_base_layers(adapter: AdapterWeights, weights: dict[str, torch.Tensor], tied: bool) -> None:
+    """An adapter's saved copies of base layers must equal the checkpoint's: the decoder shares one base model
+    across adapters, so an adapter that changes it (a resized vocabulary, a trained head) cannot be applied."""
+    for name, saved in adapter.saved_base.items():
+        base = weights.get(name)
+        if base is None and tied and name == "lm_head.weight":
+            base = weights.get("model.embed_tokens.weight")
+        if base is None or saved.shape != base.shape or not torch.equal(saved.to(base.device, base.dtype), base):
+            raise AdapterError(
+                f"{_adapter_files(adapter.path)}: the adapter carries its own copy of {name!r} that differs from "
+                "the base checkpoint's (peft saves it when lm_head/embed_tokens is targeted; it differs after a "
+                "vocabulary resize or a trained head): merge that layer into the base checkpoint and load the "
+                "adapter without it"
+            )
+
+
 def _strip_key(key: str) -> tuple[str, str] | None:
     """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' → ('model.layers.0.self_attn.q_proj', 'A')."""
     if key.startswith("base_model.model."):
@@ -309,8 +338,13 @@ def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, 
         raise AdapterError(str(e)) from e
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    saved_base: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         parsed = _strip_key(key)
+        short = key.removeprefix("base_model.model.")
+        if parsed is None and short in _SAVED_BASE_LAYERS:
+            saved_base[_SAVED_BASE_LAYERS[short]] = t
+            continue
         if parsed is None:
             if "lora_embedding" in key or "embed_tokens" in key:
                 raise AdapterError(f"{wpath}: tensor {key!r}: LoRA on embeddings is not supported")
@@ -357,7 +391,7 @@ def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, 
             )
         scale = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
         modules[module] = (a, b, float(scale))
-    return AdapterWeights(name=name, path=adapter_dir, modules=modules)
+    return AdapterWeights(name=name, path=adapter_dir, modules=modules, saved_base=saved_base)
 
 
 def normalize_adapters(adapter) -> list[tuple[str, Path]]:

@@ -236,11 +236,13 @@ class LlamaDecoder(nn.Module):
         cache: KVCache,
         adapter_idx: torch.Tensor | None = None,
         last_logits: bool = True,
+        head: bool = True,
     ) -> torch.Tensor | None:
         """Run ``tokens`` [B, T] written at cache ``slots`` [B, T]; rows' real tokens begin at ``start`` [B].
 
         Returns fp32 logits [B, V] of the last position (None with ``last_logits=False``: a prefill chunk that is
-        not the last). ``kv_len`` (host int) bounds the slots attended to.
+        not the last; with ``head=False``, the last position's final hidden state [B, K] in the weights' dtype, for
+        the fused lm_head + step). ``kv_len`` (host int) bounds the slots attended to.
         """
         b, t = tokens.shape
         positions = (slots - start.view(b, 1)).clamp(min=0)
@@ -257,5 +259,7 @@ class LlamaDecoder(nn.Module):
         if not last_logits:
             return None
         h = self.norm(h[:, -1:])
+        if not head:
+            return h[:, 0]
         last_rows = adapter_idx if adapter_idx is not None else None
         return self.lm_head(h, last_rows)[:, 0].float()

@@ -8,7 +8,14 @@ import torch
 
 from fastdebias import ops
 from fastdebias.errors import AdapterError, CheckpointError, FastDebiasError, TokenizerError
-from fastdebias.loader import expected_shapes, load_adapter, load_base_weights, load_config, normalize_adapters
+from fastdebias.loader import (
+    check_saved_base_layers,
+    expected_shapes,
+    load_adapter,
+    load_base_weights,
+    load_config,
+    normalize_adapters,
+)
 from fastdebias.model import LlamaDecoder
 from fastdebias.runtime import DecodeRunner, resolve_runtime
 
@@ -52,7 +59,8 @@ class FastDebiasModel:
     def __repr__(self) -> str:
         return (
             f"FastDebiasModel(path={str(self.path)!r}, device={self.device}, dtype={self.dtype}, "
-            f"backend={self.backend!r}, runtime={self.runtime!r}, adapters={self.adapter_names}, merged={self.merged_adapter!r})"
+            f"backend={self.backend!r}, runtime={self.runtime!r}, adapters={self.adapter_names}, "
+            f"merged={self.merged_adapter!r})"
         )
 
 
@@ -166,6 +174,8 @@ def load(
     adapters = [load_adapter(path, name, config, shapes) for name, path in specs]
     tokenizer = _load_tokenizer(model_dir)
     weights = load_base_weights(model_dir, config, dt, dev, progress=progress)
+    for a in adapters:
+        check_saved_base_layers(a, weights, tied=config.tie_word_embeddings)
     decoder = LlamaDecoder(config, weights, backend=resolved_backend)
     del weights
     merged = None

@@ -61,7 +61,7 @@ class DecodeRunner:
     def __init__(self, decoder, runtime: str) -> None:
         self.decoder, self.runtime = decoder, runtime
         self.cache: KVCache | None = None
-        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.compiled = None
         self._bufs: dict[str, torch.Tensor] = {}
@@ -106,11 +106,12 @@ class DecodeRunner:
             logits = self.decoder(tokens[:, lo:hi], slots, start, hi, cache, adapter_idx, last_logits=hi == t)
         return logits
 
-    def decode(self, token, slots, kv_len: int, start, cache: KVCache, adapter_idx) -> torch.Tensor:
-        """token [B] written at per-row ``slots`` [B], attending to slots < ``kv_len`` → logits [B, V] fp32."""
+    def decode(self, token, slots, kv_len: int, start, cache: KVCache, adapter_idx, head: bool = True) -> torch.Tensor:
+        """token [B] written at per-row ``slots`` [B], attending to slots < ``kv_len`` → logits [B, V] fp32 (with
+        ``head=False``: the final hidden state [B, K], for the fused lm_head + step)."""
         b = token.shape[0]
         if not self.static:
-            return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx)
+            return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
         bufs = self._bufs
         bb, cache_len = batch_bucket(b), cache.k[0].shape[2]
         kvb = self.kv_read_len(kv_len, cache_len)
@@ -120,7 +121,7 @@ class DecodeRunner:
         has_adapter = adapter_idx is not None
         if has_adapter:
             bufs["adapter_idx"][:b].copy_(adapter_idx)
-        key = (bb, kvb, has_adapter)
+        key = (bb, kvb, has_adapter, head)
         if self.runtime == "compile":
             if self.compiled is None:
                 self.compiled = torch.compile(self._forward, dynamic=False)
@@ -138,22 +139,23 @@ class DecodeRunner:
             return cache_len
         return min(_round_up(kv_len, KV_BUCKET), cache_len)
 
-    def _forward(self, bb: int, kvb: int, has_adapter: bool) -> torch.Tensor:
+    def _forward(self, bb: int, kvb: int, has_adapter: bool, head: bool) -> torch.Tensor:
         bufs = self._bufs
         aidx = bufs["adapter_idx"][:bb] if has_adapter else None
-        return self.decoder(bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx)
+        return self.decoder(bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx,
+                            head=head)
 
-    def _capture(self, bb: int, kvb: int, has_adapter: bool):
+    def _capture(self, *key):
         # Warm-up on a side stream first (Triton JIT, cuBLAS workspaces), as torch.cuda.graphs asks. The warm-up
         # and the capture write the same K/V (this step's) into the same slots, so they are harmless.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(bb, kvb, has_adapter)
+                self._forward(*key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(bb, kvb, has_adapter)
+            out = self._forward(*key)
         self.pool = graph.pool()
         return graph, out

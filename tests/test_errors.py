@@ -139,6 +139,20 @@ def test_adapter_tensor_for_nonexistent_module(tmp_path, llama_dir, adapter_qv):
         fastdebias.load(llama_dir, ad, progress=False)
 
 
+def test_adapter_with_a_changed_copy_of_the_lm_head(tmp_path, llama_dir):
+    """peft saves lm_head's base weight with an adapter that targets it: equal to the checkpoint's → loads; changed
+    (a trained or resized head) → AdapterError naming the file, since every adapter shares one base model."""
+    ad = make_adapter(llama_dir, tmp_path / "head", r=4, targets=["lm_head"])
+    path = ad / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("lm_head.base_layer.weight"))
+    assert fastdebias.load(llama_dir, ad, progress=False).adapter_names == ["head"]
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, str(path))
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors.*own copy of 'lm_head\.weight'"):
+        fastdebias.load(llama_dir, ad, progress=False)
+
+
 def test_adapter_r_disagrees_with_tensors(tmp_path, llama_dir, adapter_qv):
     ad = copy(adapter_qv, tmp_path / "ad")
     cfg = json.loads((ad / "adapter_config.json").read_text())

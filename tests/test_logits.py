@@ -412,6 +412,35 @@ def test_lm_head_step_equals_unfused(dtype, mode):
     assert_same(ref.lm_head_step(hidden, w, **kw), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rank", [5, 12])  # below one chunk of LORA_BLOCK_R ranks, and across two
+def test_lm_head_step_with_lora_equals_reference(dtype, rank):
+    """The lm_head LoRA added inside the fused tiles: rows of two adapters and rows without one, in one batch."""
+    b, k, v, n = 6, 32, 111, 2
+    g = torch.Generator().manual_seed(83)
+    hidden = torch.randn(b, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(v, k, generator=g) * 2 / k**0.5).to(DEVICE, dtype)
+    # LoRA large enough to change the argmax of most rows (checked below), so the test sees the adapter
+    lora = (torch.randn(n, rank, k, generator=g).to(DEVICE, dtype) / k**0.5,
+            torch.randn(n, v, rank, generator=g).to(DEVICE, dtype),
+            torch.tensor([1.5, 0.75], device=DEVICE))
+    idx = torch.tensor([0, -1, 1, 1, -1, 0], dtype=torch.int32, device=DEVICE)
+    _, case = make_case(b, v, seed=83)
+    for mode in ("greedy", "sample"):
+        kw = {**case, **MODES[mode], "seed": 2, "step": 1}
+        want = ref.lm_head_step(hidden, w, lora=lora, adapter_idx=idx, **kw)
+        assert_same(tl_logits.lm_head_step(hidden, w, lora=lora, adapter_idx=idx, **kw), want)
+        assert_same(ops.logits_step(hidden=hidden, lm_head=w, lm_head_lora=lora, adapter_idx=idx, **kw,
+                                    backend="triton"), want)  # fmt: skip
+        plain = ref.lm_head_step(hidden, w, **kw)
+        assert torch.equal(want.next_ids[idx < 0], plain.next_ids[idx < 0])  # no adapter: the base lm_head
+    assert (want.top[idx >= 0] != plain.top[idx >= 0]).any()  # the adapter changed the model's own choice
+    with pytest.raises(GenerationError, match="lora shapes"):
+        tl_logits.lm_head_step(hidden, w, lora=(lora[0], lora[1][:, :5], lora[2]), adapter_idx=idx)
+    with pytest.raises(GenerationError, match="adapter_idx"):
+        ref.lm_head_step(hidden, w, lora=lora, adapter_idx=idx[:3])
+
+
 # ------------------------------------------------------------------------------------------- dispatch, errors
 
 
@@ -556,6 +585,27 @@ def test_gpu_lm_head_step_equals_unfused(v, k, dtype):
         got = tl_logits.lm_head_step(hidden, w, **kw)
         want = tl_logits.logits_step(F.linear(hidden, w), **kw)
         # the kernel's fp32 accumulation order differs from cuBLAS: allow a rare flip between near-equal logits
+        assert (got.next_ids != want.next_ids).sum().item() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_lm_head_lora_step_equals_unfused():
+    """SR-LLM-sized head (32064 x 4096, bf16) with a rank-64 LoRA on two adapters and rows without one."""
+    g = torch.Generator().manual_seed(6)
+    b, k, v, r = 8, 4096, 32064, 64
+    hidden = torch.randn(b, k, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(v, k, generator=g) / k**0.5 * 4).to(DEVICE, torch.bfloat16)
+    lora = ((torch.randn(2, r, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16),
+            (torch.randn(2, v, r, generator=g) / r**0.5).to(DEVICE, torch.bfloat16),
+            torch.tensor([0.25, 0.5], device=DEVICE))
+    idx = torch.tensor([0, 1, -1, 0, 1, -1, 0, 1], dtype=torch.int32, device=DEVICE)
+    _, case = make_case(b, v, seed=6)
+    for mode in ("greedy", "sample"):
+        kw = {**case, **MODES[mode], "seed": 3, "step": 0}
+        got = tl_logits.lm_head_step(hidden, w, lora=lora, adapter_idx=idx, **kw)
+        want = ref.lm_head_step(hidden, w, lora=lora, adapter_idx=idx, **kw)
+        # fp32 accumulation order (and the unrounded LoRA term) differ from cuBLAS: allow one near-tie flip
         assert (got.next_ids != want.next_ids).sum().item() <= 1
 
 

@@ -185,3 +185,13 @@ def test_embedded_smollm2_parity(embedded_dir):
     assert got == hf_greedy(embedded_dir, prompts, n_new=16)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     assert model.config.tie_word_embeddings
+
+
+def test_lm_head_adapter_parity_with_peft(tmp_path, llama_dir):
+    """An adapter on the lm_head (peft also saves the head's base weight with it), unmerged, mixed with no-adapter
+    rows: same greedy tokens as PEFT's mixed batch."""
+    ad = make_adapter(llama_dir, tmp_path / "head", r=4, alpha=16, targets=["v_proj", "lm_head"], seed=11)
+    model = fastdebias.load(llama_dir, {"head": ad}, progress=False)
+    want = hf_greedy(llama_dir, PROMPTS, adapter_dir={"head": ad}, adapter_names=["head", "__base__", "head", "head"])
+    assert ours(model, PROMPTS, adapter=["head", None, "head", "head"]) == want
+    assert ours(model, PROMPTS, adapter=None) != ours(model, PROMPTS)  # the adapter changes the output

@@ -62,3 +62,19 @@ def test_triton_backend_fp16_as_accurate_as_torch(tmp_path):
     err_torch = (logits("float16", "torch") - truth).abs().mean().item()
     err_triton = (logits("float16", "triton") - truth).abs().mean().item()
     assert err_triton <= 1.25 * err_torch, (err_triton, err_torch)
+
+
+def test_triton_backend_lm_head_lora_in_the_fused_step(llama_dir, tmp_path):
+    """An adapter on the lm_head: the fused lm_head + step adds it per row (rows with and without it, one batch)."""
+    from .conftest import make_adapter
+
+    head = make_adapter(llama_dir, tmp_path / "head", r=6, alpha=24, targets=["q_proj", "lm_head"], seed=7)
+    ref = fastdebias.load(llama_dir, {"head": head}, backend="torch", progress=False)
+    tri = fastdebias.load(llama_dir, {"head": head}, backend="triton", device=ref.device, dtype=ref.dtype,
+                          progress=False)
+    assert tri.decoder.lm_head.loras[0] is not None
+    names = ["head", None, "head"]
+    want = [r.token_ids for r in fastdebias.generate(ref, PROMPTS, adapter=names, max_new_tokens=6)]
+    assert [r.token_ids for r in fastdebias.generate(tri, PROMPTS, adapter=names, max_new_tokens=6)] == want
+    base = [r.token_ids for r in fastdebias.generate(ref, PROMPTS, adapter=None, max_new_tokens=6)]
+    assert want[1] == base[1] and (want[0] != base[0] or want[2] != base[2])  # the adapter is seen, per row

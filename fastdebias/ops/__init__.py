@@ -134,6 +134,8 @@ def logits_step(
     *,
     hidden: torch.Tensor | None = None,
     lm_head: torch.Tensor | None = None,
+    lm_head_lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    adapter_idx: torch.Tensor | None = None,
     matcher=None,
     states: torch.Tensor | None = None,
     mask_phrases: bool | torch.Tensor = True,
@@ -151,7 +153,8 @@ def logits_step(
     """One bias-aware decode step: [B, V] ``logits``, or ``hidden`` [B, K] and the ``lm_head`` [V, K] weight (fused).
 
     See ``fastdebias.reference.logits.logits_step`` for the contract and ``fastdebias.ops.logits`` for which
-    Triton path each case takes. Returns a ``LogitsStep`` of [B] tensors (next_ids, states, all_banned, ...).
+    Triton path each case takes. ``lm_head_lora`` / ``adapter_idx``: the lm_head's LoRA stack and the rows'
+    adapters (fused path only). Returns a ``LogitsStep`` of [B] tensors (next_ids, states, all_banned, ...).
     """
     step_args = dict(
         matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens, counts=counts,
@@ -165,8 +168,9 @@ def logits_step(
         from fastdebias.ops import logits as _triton_logits
 
         if fused:
-            return _triton_logits.lm_head_step(hidden, lm_head, **step_args)
+            return _triton_logits.lm_head_step(hidden, lm_head, lora=lm_head_lora, adapter_idx=adapter_idx,
+                                               **step_args)
         return _triton_logits.logits_step(logits, **step_args)
     if fused:
-        return _ref_logits.lm_head_step(hidden, lm_head, **step_args)
+        return _ref_logits.lm_head_step(hidden, lm_head, lora=lm_head_lora, adapter_idx=adapter_idx, **step_args)
     return _ref_logits.logits_step(logits, **step_args)

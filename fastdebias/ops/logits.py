@@ -11,9 +11,14 @@ case                                          launches
 ``logits_step``, greedy or plain sampling     tile pass + finalize (2)
 ``logits_step`` with top-k and/or top-p       tile pass (writes z) + ``n_pass`` per threshold + sample + finalize
 ``lm_head_step``, greedy or plain sampling    fused h·Wᵀ + epilogue (never writes [B, V]) + finalize (2)
-``lm_head_step`` with top-k and/or top-p      ``F.linear`` then ``logits_step`` (unfused)
-lm_head with a LoRA adapter                   not fused yet: ``lora_linear`` then ``logits_step``
+  ... with an lm_head LoRA                    + the shrink ``[B, R]`` in torch; the expand inside the tiles (3)
+``lm_head_step`` with top-k and/or top-p      ``F.linear`` (+ LoRA) then ``logits_step`` (unfused)
 ============================================  ===========================================================
+
+In ``generate`` (``backend="triton"``): the first token after the prefill takes ``logits_step`` on the prefill's
+logits; then batches of up to ``generate.FUSED_HEAD_MAX_ROWS`` (8) rows decoding greedily or with plain sampling
+take ``lm_head_step`` (the decoder stops at the final norm), and larger batches or top-k/top-p take the unfused
+step (measured on the H100: the fused kernel wins at batch 1-8 and loses from 64).
 
 Nothing here reads a device tensor back to the host and every grid depends on shapes only, so a decode step
 built from these ops can be captured in a CUDA graph; pass ``step`` as a device tensor there (an int is baked into
@@ -32,6 +37,7 @@ import triton
 
 from fastdebias.errors import BackendError
 from fastdebias.kernels.logits import (
+    LORA_BLOCK_R,
     MODE_FILTER,
     MODE_GREEDY,
     MODE_SAMPLE,
@@ -48,7 +54,7 @@ from fastdebias.kernels.logits import (
     lm_head_meta,
     logits_meta,
 )
-from fastdebias.reference.logits import LogitsStep, check_lm_head_args, check_step_args, split_seed
+from fastdebias.reference.logits import LogitsStep, check_lm_head_args, check_step_args, lm_head_logits, split_seed
 
 __all__ = ["LogitsStep", "lm_head_step", "logits_step"]
 
@@ -125,6 +131,8 @@ def lm_head_step(
     hidden: torch.Tensor,
     lm_head: torch.Tensor,
     *,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    adapter_idx: torch.Tensor | None = None,
     matcher=None,
     states: torch.Tensor | None = None,
     mask_phrases: bool | torch.Tensor = True,
@@ -148,6 +156,9 @@ def lm_head_step(
     ----------
     hidden : [B, K] fp32/fp16/bf16 final hidden states of the last position.
     lm_head : [V, K] weight, same dtype and device.
+    lora, adapter_idx : the lm_head's LoRA stack ``(lora_a [n, R, K], lora_b [n, V, R], scale [n] fp32)`` and each
+        row's adapter ([B] int, -1 = none), as ``fastdebias.reference.lora.lora_linear`` takes them. The shrink
+        (``[B, R]``, tiny) runs in torch; the expand is added to each tile inside the kernel.
     meta : overrides ``fastdebias.kernels.logits.lm_head_meta`` (tests and tuning only).
     Other parameters : as in :func:`logits_step`.
 
@@ -156,7 +167,7 @@ def lm_head_step(
     LogitsStep, as :func:`logits_step` on the logits ``F.linear(hidden, lm_head)`` would (up to the rounding of the
     matrix product: the kernel accumulates in fp32 and rounds once to the weights' dtype).
     """
-    check_lm_head_args(hidden, lm_head)
+    check_lm_head_args(hidden, lm_head, lora, adapter_idx)
     b, v = hidden.shape[0], lm_head.shape[0]
     step_args = dict(
         matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens, counts=counts,
@@ -168,7 +179,7 @@ def lm_head_step(
     _check_backend(hidden.device)
     k = top_k if 0 < top_k < v else 0
     if temperature > 0 and (k > 0 or top_p < 1.0):
-        return logits_step(F.linear(hidden, lm_head), **step_args)
+        return logits_step(lm_head_logits(hidden, lm_head, lora, adapter_idx), **step_args)
     if meta is None:
         meta = lm_head_meta(b, v, hidden.shape[1], hidden.element_size(), *_device_limits(hidden.device))
     like = hidden.new_empty(()).expand(b, v)
@@ -179,17 +190,33 @@ def lm_head_step(
     part_idx = torch.empty(b, nt, dtype=torch.int32, device=hidden.device)
     top_val = torch.empty_like(part_val)
     top_idx = torch.empty_like(part_idx)
+    has_lora = lora is not None and adapter_idx is not None
+    if has_lora:
+        lora_a, lora_b, scale = lora
+        n, r = lora_a.shape[0], lora_a.shape[1]
+        # s_a · (h · A_aᵀ) per row, fp32 [B, R]; zero on rows without an adapter
+        xa = F.linear(hidden, lora_a.reshape(n * r, -1)).view(b, n, r).float()
+        sel = (adapter_idx.view(b, 1) == torch.arange(n, device=hidden.device).view(1, n)).float() * scale.view(1, n)
+        xs = (xa * sel.view(b, n, 1)).sum(dim=1)
+        lb, aidx = lora_b.contiguous(), adapter_idx.to(torch.int32).contiguous()
+        lora_args = (xs, xs.stride(0), lb, lb.stride(0), lb.stride(1), aidx, r)
+    else:
+        d = common.dummy
+        lora_args = (d, 0, d, 0, 0, d, 0)
     _lm_head_tile_kernel[(triton.cdiv(b, meta.block_m), nt)](
         hidden, hidden.stride(0), hidden.stride(1), lm_head, lm_head.stride(0), lm_head.stride(1),
         hidden.shape[1], b, v,
+        *lora_args,
         *common.epilogue_args(),
         part_val, part_idx, top_val, top_idx, part_val.stride(0),
         MODE=MODE_GREEDY if temperature == 0 else MODE_SAMPLE,
         **common.flags(),
         ROUND_LOGITS=hidden.dtype != torch.float32,
+        HAS_LORA=has_lora,
         BLOCK_M=meta.block_m,
         BLOCK_N=meta.block_n,
         BLOCK_K=meta.block_k,
+        BLOCK_R=LORA_BLOCK_R,
         DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=meta.num_warps,
         num_stages=meta.num_stages,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdebias.errors import GenerationError
+from fastdebias.reference.lora import lora_linear
 from fastdebias.reference.sampling import apply_repetition_penalty, top_k_top_p_filter
 
 MASK32 = 0xFFFFFFFF
@@ -153,7 +154,7 @@ def check_step_args(
         _check_vector(row_ids, "row_ids", b, dev, (torch.int32, torch.int64))
 
 
-def check_lm_head_args(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+def check_lm_head_args(hidden: torch.Tensor, weight: torch.Tensor, lora=None, adapter_idx=None) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.dtype not in _FLOAT_DTYPES:
         raise GenerationError(
             f"hidden must be a float [B, K] tensor (the last position's final hidden state), got {_describe(hidden)}"
@@ -165,6 +166,28 @@ def check_lm_head_args(hidden: torch.Tensor, weight: torch.Tensor) -> None:
             f"lm_head is {weight.dtype} on {weight.device} but hidden is {hidden.dtype} on {hidden.device}: "
             "give them the same dtype and device"
         )
+    if lora is None:
+        return
+    (v, k), b = weight.shape, hidden.shape[0]
+    if not (isinstance(lora, tuple) and len(lora) == 3 and all(isinstance(t, torch.Tensor) for t in lora)):
+        raise GenerationError("lora must be a tuple (lora_a [n, R, K], lora_b [n, V, R], scale [n] fp32)")
+    a, bm, scale = lora
+    n = a.shape[0] if a.dim() == 3 else -1
+    if a.dim() != 3 or a.shape[2] != k or bm.shape != (n, v, a.shape[1]) or scale.shape != (n,):
+        raise GenerationError(
+            f"lora shapes {tuple(a.shape)}, {tuple(bm.shape)}, {tuple(scale.shape)} do not fit an lm_head of "
+            f"[V={v}, K={k}]: want lora_a [n, R, {k}], lora_b [n, {v}, R], scale [n]"
+        )
+    if a.dtype != hidden.dtype or bm.dtype != hidden.dtype or scale.dtype != torch.float32:
+        raise GenerationError(f"lora_a/lora_b must be {hidden.dtype} (as hidden) and scale float32")
+    _check_vector(adapter_idx, "adapter_idx", b, hidden.device, (torch.int32, torch.int64))
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, lora=None, adapter_idx=None) -> torch.Tensor:
+    """[B, V] logits in the weights' dtype: ``F.linear``, plus each row's LoRA when ``lora`` is given."""
+    if lora is None or adapter_idx is None:
+        return F.linear(hidden, weight)
+    return lora_linear(hidden, weight, *lora, adapter_idx)
 
 
 def _check_vector(t, name: str, b: int, dev: torch.device, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -325,10 +348,13 @@ def logits_step(
     return LogitsStep(chosen, new_states, dead, entry, ban_len, bias.float(), top)
 
 
-def lm_head_step(hidden: torch.Tensor, lm_head: torch.Tensor, **step_args) -> LogitsStep:
-    """``logits_step(F.linear(hidden, lm_head), **step_args)``: the lm_head in the weights' dtype, then the step.
+def lm_head_step(hidden: torch.Tensor, lm_head: torch.Tensor, *, lora=None, adapter_idx=None,
+                 **step_args) -> LogitsStep:  # fmt: skip
+    """``logits_step(lm_head_logits(hidden, lm_head, lora, adapter_idx), **step_args)``: the lm_head (and its
+    per-row LoRA, ``fastdebias.reference.lora.lora_linear``) in the weights' dtype, then the step.
 
-    hidden : [B, K] final hidden states of the last position; lm_head : [V, K], same dtype and device.
+    hidden : [B, K] final hidden states of the last position; lm_head : [V, K], same dtype and device;
+    lora : (lora_a [n, R, K], lora_b [n, V, R], scale [n] fp32) or None; adapter_idx : [B] (-1 = none).
     """
-    check_lm_head_args(hidden, lm_head)
-    return logits_step(F.linear(hidden, lm_head), **step_args)
+    check_lm_head_args(hidden, lm_head, lora, adapter_idx)
+    return logits_step(lm_head_logits(hidden, lm_head, lora, adapter_idx), **step_args)
