@@ -252,7 +252,7 @@ class LlamaDecoder(nn.Module):
         s = slots.view(b, t, 1)
         # Causal within the row's own span; a padding query sees only itself (never an all-masked row → NaN).
         mask = (((j >= start.view(b, 1, 1)) & (j <= s)) | (j == s)).unsqueeze(1)  # [B, 1, T, kv_len]
-        rows = adapter_idx.repeat_interleave(t) if adapter_idx is not None else None
+        rows = adapter_idx if t == 1 or adapter_idx is None else adapter_idx.repeat_interleave(t)
         h = F.embedding(tokens, self.embed_tokens)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             h = layer(h, rows, cos, sin, kc, vc, slots, mask, kv_len)

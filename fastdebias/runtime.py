@@ -22,6 +22,8 @@ graph reads it from its buffer, and the mask hides every slot past it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fastdebias.errors import FastDebiasError
@@ -30,6 +32,7 @@ from fastdebias.model import KVCache
 KV_BUCKET = 256  # slots: the attention read grows in steps of this (a new graph per step of growth)
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activation and mask memory for long prompts
 RUNTIMES = ("auto", "eager", "cuda_graph", "compile")
+COMPILE_ENTRIES = 256  # compiled step variants kept per process (models x batch buckets x cache sizes)
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
@@ -125,9 +128,21 @@ class DecodeRunner:
         if self.runtime == "compile":
             if self.compiled is None:
                 self.compiled = torch.compile(self._forward, dynamic=False)
-            return self.compiled(*key)[:b]
+            # Dynamo keeps one cache per code object, shared by every model's runner: each model x bucket is an
+            # entry, and past the default limit (8) it would silently run the step eagerly.
+            with torch._dynamo.config.patch(recompile_limit=COMPILE_ENTRIES):
+                return self.compiled(*key)[:b]
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            try:
+                self.graphs[key] = self._capture(*key)
+            except RuntimeError as e:  # e.g. an op that syncs with the host: decode on, eagerly, and say so
+                warnings.warn(
+                    f"fastdebias: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly from now on "
+                    "(load with runtime='eager' to skip the attempt)", RuntimeWarning, stacklevel=2,
+                )
+                self.runtime = "eager"
+                self.graphs = {}
+                return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
         graph, out = self.graphs[key]
         graph.replay()
         return out[:b]
