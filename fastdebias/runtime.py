@@ -130,7 +130,8 @@ class DecodeRunner:
                 self.compiled = torch.compile(self._forward, dynamic=False)
             # Dynamo keeps one cache per code object, shared by every model's runner: each model x bucket is an
             # entry, and past the default limit (8) it would silently run the step eagerly.
-            with torch._dynamo.config.patch(recompile_limit=COMPILE_ENTRIES):
+            limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            with torch._dynamo.config.patch(**{limit: COMPILE_ENTRIES}):
                 return self.compiled(*key)[:b]
         if key not in self.graphs:
             try:

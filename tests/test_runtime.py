@@ -82,6 +82,16 @@ def test_static_step_with_backtracking_and_sampling(llama_dir, static_eager):
     assert tokens(s1) == tokens(s2)
 
 
+def test_static_step_with_triton_fused_head(llama_dir, adapter_qv, static_eager):
+    """backend="triton" (interpreted on CPU): the static step returns hidden states for the fused lm_head + step."""
+    kw = dict(backend="triton", device="cuda" if torch.cuda.is_available() else "cpu", progress=False)
+    eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", **kw)
+    static = fastdebias.load(llama_dir, adapter_qv, runtime="compile", **kw)
+    names = ["qv", None, "qv"]
+    want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=5))
+    assert tokens(fastdebias.generate(static, PROMPTS, adapter=names, max_new_tokens=5)) == want
+
+
 def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     """The real torch.compile on CPU (one bucket: a few seconds to compile the tiny model)."""
     eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", progress=False)
