@@ -32,6 +32,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "eager", "cuda_graph", "compile"],
+                   help="decode step: auto = CUDA graphs on GPU, eager on CPU; compile pays ~40 s once on CPU to "
+                        "decode ~2.5x faster (for large --file jobs)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -122,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         inputs = _read_inputs(args)
         model = fastdebias.load(args.model, _adapter_arg(args.adapter), dtype=args.dtype, device=args.device,
-                                merge=args.merge, backend=args.backend, progress=not args.quiet)
+                                merge=args.merge, backend=args.backend, runtime=args.runtime,
+                                progress=not args.quiet)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False)

@@ -41,3 +41,17 @@ def test_module_entry_point_and_stdin(llama_dir):
     assert json.loads(proc.stdout)["input"] == "Old people"
     helped = subprocess.run([sys.executable, "-m", "fastdebias", "debias", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--prompt-format" in helped.stdout
+
+
+def test_runtime_flag(llama_dir, capsys, monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["generate", "--model", str(llama_dir), "--runtime", "cuda_graph", "-q", "hi"]) == 2
+        assert "runtime='cuda_graph' needs a CUDA device" in capsys.readouterr().err
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the static step, run eagerly (tests/test_runtime.py)
+    argv = ["generate", "--model", str(llama_dir), "--max-new-tokens", "5", "--json", "-q", "Old people"]
+    assert main(argv + ["--runtime", "compile"]) == 0
+    static = json.loads(capsys.readouterr().out.strip())
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip())["token_ids"] == static["token_ids"]
