@@ -140,7 +140,7 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     start = torch.tensor([t - len(x) for x in ids], dtype=torch.long, device=dev)
     cache = model.runner.allocate(b, t + max_new_tokens, model.dtype, dev)
     tokens = tokens.to(dev)
-    logits = model.runner.prefill(tokens, start, cache, adapter_idx)
+    logits = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids))
     return logits, cache, start, tokens
 
 

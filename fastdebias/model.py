@@ -117,7 +117,7 @@ class Attention(nn.Module):
         v_cache[bidx, :, slots] = v.transpose(1, 2)
         # The cache may hold more rows than this batch (a static runtime pads it to a bucket).
         out = F.scaled_dot_product_attention(
-            q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask,
+            q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask, is_causal=mask is None,
             scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1), rows)
@@ -237,12 +237,15 @@ class LlamaDecoder(nn.Module):
         adapter_idx: torch.Tensor | None = None,
         last_logits: bool = True,
         head: bool = True,
+        causal: bool = False,
     ) -> torch.Tensor | None:
         """Run ``tokens`` [B, T] written at cache ``slots`` [B, T]; rows' real tokens begin at ``start`` [B].
 
         Returns fp32 logits [B, V] of the last position (None with ``last_logits=False``: a prefill chunk that is
         not the last; with ``head=False``, the last position's final hidden state [B, K] in the weights' dtype, for
-        the fused lm_head + step). ``kv_len`` (host int) bounds the slots attended to.
+        the fused lm_head + step). ``kv_len`` (host int) bounds the slots attended to. ``causal=True`` promises
+        that no row is padded and ``tokens`` fill slots 0..T-1 (``kv_len == T``): attention then runs without a
+        mask (``is_causal``), which lets SDPA take its flash kernel on GPU.
         """
         b, t = tokens.shape
         positions = (slots - start.view(b, 1)).clamp(min=0)
@@ -252,6 +255,8 @@ class LlamaDecoder(nn.Module):
         s = slots.view(b, t, 1)
         # Causal within the row's own span; a padding query sees only itself (never an all-masked row → NaN).
         mask = (((j >= start.view(b, 1, 1)) & (j <= s)) | (j == s)).unsqueeze(1)  # [B, 1, T, kv_len]
+        if causal:
+            mask = None
         rows = adapter_idx if t == 1 or adapter_idx is None else adapter_idx.repeat_interleave(t)
         h = F.embedding(tokens, self.embed_tokens)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):

@@ -99,14 +99,19 @@ class DecodeRunner:
             buf.fill_(-1 if name == "adapter_idx" else 0)
         return self.cache
 
-    def prefill(self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, adapter_idx) -> torch.Tensor:
-        """tokens [B, T] (left-padded) into slots 0..T-1, in chunks of ``PREFILL_CHUNK`` → last logits [B, V]."""
+    def prefill(self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, adapter_idx,
+                padded: bool = True) -> torch.Tensor:  # fmt: skip
+        """tokens [B, T] (left-padded) into slots 0..T-1, in chunks of ``PREFILL_CHUNK`` → last logits [B, V].
+
+        ``padded=False`` (every prompt has T tokens): the first chunk attends with ``is_causal`` and no mask, the
+        flash-attention path on GPU; later chunks (queries offset from the keys) and padded batches use the mask."""
         b, t = tokens.shape
         logits = None
         for lo in range(0, t, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, t)
             slots = torch.arange(lo, hi, device=tokens.device).expand(b, hi - lo)
-            logits = self.decoder(tokens[:, lo:hi], slots, start, hi, cache, adapter_idx, last_logits=hi == t)
+            logits = self.decoder(tokens[:, lo:hi], slots, start, hi, cache, adapter_idx, last_logits=hi == t,
+                                  causal=lo == 0 and not padded)
         return logits
 
     def decode(self, token, slots, kv_len: int, start, cache: KVCache, adapter_idx, head: bool = True) -> torch.Tensor:

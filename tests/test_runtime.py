@@ -46,6 +46,28 @@ def test_chunked_prefill_equals_one_pass(llama_dir, adapter_qv, monkeypatch):
     assert tokens(fastdebias.generate(model, PROMPTS, adapter=["qv", None, "qv"], max_new_tokens=NEW)) == want
 
 
+def test_unpadded_prefill_takes_is_causal_and_equals_masked(llama_dir, adapter_qv, monkeypatch):
+    """A batch of equal-length prompts prefills with is_causal (flash on GPU): same logits as with the mask."""
+    import torch.nn.functional as F
+
+    model = fastdebias.load(llama_dir, adapter_qv, progress=False)
+    same = [[1, 17, 42, 99, 5, 6, 7], [1, 200, 3, 4, 9, 8, 2]]
+    idx = torch.tensor([0, -1], dtype=torch.int32)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(kw["attn_mask"] is None and kw["is_causal"]) or sdpa(*a, **kw))
+    causal, *_ = prefill(model, same, 4, idx)
+    assert seen and all(seen)
+    masked = model.decoder(torch.tensor(same), torch.arange(7).expand(2, 7), torch.zeros(2, dtype=torch.long), 7,
+                           model.runner.allocate(2, 11, model.dtype, model.device), idx)
+    rtol, atol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(causal, masked, rtol=rtol, atol=atol)
+    seen.clear()
+    prefill(model, PROMPTS, 4, None)  # padded: the mask
+    assert seen and not any(seen)
+
+
 def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, static_eager):
     adapters = {"qv": adapter_qv, "all": adapter_all}
     eager = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
