@@ -39,9 +39,11 @@ import triton.language as tl
 
 # Globals read inside @triton.jit functions must be tl.constexpr (triton 3.6 refuses plain globals).
 NEG_INF = tl.constexpr(float("-inf"))
-# Order-preserving integer key of fp32 -inf (keys of other floats are larger, NaNs aside) and a key above them all.
-KEY_NEG_INF = tl.constexpr(0x007FFFFF)
-KEY_BIG = tl.constexpr(1 << 33)
+# Order-preserving int32 keys of fp32 (``_ordered_key``): the key of -inf (keys of other floats are larger, NaNs
+# aside), and sentinels above and below every key of a non-NaN float.
+KEY_NEG_INF = tl.constexpr(-2139095041)  # 0xFF800000 ^ 0x7FFFFFFF as int32
+KEY_BIG = tl.constexpr(2147483647)
+KEY_SMALL = tl.constexpr(-2147483648)
 
 MODE_GREEDY = 0
 MODE_SAMPLE = 1
@@ -166,9 +168,11 @@ def _lower_bound(ptr, lo, n, target, n_iter):
 
 @triton.jit
 def _ordered_key(z):
-    """int64 key in [0, 2**32) with key(a) < key(b) iff a < b for non-NaN fp32 (-0.0 first folded into +0.0)."""
-    bits = (z + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+    """int32 key with key(a) < key(b) iff a < b for non-NaN fp32 (-0.0 first folded into +0.0): a non-negative
+    float's bits as they are; a negative one's magnitude bits flipped. int32, not int64: the threshold passes
+    compare every element with every candidate, and 64-bit integer ops cost several instructions on a GPU."""
+    bits = (z + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 @triton.jit
@@ -509,9 +513,10 @@ def _refine(iv_ptr, fsum_ptr, fmin_ptr, fmax_ptr, par, row, B, target, n_split, 
     in_split = (s < n_split)[:, None]
     f = tl.sum(tl.load(fsum_ptr + offs, mask=in_split, other=0.0), axis=0)
     mn = tl.min(tl.load(fmin_ptr + offs, mask=in_split, other=KEY_BIG), axis=0)
-    mx = tl.max(tl.load(fmax_ptr + offs, mask=in_split, other=-1), axis=0)
-    width = (hi - lo + NC) // NC
-    ok = (lo + j * width <= hi) & (f >= target)
+    mx = tl.max(tl.load(fmax_ptr + offs, mask=in_split, other=KEY_SMALL), axis=0)
+    # int32 keys, but an interval may span 2**32 of them: its arithmetic is int64 (scalars, cheap)
+    width = (hi.to(tl.int64) - lo + NC) // NC
+    ok = (lo.to(tl.int64) + j * width <= hi) & (f >= target)
     best = tl.max(tl.where(ok, j, 0), axis=0)
     busy = lo < hi  # a converged interval was not evaluated: its partials are stale
     new_lo = tl.where(busy, tl.sum(tl.where(j == best, mn, 0), axis=0), lo)
@@ -578,7 +583,7 @@ def _threshold_pass_kernel(
     # top-p's target is fixed by its first pass (F at its lowest candidate = the mass kept by top-k)
     target_p = tl.where(it == 1, top_p * f0, tl.load(target_ptr + row))
     if it == 0:
-        lo = tl.full((), KEY_NEG_INF, tl.int64)
+        lo = tl.full((), KEY_NEG_INF, tl.int32)
         if prev_phase >= 0:
             prev_target = tl.where(prev_phase == 0, kf, target_p)
             lo, _ = _refine(iv_ptr, fsum_ptr, fmin_ptr, fmax_ptr, prev, row, B, prev_target, n_split, BLOCK_S, NC)
@@ -615,12 +620,15 @@ def _threshold_pass_kernel(
         tl.store(out_idx_ptr + out, best_idx)
     else:
         j = tl.arange(0, NC)
-        width = (hi - lo + NC) // NC
-        cand = lo + j * width
-        upper = tl.minimum(cand + width - 1, hi)
+        width = (hi.to(tl.int64) - lo + NC) // NC
+        cand64 = lo.to(tl.int64) + j * width
+        # candidates past hi count nothing inside the interval; clamped to KEY_BIG they still count no key (no
+        # non-NaN float has that key), and every per-element compare below is int32
+        cand = tl.minimum(cand64, KEY_BIG).to(tl.int32)
+        upper = tl.minimum(cand64 + width - 1, hi).to(tl.int32)
         acc_f = tl.zeros((NC,), tl.float32)
-        acc_mn = tl.full((NC,), KEY_BIG, tl.int64)
-        acc_mx = tl.full((NC,), -1, tl.int64)
+        acc_mn = tl.full((NC,), KEY_BIG, tl.int32)
+        acc_mx = tl.full((NC,), KEY_SMALL, tl.int32)
         if lo < hi:
             for c0 in range(c_lo, c_hi, BLOCK_N):
                 cols = c0 + offs
@@ -635,7 +643,7 @@ def _threshold_pass_kernel(
                 acc_f += tl.sum(tl.where(ge, w[None, :], 0.0), axis=1)
                 inside = ge & (key[None, :] <= upper[:, None]) & (w > 0)[None, :]
                 acc_mn = tl.minimum(acc_mn, tl.min(tl.where(inside, key[None, :], KEY_BIG), axis=1))
-                acc_mx = tl.maximum(acc_mx, tl.max(tl.where(inside, key[None, :], -1), axis=1))
+                acc_mx = tl.maximum(acc_mx, tl.max(tl.where(inside, key[None, :], KEY_SMALL), axis=1))
         part = ((cur * B + row) * n_split + split) * NC + j
         tl.store(fsum_ptr + part, acc_f)
         tl.store(fmin_ptr + part, acc_mn)

@@ -284,6 +284,49 @@ def test_repetition_penalty_after_lexicon():
     assert got.next_ids.tolist() == [9]
 
 
+@triton.jit
+def _key_probe_kernel(z_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    from fastdebias.kernels.logits import _ordered_key
+
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    tl.store(out_ptr + offs, _ordered_key(tl.load(z_ptr + offs, mask=m, other=0.0)), mask=m)
+
+
+def test_ordered_key_preserves_float_order():
+    """The threshold search compares int32 keys of fp32 values: their order must be the floats' (both signs,
+    subnormals, ±0 as one value, ±inf)."""
+    z = torch.tensor([float("-inf"), -3e38, -1e30, -2.0, -1.0, -1e-30, -1e-42, -0.0, 0.0, 1e-42, 1e-30, 1.0, 2.0,
+                      1e30, 3e38, float("inf")])  # fmt: skip
+    z = z[torch.randperm(len(z), generator=torch.Generator().manual_seed(1))].to(DEVICE)
+    keys = torch.empty(len(z), dtype=torch.int32, device=DEVICE)
+    _key_probe_kernel[(1,)](z, keys, len(z), BLOCK=32)
+    zs, ks = z.cpu().tolist(), keys.cpu().tolist()
+    for i in range(len(z)):
+        for j in range(len(z)):
+            assert (ks[i] < ks[j]) == (zs[i] < zs[j]) and (ks[i] == ks[j]) == (zs[i] == zs[j]), (zs[i], zs[j])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (3, 1.0), (7, 1.0), (0, 0.3), (0, 0.999), (5, 0.9)])
+def test_threshold_search_over_the_whole_float_range(top_k, top_p):
+    """Values of both signs from subnormals to 1e30 and -inf (banned), and rows of negative logits only (where the
+    threshold is negative): the kept set, hence the draws, are the reference's."""
+    v = 111
+    g = torch.Generator().manual_seed(97)
+    special = torch.tensor([-1e30, -3e4, -1.0, -1e-30, -1e-42, -0.0, 0.0, 1e-42, 1e-30, 0.5, 1.0, 2.0, 3e4, 1e30])
+    for r in range(5):
+        x = torch.randn(v, generator=g) * 10.0 ** (r - 1)
+        if r < 4:
+            x[torch.randperm(v, generator=g)[: len(special)]] = special if r % 2 else -special.abs() - 5.0
+        else:  # negative only, like log-probabilities (no ties: a top-p boundary tie is the documented exception)
+            x = -x.abs() * 3.0 - 1.0
+        x[torch.randperm(v, generator=g)[:9]] = float("-inf")
+        logits = x.view(1, v).to(DEVICE)
+        for step in range(6):
+            kw = dict(temperature=0.7, top_k=top_k, top_p=top_p, seed=11, step=step)
+            assert_same(tl_logits.logits_step(logits, **kw), ref.logits_step(logits, **kw))
+
+
 def test_top_k_keeps_ties_and_top_p_keeps_the_top_token():
     v = 111
     logits = torch.full((2, v), -5.0, device=DEVICE)

@@ -304,10 +304,11 @@ def _threshold_search(
     n_split = triton.cdiv(v, chunk)
     nc = meta.n_cand
     dev = z.device
-    iv = torch.empty(2, b, 2, dtype=torch.int64, device=dev)  # search interval [lo, hi] by launch parity
+    # search interval [lo, hi] of int32 keys (kernels.logits._ordered_key) by launch parity
+    iv = torch.empty(2, b, 2, dtype=torch.int32, device=dev)
     target = torch.empty(b, dtype=torch.float32, device=dev)
     fsum = torch.empty(2, b, n_split, nc, dtype=torch.float32, device=dev)
-    fmin = torch.empty(2, b, n_split, nc, dtype=torch.int64, device=dev)
+    fmin = torch.empty(2, b, n_split, nc, dtype=torch.int32, device=dev)
     fmax = torch.empty_like(fmin)
     out_val = torch.empty(b, n_split, dtype=torch.float32, device=dev)
     out_idx = torch.empty(b, n_split, dtype=torch.int32, device=dev)
