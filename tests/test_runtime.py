@@ -114,6 +114,49 @@ def test_static_step_with_triton_fused_head(llama_dir, adapter_qv, static_eager)
     assert tokens(fastdebias.generate(static, PROMPTS, adapter=names, max_new_tokens=5)) == want
 
 
+class _ReplayGraph:
+    """Stands in for a CUDA graph on CPU: replay() recomputes into the same output buffer, as a real replay
+    overwrites its captured output, so any step that held on to an earlier step's logits would see them change."""
+
+    def __init__(self, runner, key):
+        self.runner, self.key = runner, key
+
+    def replay(self):
+        self.out.copy_(self.runner._forward(*self.key))
+
+
+def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, monkeypatch):
+    """The cuda_graph runtime's bookkeeping (one graph per bucket, shared output buffers, no re-capture when the
+    adapter mix changes) with replay emulated; and a failing capture falls back to eager with a warning."""
+    adapters = {"qv": adapter_qv, "all": adapter_all}
+    eager = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
+    model = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
+    model.runner.runtime = "cuda_graph"  # resolve_runtime refuses it without CUDA; the runner logic is device-free
+    monkeypatch.setattr(runtime.DecodeRunner, "kv_read_len", lambda self, kv_len, n: min(-(-kv_len // 8) * 8, n))
+
+    def capture(self, *key):
+        g = _ReplayGraph(self, key)
+        g.out = self._forward(*key).clone()
+        return g, g.out
+
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture", capture)
+    for names in (["qv", None, "all"], ["all", "qv", None]):
+        want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
+        assert tokens(fastdebias.generate(model, PROMPTS, adapter=names, max_new_tokens=NEW)) == want
+        if names[0] == "qv":
+            n = len(model.runner.graphs)
+    assert len(model.runner.graphs) == n > 1  # several kv buckets; the second mix reused every graph
+
+    def broken(self, *key):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture", broken)
+    model.runner.reset()
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed.*decoding eagerly"):
+        got = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
+    assert got == tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW)) and model.runtime == "eager"
+
+
 def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     """The real torch.compile on CPU (one bucket: a few seconds to compile the tiny model)."""
     eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", progress=False)
