@@ -2,8 +2,9 @@
 # Every GPU check and benchmark, in stages that each fit a 10-minute slot (run from the repo root on a CUDA machine):
 #   bash bench/gpu_all.sh tests      # the `gpu`-marked tests (kernels, decoder, CUDA graphs)       ~4 min
 #   bash bench/gpu_all.sh kernels    # bench_lora.py and bench_logits.py                            ~4 min
-#   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b (the issue-6 figures)  ~9 min
-#   bash bench/gpu_all.sh all        # the three in turn
+#   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
+#   bash bench/gpu_all.sh e2e-compile  # the same vs transformers static cache + torch.compile        ~9 min
+#   bash bench/gpu_all.sh all        # all of them in turn
 # Results and logs go under bench/results/ (or $OUT if set). Uses the machine's own torch/triton/transformers with
 # fastdebias from this tree: no install needed (fastdebias/kernels is a symlink to kernels/).
 set -u
@@ -24,8 +25,14 @@ if [ "$stage" = kernels ] || [ "$stage" = all ]; then
   timeout 150 python3 bench/bench_logits.py --out "$OUT" 2>&1 | tail -5
 fi
 if [ "$stage" = e2e ] || [ "$stage" = all ]; then
-  # 3 reps and lexicons 0/10k/100k keep it inside one slot; the batch sweep is 1/8/32/64
+  # fastdebias vs transformers eager + PEFT, LoRA overhead, lexicon 0/10k/100k; batch sweep 1/8/32/64; 3 reps
   timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 3 --lexicon-sizes 0,10000,100000 \
-    --out "$OUT" 2>&1 | tail -40
+    --systems fastdebias,hf-eager,fastdebias-merged,fastdebias-noadapter --out "$OUT" 2>&1 | tail -40
+fi
+if [ "$stage" = e2e-compile ] || [ "$stage" = all ]; then
+  # transformers' static cache + torch.compile compiles a 7B graph per batch size (minutes each): its own slot
+  stem="$OUT/e2e_${dev}_llama2-7b_vs_hf-compile"
+  timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 3 --batch-sizes 1,8 --lexicon-sizes 10000 \
+    --systems fastdebias,hf-compile --json "$stem.json" --md "$stem.md" --plot "$stem.png" 2>&1 | tail -30
 fi
 ls -la "$OUT"
