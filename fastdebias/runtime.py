@@ -18,6 +18,14 @@ specialised to its input shapes. So under ``"cuda_graph"`` and ``"compile"``:
 
 A rewind (lexicon backtracking) is a change of a row's slot in ``slots``, which is an input like any other: the
 graph reads it from its buffer, and the mask hides every slot past it.
+
+What a graph holds: the decoder forward of one token per row (every layer's kernels, the LoRA ones included, up to
+the logits or, for the fused lm_head + step, the final hidden state). The prefill stays eager (chunked, one call
+per prompt batch). The logits step and the decode loop's bookkeeping (``generate._generate_batch``) run after each
+replay as ordinary asynchronous launches: no host sync, but a few dozen small launches per step, still to be
+measured against the forward on a GPU before they are captured too. Manual graphs rather than
+``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per bucket, and the Triton kernels are captured
+as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all.sh``).
 """
 
 from __future__ import annotations
