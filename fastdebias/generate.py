@@ -207,8 +207,9 @@ class _LexiconState:
         return x
 
     def record(self, it: int, slot: int, mask, pos, entry, action: int, token) -> None:
-        for k, val in enumerate((pos, entry, torch.full_like(pos, action), token)):
-            self.log[k, :, it, slot] = torch.where(mask & (entry >= 0), val, self.log[k, :, it, slot])
+        # one stacked write (a handful of launches per record, not four of each): this runs every step on the device
+        vals = torch.stack((pos, entry, torch.full_like(pos, action), token))  # [4, B]
+        self.log[:, :, it, slot] = torch.where(mask & (entry >= 0), vals, self.log[:, :, it, slot])
 
     def results(self, row: int):
         from fastdebias.lexicon import interventions_from_log
