@@ -76,7 +76,8 @@ def _base_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     projections of one decode step, batch 1, fp32, from DRAM: 24 ms vs 48 ms on the 2-core CI machine; a decode
     step 25.6 vs 64 ms). Eagerly that form would materialise [M, N, K], so everywhere else it is ``F.linear``."""
     if x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS and torch.compiler.is_compiling():
-        return (x.unsqueeze(1) * weight).sum(-1)
+        # products and sum in fp32 (as F.linear accumulates), one rounding at the end; inductor fuses the casts
+        return (x.unsqueeze(1).float() * weight.float()).sum(-1).to(x.dtype)
     return torch.nn.functional.linear(x, weight)
 
 
