@@ -55,12 +55,17 @@ from tqdm.auto import tqdm
 from fastdebias.errors import FastDebiasError
 
 SYSTEMS = ("fastdebias", "hf-eager", "hf-compile", "fastdebias-merged", "fastdebias-noadapter")
+# Run only when named in --systems: fastdebias with the eager runtime (the CPU default of ``load``), to see in the
+# same run what the compiled / graph-captured step buys.
+EXTRA_SYSTEMS = ("fastdebias-eager",)
+ALL_SYSTEMS = SYSTEMS + EXTRA_SYSTEMS
 SYSTEM_DESCRIPTIONS = {
     "fastdebias": "fastdebias, backend auto, LoRA unmerged",
     "hf-eager": "transformers generate, eager, PEFT unmerged, sequence_bias (stock)",
     "hf-compile": "transformers generate, static cache + torch.compile, adapter merged",
     "fastdebias-merged": "fastdebias, adapter merged into the weights",
     "fastdebias-noadapter": "fastdebias, adapter=None",
+    "fastdebias-eager": "fastdebias, runtime='eager', LoRA unmerged",
 }
 # Systems that run the whole sweep (batch sizes and lexicon sizes); the LoRA-overhead variants run the batch sweep.
 HEAD_TO_HEAD = ("fastdebias", "hf-eager", "hf-compile")
@@ -163,9 +168,9 @@ class BenchConfig:
             raise FastDebiasError(f"--lexicon-sizes/--lexicon-size: expected integers >= 0, got {self.lexicon_sizes}")
         if self.warmup < 0:
             raise FastDebiasError(f"--warmup: expected an integer >= 0, got {self.warmup}")
-        bad = [s for s in self.systems if s not in SYSTEMS]
+        bad = [s for s in self.systems if s not in ALL_SYSTEMS]
         if bad or not self.systems:
-            raise FastDebiasError(f"--systems: unknown {bad or 'empty list'}; choose from {', '.join(SYSTEMS)}")
+            raise FastDebiasError(f"--systems: unknown {bad or 'empty list'}; choose from {', '.join(ALL_SYSTEMS)}")
         if self.lexicon_mode not in ("backtrack", "hf"):
             raise FastDebiasError(f"--lexicon-mode must be 'backtrack' or 'hf', got {self.lexicon_mode!r}")
         if self.synthetic is not None:
@@ -806,7 +811,7 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
                                compile_s=None) for name in plan}
     if "hf-compile" in plan and not cfg.compile:
         systems_info["hf-compile"].update(status="skipped", reason="--quick" if cfg.quick else "--no-compile")
-    todo = [s for s in SYSTEMS if s in plan and systems_info[s]["status"] == "ok"]
+    todo = [s for s in ALL_SYSTEMS if s in plan and systems_info[s]["status"] == "ok"]
     # Interleaved: every system loaded at once, taking turns at each point (fair under a noisy CPU). One at a
     # time: each system alone in memory (its peak memory is its own; a 7B model four times over would not fit);
     # fastdebias and fastdebias-noadapter always share one loaded model.
@@ -815,7 +820,7 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
         groups = [todo]
     else:
         groups = [[s for s in todo if s in ("fastdebias", "fastdebias-noadapter")]]
-        groups += [[s] for s in ("fastdebias-merged", "hf-eager", "hf-compile") if s in todo]
+        groups += [[s] for s in ("fastdebias-merged", "fastdebias-eager", "hf-eager", "hf-compile") if s in todo]
     points: list[dict] = []
     outputs: dict[tuple[str, int, int], list[list[int]]] = {}
     peak = _PeakMemory(dev)
@@ -886,7 +891,8 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
             try:
                 if name.startswith("fastdebias"):
                     shared = loaded.get("fastdebias") if name == "fastdebias-noadapter" else None
-                    loaded[name] = _FastDebias(name, setup, dev, dtype, lexicon, cfg.lexicon_mode, cfg.runtime,
+                    runtime = "eager" if name == "fastdebias-eager" else cfg.runtime
+                    loaded[name] = _FastDebias(name, setup, dev, dtype, lexicon, cfg.lexicon_mode, runtime,
                                                model=shared.model if shared else None)
                     systems_info[name]["runtime"] = loaded[name].model.runtime
                 else:
@@ -1102,7 +1108,7 @@ def format_markdown(result: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     mem = "peak_allocated_mib" if h["device_type"] == "cuda" else "peak_rss_mib"
-    order = {s: i for i, s in enumerate(SYSTEMS)}
+    order = {s: i for i, s in enumerate(ALL_SYSTEMS)}
     for p in sorted(result["points"], key=lambda p: (p["lexicon_size"] != h["lexicon_size"], p["lexicon_size"],
                                                       p["batch"], order[p["system"]])):
         if p["status"] != "ok":
@@ -1172,7 +1178,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     h = result["header"]
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    for system in SYSTEMS:
+    for system in ALL_SYSTEMS:
         pts = sorted((p["batch"], p["tokens_per_s"]) for p in result["points"] if p["system"] == system
                      and p["status"] == "ok" and p["lexicon_size"] == h["lexicon_size"])
         if pts:
@@ -1267,7 +1273,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "system runs alone so its peak memory is its own)")
     p.add_argument("--lexicon-mode", default="backtrack", choices=["backtrack", "hf"], help="fastdebias' mode")
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
-                   help=f"subset of {','.join(SYSTEMS)}")
+                   help=f"subset of {','.join(ALL_SYSTEMS)} (default: all but {','.join(EXTRA_SYSTEMS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--md", dest="md_path", default=None, metavar="PATH", help="write the markdown report")

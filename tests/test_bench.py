@@ -25,7 +25,7 @@ HEADER_FIELDS = {
     "device", "device_tag", "device_type", "torch", "transformers", "peft", "triton", "python", "dtype", "commit",
     "dirty", "model", "adapter", "loadavg_start", "loadavg_end", "prompt_len", "new_tokens", "batch_sizes",
     "lexicon_sizes", "lexicon_size", "lexicon", "reps", "warmup", "prompts", "hf_compile_config", "memory_method",
-    "order", "seconds", "complete", "model_tag",
+    "order", "seconds", "complete", "model_tag", "fastdebias_runtime",
 }
 TOP_FIELDS = {
     "schema", "header", "copy_bandwidth_gbs", "model_bytes", "lexicon_build_s", "systems", "points", "comparisons",
@@ -126,6 +126,24 @@ def test_mismatch_is_loud(quick):
     bad["mismatches"] = [c]
     assert "MISMATCH" in bench.format_markdown(bad)
     assert bench.mismatch_lines(bad)[0].startswith("MISMATCH: fastdebias vs hf-eager")
+
+
+def test_runtime_and_the_eager_system(tmp_path, monkeypatch, capsys):
+    """--runtime picks fastdebias' decode runtime (recorded per system); fastdebias-eager runs only when named and
+    compares the two runtimes in one run (torch.compile replaced by the identity: the static step, eagerly)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    j = tmp_path / "r.json"
+    code = main(["bench", "--quick", "--device", "cpu", "-q", "--runtime", "compile", "--batch-sizes", "1",
+                 "--lexicon-sizes", "10", "--lexicon-size", "10", "--systems", "fastdebias,fastdebias-eager,hf-eager",
+                 "--json", str(j)])
+    assert code == 0
+    res = json.loads(j.read_text())
+    assert res["header"]["fastdebias_runtime"] == "compile"
+    systems = res["systems"]
+    assert systems["fastdebias"]["runtime"] == "compile" and systems["fastdebias-eager"]["runtime"] == "eager"
+    assert systems["fastdebias"]["compile_s"] > 0 and systems["fastdebias-eager"]["compile_s"] is None
+    assert {p["system"] for p in res["points"]} == {"fastdebias", "fastdebias-eager", "hf-eager"}
+    assert not res["mismatches"]
 
 
 def test_compare_finds_first_divergence():
