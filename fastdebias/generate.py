@@ -206,9 +206,10 @@ class _LexiconState:
             x = x.masked_fill(banned > 0, float("-inf"))
         return x
 
-    def record(self, it: int, slot: int, mask, pos, entry, action: int, token) -> None:
+    def record(self, it: int, slot: int, mask, pos, entry, action: int | torch.Tensor, token) -> None:
         # one stacked write (a handful of launches per record, not four of each): this runs every step on the device
-        vals = torch.stack((pos, entry, torch.full_like(pos, action), token))  # [4, B]
+        action = action if isinstance(action, torch.Tensor) else torch.full_like(pos, action)
+        vals = torch.stack((pos, entry, action, token))  # [4, B]
         self.log[:, :, it, slot] = torch.where(mask & (entry >= 0), vals, self.log[:, :, it, slot])
 
     def results(self, row: int):
@@ -319,9 +320,9 @@ def _generate_batch(
             top = r.top if fused_step else logits.argmax(dim=-1)
             top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
             masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
-            displaced = active & ~rewind & (top != nxt)
-            lex.record(it, 1, displaced & masked, cur, top_entry, 1, top)
-            lex.record(it, 1, displaced & ~masked & torch.isfinite(top_bias) & (top_bias < 0), cur, top_entry, 0, top)
+            displaced = active & ~rewind & (top != nxt) & (masked | (torch.isfinite(top_bias) & (top_bias < 0)))
+            # slot 1 holds this (action 1 = banned, 0 = penalised) or, in a rewinding row, the rewind: one write
+            slot1 = (displaced, cur, top_entry, masked.long(), top)
         commit = active & ~rewind
         nxt = torch.where(commit, nxt, torch.full_like(nxt, pad_token))
         wpos = cur.clamp(max=max_new_tokens - 1)
@@ -334,7 +335,8 @@ def _generate_batch(
                 # rewind to where the phrase began, ban its first token there, restore that position's state
                 p = torch.where(rewind, cur - (ban_len - 1), cur).clamp(min=0)
                 first = out[ar, p.clamp(max=max_new_tokens - 1)]
-                lex.record(it, 1, rewind, p, entry, 2, first)
+                rewound = (p, entry, 2, first)
+                slot1 = (slot1[0] | rewind, *(torch.where(rewind, x, y) for x, y in zip(rewound, slot1[1:])))
                 slot = lex.rewinds.clamp(max=lex.ban_pos.shape[1] - 1)
                 stale = lex.ban_pos > p.view(b, 1)  # bans past the rewind point belong to a context now gone
                 lex.ban_pos = torch.where(stale & rewind.view(b, 1), -1, lex.ban_pos)
@@ -349,6 +351,7 @@ def _generate_batch(
                 lex.hist[ar, cur.clamp(max=max_new_tokens)] = lex.state
             else:
                 cur = cur + commit.long()
+            lex.record(it, 1, *slot1)
         else:
             cur = cur + commit.long()
         done |= (commit & torch.isin(nxt, eos_t)) | (cur >= max_new_tokens) | dead
