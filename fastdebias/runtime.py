@@ -144,22 +144,29 @@ class DecodeRunner:
             # Dynamo keeps one cache per code object, shared by every model's runner: each model x bucket is an
             # entry, and past the default limit (8) it would silently run the step eagerly.
             limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            with torch._dynamo.config.patch(**{limit: COMPILE_ENTRIES}):
-                return self.compiled(*key)[:b]
+            try:
+                with torch._dynamo.config.patch(**{limit: COMPILE_ENTRIES}):
+                    return self.compiled(*key)[:b]
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
+                return self._fall_back("torch.compile", e, token, slots, kv_len, start, cache, adapter_idx, head)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(*key)
-            except RuntimeError as e:  # e.g. an op that syncs with the host: decode on, eagerly, and say so
-                warnings.warn(
-                    f"fastdebias: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly from now on "
-                    "(load with runtime='eager' to skip the attempt)", RuntimeWarning, stacklevel=2,
-                )
-                self.runtime = "eager"
-                self.graphs = {}
-                return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
+            except RuntimeError as e:  # e.g. an op that syncs with the host
+                return self._fall_back("CUDA graph capture", e, token, slots, kv_len, start, cache, adapter_idx, head)
         graph, out = self.graphs[key]
         graph.replay()
         return out[:b]
+
+    def _fall_back(self, what: str, e: Exception, token, slots, kv_len, start, cache, adapter_idx, head):
+        """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation)."""
+        warnings.warn(
+            f"fastdebias: {what} failed ({type(e).__name__}: {e}); decoding eagerly from now on (load with "
+            "runtime='eager' to skip the attempt)", RuntimeWarning, stacklevel=3,
+        )
+        self.runtime, self.graphs, self.compiled = "eager", {}, None
+        b = token.shape[0]
+        return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
 
     def kv_read_len(self, kv_len: int, cache_len: int) -> int:
         """Slots the static step attends over. CUDA graphs: a new kv bucket costs one capture (milliseconds). A

@@ -157,6 +157,24 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, monkeypat
     assert got == tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW)) and model.runtime == "eager"
 
 
+def test_failed_compile_falls_back_to_eager(llama_dir, monkeypatch):
+    """A machine where inductor cannot build (no C++ compiler, say): a warning, then the eager step, same tokens."""
+    def failing(fn, **kw):
+        def run(*a):
+            cls = torch._dynamo.exc.BackendCompilerFailed  # its constructor differs across torch versions
+            e = cls.__new__(cls)
+            Exception.__init__(e, "InvalidCxxCompiler: no working C++ compiler found")
+            raise e
+        return run
+
+    eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
+    model = fastdebias.load(llama_dir, runtime="compile", progress=False)
+    monkeypatch.setattr(torch, "compile", failing)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*decoding eagerly"):
+        got = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
+    assert got == tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW)) and model.runtime == "eager"
+
+
 def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     """The real torch.compile on CPU (one bucket: a few seconds to compile the tiny model)."""
     eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", progress=False)
