@@ -317,8 +317,11 @@ def _generate_batch(
             penalised = active & ~rewind & torch.isfinite(bias) & (bias != 0)
             lex.record(it, 0, penalised, cur, entry, 0, nxt)
             # The model's own first choice, when the lexicon displaced it: banned, or penalised out of first place.
-            top = r.top if fused_step else logits.argmax(dim=-1)
-            top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
+            if fused_step:  # the step kernel looked the model's first choice up too
+                top, top_bias, top_len, top_entry = r.top, r.top_bias, r.top_ban_len, r.top_entry
+            else:
+                top = logits.argmax(dim=-1)
+                top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
             masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
             displaced = active & ~rewind & (top != nxt) & (masked | (torch.isfinite(top_bias) & (top_bias < 0)))
             # slot 1 holds this (action 1 = banned, 0 = penalised) or, in a rewinding row, the rewind: one write

@@ -692,6 +692,9 @@ def _finalize_kernel(
     ban_len_ptr,
     bias_ptr,
     top_ptr,
+    top_bias_ptr,
+    top_ban_len_ptr,
+    top_entry_ptr,
     HAS_LEXICON: tl.constexpr,
     PER_ROW_MASK: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -725,21 +728,37 @@ def _finalize_kernel(
         hit = tl.load(trans_key_ptr + pos, mask=rm, other=-1) == key
         nxt = tl.where(hit, tl.load(trans_next_ptr + pos, mask=rm, other=0), tl.load(root_next_ptr + tt, mask=rm))
         tl.store(new_states_ptr + rows, tl.where(dead, st, nxt), mask=rm)
-        pos = _lower_bound(out_key_ptr, zero, zero + n_pairs, key, log_pairs)
-        hit = tl.load(out_key_ptr + pos, mask=rm, other=-1) == key
-        pair_bias = tl.load(bias_hf_ptr + pos, mask=rm, other=0.0)
+        # what the lexicon does to the chosen token, and to the model's own first choice (the interventions log)
         if PER_ROW_MASK:
             hf_row = tl.load(mask_rows_ptr + rows, mask=rm, other=0) != 0
-            pair_bias = tl.where(hf_row, pair_bias, tl.load(bias_soft_ptr + pos, mask=rm, other=0.0))
-        inside = tt < V
-        tc = tl.minimum(tt, V - 1)
-        l1 = tl.where(inside, tl.load(l1_ptr + tc, mask=rm, other=0.0), 0.0)
-        l1_len = tl.where(inside, tl.load(l1_ban_len_ptr + tc, mask=rm, other=0), 0)
-        l1_entry = tl.where(inside, tl.load(l1_entry_ptr + tc, mask=rm, other=-1), -1)
-        tl.store(bias_ptr + rows, tl.where(hit, pair_bias, l1), mask=rm)
-        tl.store(ban_len_ptr + rows, tl.where(hit, tl.load(out_ban_len_ptr + pos, mask=rm, other=0), l1_len), mask=rm)
-        tl.store(entry_ptr + rows, tl.where(hit, tl.load(out_entry_ptr + pos, mask=rm, other=-1), l1_entry), mask=rm)
+        for which in tl.static_range(2):
+            t = tt if which == 0 else tl.where((top >= 0) & (top < V), top, V).to(tl.int64)
+            k = st * (V + 1) + t
+            pos = _lower_bound(out_key_ptr, zero, zero + n_pairs, k, log_pairs)
+            hit = tl.load(out_key_ptr + pos, mask=rm, other=-1) == k
+            pair_bias = tl.load(bias_hf_ptr + pos, mask=rm, other=0.0)
+            if PER_ROW_MASK:
+                pair_bias = tl.where(hf_row, pair_bias, tl.load(bias_soft_ptr + pos, mask=rm, other=0.0))
+            inside = t < V
+            tc = tl.minimum(t, V - 1)
+            l1 = tl.where(inside, tl.load(l1_ptr + tc, mask=rm, other=0.0), 0.0)
+            l1_len = tl.where(inside, tl.load(l1_ban_len_ptr + tc, mask=rm, other=0), 0)
+            l1_entry = tl.where(inside, tl.load(l1_entry_ptr + tc, mask=rm, other=-1), -1)
+            bias = tl.where(hit, pair_bias, l1)
+            ban_len = tl.where(hit, tl.load(out_ban_len_ptr + pos, mask=rm, other=0), l1_len)
+            entry = tl.where(hit, tl.load(out_entry_ptr + pos, mask=rm, other=-1), l1_entry)
+            if which == 0:
+                tl.store(bias_ptr + rows, bias, mask=rm)
+                tl.store(ban_len_ptr + rows, ban_len, mask=rm)
+                tl.store(entry_ptr + rows, entry, mask=rm)
+            else:
+                tl.store(top_bias_ptr + rows, bias, mask=rm)
+                tl.store(top_ban_len_ptr + rows, ban_len, mask=rm)
+                tl.store(top_entry_ptr + rows, entry, mask=rm)
     else:
         tl.store(bias_ptr + rows, tl.zeros((BLOCK_B,), tl.float32), mask=rm)
         tl.store(ban_len_ptr + rows, tl.zeros((BLOCK_B,), tl.int64), mask=rm)
         tl.store(entry_ptr + rows, tl.full((BLOCK_B,), -1, tl.int64), mask=rm)
+        tl.store(top_bias_ptr + rows, tl.zeros((BLOCK_B,), tl.float32), mask=rm)
+        tl.store(top_ban_len_ptr + rows, tl.zeros((BLOCK_B,), tl.int64), mask=rm)
+        tl.store(top_entry_ptr + rows, tl.full((BLOCK_B,), -1, tl.int64), mask=rm)

@@ -345,6 +345,7 @@ def _finalize(part_val, part_idx, top_val, top_idx, common: _Common, block_b: in
     ban_len = torch.empty(b, dtype=torch.int64, device=dev)
     bias = torch.empty(b, dtype=torch.float32, device=dev)
     top = torch.empty(b, dtype=torch.int64, device=dev)
+    top_bias, top_ban_len, top_entry = torch.empty_like(bias), torch.empty_like(ban_len), torch.empty_like(entry)
     m = common.matcher
     new_states = torch.empty(b, dtype=torch.int64, device=dev) if m is not None else None
     d = common.dummy
@@ -360,7 +361,7 @@ def _finalize(part_val, part_idx, top_val, top_idx, common: _Common, block_b: in
         common.bias_hf, common.bias_soft,
         m.out_key.numel() if m is not None else 0, m.out_key.numel().bit_length() if m is not None else 0,
         common.l1, m.l1_ban_len if m is not None else d, m.l1_entry if m is not None else d,
-        next_ids, new_states if m is not None else d, dead, entry, ban_len, bias, top,
+        next_ids, new_states if m is not None else d, dead, entry, ban_len, bias, top, top_bias, top_ban_len, top_entry,
         HAS_LEXICON=m is not None,
         PER_ROW_MASK=common.per_row_mask,
         BLOCK_B=block_b,
@@ -368,7 +369,7 @@ def _finalize(part_val, part_idx, top_val, top_idx, common: _Common, block_b: in
         BLOCK_T=triton.next_power_of_2(top_val.shape[1]),
         num_warps=4,
     )  # fmt: skip
-    return LogitsStep(next_ids, new_states, dead, entry, ban_len, bias, top)
+    return LogitsStep(next_ids, new_states, dead, entry, ban_len, bias, top, top_bias, top_ban_len, top_entry)
 
 
 def _fp32_reciprocal(x: float) -> float:

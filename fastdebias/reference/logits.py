@@ -58,6 +58,8 @@ class LogitsStep(NamedTuple):
         ``"backtrack"`` rows means rewind ``ban_len - 1`` positions).
     bias : fp32 bias the lexicon added to the chosen token (0 where none, -inf for a ban).
     top : int64 argmax of the raw logits (the model's own first choice, for the interventions log).
+    top_bias, top_ban_len, top_entry : ``bias``, ``ban_len`` and ``entry`` of ``top`` instead of the chosen token
+        (whether the lexicon displaced the model's first choice, and how).
     """
 
     next_ids: torch.Tensor
@@ -67,6 +69,9 @@ class LogitsStep(NamedTuple):
     ban_len: torch.Tensor
     bias: torch.Tensor
     top: torch.Tensor
+    top_bias: torch.Tensor
+    top_ban_len: torch.Tensor
+    top_entry: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -342,10 +347,13 @@ def logits_step(
     chosen = torch.where(dead, -1, chosen)
     zeros = torch.zeros(b, dtype=torch.int64, device=x.device)
     if matcher is None:
-        return LogitsStep(chosen, None, dead, zeros - 1, zeros, torch.zeros_like(raw[:, 0]), top)
+        no_bias = torch.zeros_like(raw[:, 0], dtype=torch.float32)
+        return LogitsStep(chosen, None, dead, zeros - 1, zeros, no_bias, top, no_bias, zeros, zeros - 1)
     bias, ban_len, entry = matcher.lookup(states, chosen, mask_phrases=mask_phrases)
+    top_bias, top_ban_len, top_entry = matcher.lookup(states, top, mask_phrases=mask_phrases)
     new_states = torch.where(dead, states, matcher.step(states, chosen))
-    return LogitsStep(chosen, new_states, dead, entry, ban_len, bias.float(), top)
+    return LogitsStep(chosen, new_states, dead, entry, ban_len, bias.float(), top, top_bias.float(), top_ban_len,
+                      top_entry)
 
 
 def lm_head_step(hidden: torch.Tensor, lm_head: torch.Tensor, *, lora=None, adapter_idx=None,
