@@ -118,8 +118,16 @@ class DecodeRunner:
         for lo in range(0, t, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, t)
             slots = torch.arange(lo, hi, device=tokens.device).expand(b, hi - lo)
-            logits = self.decoder(tokens[:, lo:hi], slots, start, hi, cache, adapter_idx, last_logits=hi == t,
-                                  causal=lo == 0 and not padded)
+            logits = self.decoder(
+                tokens[:, lo:hi],
+                slots,
+                start,
+                hi,
+                cache,
+                adapter_idx,
+                last_logits=hi == t,
+                causal=lo == 0 and not padded,
+            )
         return logits
 
     def decode(self, token, slots, kv_len: int, start, cache: KVCache, adapter_idx, head: bool = True) -> torch.Tensor:
@@ -162,7 +170,9 @@ class DecodeRunner:
         """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation)."""
         warnings.warn(
             f"fastdebias: {what} failed ({type(e).__name__}: {e}); decoding eagerly from now on (load with "
-            "runtime='eager' to skip the attempt)", RuntimeWarning, stacklevel=3,
+            "runtime='eager' to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
         )
         self.runtime, self.graphs, self.compiled = "eager", {}, None
         b = token.shape[0]
@@ -178,8 +188,9 @@ class DecodeRunner:
     def _forward(self, bb: int, kvb: int, has_adapter: bool, head: bool) -> torch.Tensor:
         bufs = self._bufs
         aidx = bufs["adapter_idx"][:bb] if has_adapter else None
-        return self.decoder(bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx,
-                            head=head)
+        return self.decoder(
+            bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx, head=head
+        )
 
     def _capture(self, *key):
         # Warm-up on a side stream first (Triton JIT, cuBLAS workspaces), as torch.cuda.graphs asks. The warm-up

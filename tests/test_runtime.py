@@ -55,12 +55,21 @@ def test_unpadded_prefill_takes_is_causal_and_equals_masked(llama_dir, adapter_q
     idx = torch.tensor([0, -1], dtype=torch.int32)
     seen = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda *a, **kw: seen.append(kw["attn_mask"] is None and kw["is_causal"]) or sdpa(*a, **kw))
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda *a, **kw: seen.append(kw["attn_mask"] is None and kw["is_causal"]) or sdpa(*a, **kw),
+    )
     causal, *_ = prefill(model, same, 4, idx)
     assert seen and all(seen)
-    masked = model.decoder(torch.tensor(same), torch.arange(7).expand(2, 7), torch.zeros(2, dtype=torch.long), 7,
-                           model.runner.allocate(2, 11, model.dtype, model.device), idx)
+    masked = model.decoder(
+        torch.tensor(same),
+        torch.arange(7).expand(2, 7),
+        torch.zeros(2, dtype=torch.long),
+        7,
+        model.runner.allocate(2, 11, model.dtype, model.device),
+        idx,
+    )
     rtol, atol = TOLERANCES[torch.float32]
     torch.testing.assert_close(causal, masked, rtol=rtol, atol=atol)
     seen.clear()
@@ -81,11 +90,13 @@ def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, static_eag
     cache = static.runner.cache
     assert cache.k[0].shape[0] == 4
     assert tokens(fastdebias.generate(static, PROMPTS[:1], max_new_tokens=NEW)) == tokens(
-        fastdebias.generate(eager, PROMPTS[:1], max_new_tokens=NEW))
+        fastdebias.generate(eager, PROMPTS[:1], max_new_tokens=NEW)
+    )
     assert static.runner.cache is cache
     five = PROMPTS + [[1, 3], [1, 4, 5]]
     assert tokens(fastdebias.generate(static, five, max_new_tokens=NEW)) == tokens(
-        fastdebias.generate(eager, five, max_new_tokens=NEW))
+        fastdebias.generate(eager, five, max_new_tokens=NEW)
+    )
     assert static.runner.cache.k[0].shape[0] == 8
 
 
@@ -159,12 +170,14 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, monkeypat
 
 def test_failed_compile_falls_back_to_eager(llama_dir, monkeypatch):
     """A machine where inductor cannot build (no C++ compiler, say): a warning, then the eager step, same tokens."""
+
     def failing(fn, **kw):
         def run(*a):
             cls = torch._dynamo.exc.BackendCompilerFailed  # its constructor differs across torch versions
             e = cls.__new__(cls)
             Exception.__init__(e, "InvalidCxxCompiler: no working C++ compiler found")
             raise e
+
         return run
 
     eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
