@@ -4,6 +4,7 @@
 #   bash bench/gpu_all.sh kernels    # bench_lora.py and bench_logits.py                            ~4 min
 #   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
 #   bash bench/gpu_all.sh e2e-compile  # the same vs transformers static cache + torch.compile        ~9 min
+#   bash bench/gpu_all.sh profile    # bench/profile_decode.py on the SR-LLM shape (not part of all)
 #   bash bench/gpu_all.sh all        # all of them in turn
 # Results and logs go under bench/results/ (or $OUT if set). Uses the machine's own torch/triton/transformers with
 # fastdebias from this tree: no install needed (fastdebias/kernels is a symlink to kernels/).
@@ -34,5 +35,9 @@ if [ "$stage" = e2e-compile ] || [ "$stage" = all ]; then
   stem="$OUT/e2e_${dev}_llama2-7b_vs_hf-compile"
   timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 3 --batch-sizes 1,8 --lexicon-sizes 10000 \
     --systems fastdebias,hf-compile --json "$stem.json" --md "$stem.md" --plot "$stem.png" 2>&1 | tail -30
+fi
+if [ "$stage" = profile ]; then
+  # torch.profiler over generate (SR-LLM shape, batch 1, 10k lexicon): top device ops and a Chrome trace
+  timeout 560 python3 bench/profile_decode.py --synthetic llama2-7b --out "$OUT" 2>&1 | tail -45
 fi
 ls -la "$OUT"

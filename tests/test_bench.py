@@ -207,3 +207,18 @@ def test_bad_arguments_exit_2(capsys):
     assert "--systems: unknown ['nope']" in capsys.readouterr().err
     assert main(["bench", "--quick", "--new-tokens", "1", "-q"]) == 2
     assert "--new-tokens" in capsys.readouterr().err
+
+
+def test_profile_script_runs(tmp_path, capsys):
+    """bench/profile_decode.py (the GPU session's profiler) on the tiny model: a table, a share, a trace."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--new-tokens", "4", "--lexicon-size", "100", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model_forward" in out and "host time in the model forward" in out
+    assert (tmp_path / "profile_cpu_quick.json").stat().st_size > 0
