@@ -57,8 +57,6 @@ PHASE_NONE = -1
 # Programs per SM wanted from the tile pass and the threshold passes: a decode step is memory- (or launch-)
 # bound, and a single wave of one program per SM leaves bandwidth unused while programs start and drain.
 PROGRAMS_PER_SM = 2
-# LoRA ranks per chunk of the fused lm_head's expand: a [BLOCK_M, BLOCK_N, 8] fp32 product stays in registers.
-LORA_BLOCK_R = 8
 # Candidate thresholds per search pass (16: at most 8 passes for 32-bit keys; each costs NC compares per element).
 N_CANDIDATES = 16
 
@@ -400,6 +398,7 @@ def _lm_head_tile_kernel(
     stride_lbn,
     aidx_ptr,
     R,
+    n_adapters,
     l1_ptr,
     states_ptr,
     out_start_ptr,
@@ -449,8 +448,9 @@ def _lm_head_tile_kernel(
     registers (greedy/sample).
 
     LoRA (``HAS_LORA``): ``xs`` [B, R] fp32 is the shrink already scaled, s_a · (h · A_aᵀ), zero on rows without
-    an adapter; the tile adds Σ_r xs[m, r] · B_a[n, r], reading each row's own adapter's B slice ([BM, BN, BR]
-    per chunk of BLOCK_R ranks), so rows of different adapters share the W tile."""
+    an adapter; for each adapter the tile adds ``xs_a · B_aᵀ`` with one ``tl.dot`` ([BM, BLOCK_R] x [BLOCK_R, BN],
+    ``xs`` zeroed on the other adapters' rows): one B tile load per adapter, no per-row gathers, and rows of every
+    adapter share the W tile. ``BLOCK_R`` is the rank padded to a power of two (at least 16, for ``tl.dot``)."""
     # program_id(0) walks the M-blocks of one W tile first, so a batch larger than BLOCK_M re-reads W from L2
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -470,17 +470,15 @@ def _lm_head_tile_kernel(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_LORA:
         a = tl.load(aidx_ptr + rows, mask=row_mask, other=-1)
-        use = row_mask & (a >= 0)
-        b_rows = lb_ptr + tl.where(use, a, 0).to(tl.int64)[:, None, None] * stride_lba
-        b_rows += cols.to(tl.int64)[None, :, None] * stride_lbn
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            mask_r = rr < R
-            xs = tl.load(xs_ptr + rows[:, None] * stride_xs + rr[None, :], mask=row_mask[:, None] & mask_r[None, :],
-                         other=0.0)  # fmt: skip
-            bt = tl.load(b_rows + rr[None, None, :], mask=use[:, None, None] & col_mask[None, :, None]
-                         & mask_r[None, None, :], other=0.0).to(tl.float32)  # fmt: skip
-            acc += tl.sum(xs[:, None, :] * bt, axis=2)
+        rr = tl.arange(0, BLOCK_R)
+        mask_r = rr < R
+        xs = tl.load(xs_ptr + rows[:, None] * stride_xs + rr[None, :], mask=row_mask[:, None] & mask_r[None, :],
+                     other=0.0)  # fmt: skip
+        b_cols = lb_ptr + cols.to(tl.int64)[:, None] * stride_lbn + rr[None, :]
+        for j in range(n_adapters):
+            bt = tl.load(b_cols + j * stride_lba, mask=col_mask[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
+            xs_j = tl.where((a == j)[:, None], xs, 0.0)
+            acc = tl.dot(xs_j, tl.trans(bt.to(tl.float32)), acc, input_precision=DOT_PRECISION)
     if ROUND_LOGITS:
         # the unfused path stores the lm_head output in the weights' dtype before the step upcasts it
         acc = acc.to(h_ptr.dtype.element_ty).to(tl.float32)

@@ -37,7 +37,6 @@ import triton
 
 from fastdebias.errors import BackendError
 from fastdebias.kernels.logits import (
-    LORA_BLOCK_R,
     MODE_FILTER,
     MODE_GREEDY,
     MODE_SAMPLE,
@@ -199,10 +198,12 @@ def lm_head_step(
         sel = (adapter_idx.view(b, 1) == torch.arange(n, device=hidden.device).view(1, n)).float() * scale.view(1, n)
         xs = (xa * sel.view(b, n, 1)).sum(dim=1)
         lb, aidx = lora_b.contiguous(), adapter_idx.to(torch.int32).contiguous()
-        lora_args = (xs, xs.stride(0), lb, lb.stride(0), lb.stride(1), aidx, r)
+        lora_args = (xs, xs.stride(0), lb, lb.stride(0), lb.stride(1), aidx, r, n)
+        block_r = max(16, triton.next_power_of_2(r))
     else:
         d = common.dummy
-        lora_args = (d, 0, d, 0, 0, d, 0)
+        lora_args = (d, 0, d, 0, 0, d, 0, 0)
+        block_r = 16
     _lm_head_tile_kernel[(triton.cdiv(b, meta.block_m), nt)](
         hidden, hidden.stride(0), hidden.stride(1), lm_head, lm_head.stride(0), lm_head.stride(1),
         hidden.shape[1], b, v,
@@ -216,7 +217,7 @@ def lm_head_step(
         BLOCK_M=meta.block_m,
         BLOCK_N=meta.block_n,
         BLOCK_K=meta.block_k,
-        BLOCK_R=LORA_BLOCK_R,
+        BLOCK_R=block_r,
         DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=meta.num_warps,
         num_stages=meta.num_stages,
