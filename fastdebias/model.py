@@ -251,12 +251,12 @@ class LlamaDecoder(nn.Module):
         positions = (slots - start.view(b, 1)).clamp(min=0)
         cos = self.rope_cos[positions].to(self.embed_tokens.dtype)
         sin = self.rope_sin[positions].to(self.embed_tokens.dtype)
-        j = torch.arange(kv_len, device=tokens.device).view(1, 1, kv_len)
-        s = slots.view(b, t, 1)
-        # Causal within the row's own span; a padding query sees only itself (never an all-masked row → NaN).
-        mask = (((j >= start.view(b, 1, 1)) & (j <= s)) | (j == s)).unsqueeze(1)  # [B, 1, T, kv_len]
-        if causal:
-            mask = None
+        mask = None  # causal: SDPA's is_causal
+        if not causal:
+            j = torch.arange(kv_len, device=tokens.device).view(1, 1, kv_len)
+            s = slots.view(b, t, 1)
+            # Causal within the row's own span; a padding query sees only itself (never an all-masked row → NaN).
+            mask = (((j >= start.view(b, 1, 1)) & (j <= s)) | (j == s)).unsqueeze(1)  # [B, 1, T, kv_len]
         rows = adapter_idx if t == 1 or adapter_idx is None else adapter_idx.repeat_interleave(t)
         h = F.embedding(tokens, self.embed_tokens)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):

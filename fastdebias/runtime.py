@@ -41,6 +41,8 @@ KV_BUCKET = 256  # slots: the attention read grows in steps of this (a new graph
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activation and mask memory for long prompts
 RUNTIMES = ("auto", "eager", "cuda_graph", "compile")
 COMPILE_ENTRIES = 256  # compiled step variants kept per process (models x batch buckets x cache sizes)
+# the name of dynamo's per-code-object entry limit (renamed in torch 2.6)
+_DYNAMO_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
@@ -136,6 +138,7 @@ class DecodeRunner:
         b = token.shape[0]
         if not self.static:
             return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
+        args = (token, slots, kv_len, start, cache, adapter_idx, head)
         bufs = self._bufs
         bb, cache_len = batch_bucket(b), cache.k[0].shape[2]
         kvb = self.kv_read_len(kv_len, cache_len)
@@ -151,22 +154,21 @@ class DecodeRunner:
                 self.compiled = torch.compile(self._forward, dynamic=False)
             # Dynamo keeps one cache per code object, shared by every model's runner: each model x bucket is an
             # entry, and past the default limit (8) it would silently run the step eagerly.
-            limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             try:
-                with torch._dynamo.config.patch(**{limit: COMPILE_ENTRIES}):
+                with torch._dynamo.config.patch(**{_DYNAMO_LIMIT: COMPILE_ENTRIES}):
                     return self.compiled(*key)[:b]
             except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
-                return self._fall_back("torch.compile", e, token, slots, kv_len, start, cache, adapter_idx, head)
+                return self._fall_back("torch.compile", e, args)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(*key)
             except RuntimeError as e:  # e.g. an op that syncs with the host
-                return self._fall_back("CUDA graph capture", e, token, slots, kv_len, start, cache, adapter_idx, head)
+                return self._fall_back("CUDA graph capture", e, args)
         graph, out = self.graphs[key]
         graph.replay()
         return out[:b]
 
-    def _fall_back(self, what: str, e: Exception, token, slots, kv_len, start, cache, adapter_idx, head):
+    def _fall_back(self, what: str, e: Exception, args: tuple) -> torch.Tensor:
         """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation)."""
         warnings.warn(
             f"fastdebias: {what} failed ({type(e).__name__}: {e}); decoding eagerly from now on (load with "
@@ -175,8 +177,7 @@ class DecodeRunner:
             stacklevel=3,
         )
         self.runtime, self.graphs, self.compiled = "eager", {}, None
-        b = token.shape[0]
-        return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
+        return self.decode(*args)  # the eager branch now
 
     def kv_read_len(self, kv_len: int, cache_len: int) -> int:
         """Slots the static step attends over. CUDA graphs: a new kv bucket costs one capture (milliseconds). A

@@ -32,7 +32,6 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from fastdebias.errors import BackendError
@@ -54,6 +53,7 @@ from fastdebias.kernels.logits import (
     logits_meta,
 )
 from fastdebias.reference.logits import LogitsStep, check_lm_head_args, check_step_args, lm_head_logits, split_seed
+from fastdebias.reference.lora import lora_shrink
 
 __all__ = ["LogitsStep", "lm_head_step", "logits_step"]
 
@@ -193,10 +193,8 @@ def lm_head_step(
     if has_lora:
         lora_a, lora_b, scale = lora
         n, r = lora_a.shape[0], lora_a.shape[1]
-        # s_a · (h · A_aᵀ) per row, fp32 [B, R]; zero on rows without an adapter
-        xa = F.linear(hidden, lora_a.reshape(n * r, -1)).view(b, n, r).float()
-        sel = (adapter_idx.view(b, 1) == torch.arange(n, device=hidden.device).view(1, n)).float() * scale.view(1, n)
-        xs = (xa * sel.view(b, n, 1)).sum(dim=1)
+        # s_a · (h · A_aᵀ) per row, fp32 [B, R]: each row's own adapter block (zero on rows without an adapter)
+        xs = lora_shrink(hidden, lora_a, scale, adapter_idx).sum(dim=1)
         lb, aidx = lora_b.contiguous(), adapter_idx.to(torch.int32).contiguous()
         lora_args = (xs, xs.stride(0), lb, lb.stride(0), lb.stride(1), aidx, r, n)
         block_r = max(16, triton.next_power_of_2(r))
