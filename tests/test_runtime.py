@@ -7,8 +7,14 @@ one real ``torch.compile``. The CUDA-graph tests run on a GPU only.
 
 from __future__ import annotations
 
+import collections
+import importlib
+import inspect
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdebias
 from fastdebias import runtime
@@ -17,6 +23,8 @@ from fastdebias.generate import prefill
 from fastdebias.lexicon import Lexicon
 
 from .conftest import TOLERANCES
+
+generate_module = importlib.import_module("fastdebias.generate")  # the module (fastdebias.generate is the function)
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3], [1, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 NEW = 12
@@ -195,6 +203,75 @@ def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     names = ["qv", None]
     want = tokens(fastdebias.generate(eager, PROMPTS[:2], adapter=names, max_new_tokens=6))
     assert tokens(fastdebias.generate(comp, PROMPTS[:2], adapter=names, max_new_tokens=6)) == want
+
+
+class _SyncSpy(TorchDispatchMode):
+    """Records where the decode loop reads a tensor's value on the host (what would wait for the device, and what
+    a CUDA graph capture refuses): the ops behind ``.item()`` / ``bool()`` / ``int()``, data-dependent shapes, and
+    ``.tolist()`` / ``.numpy()`` (these do not dispatch, so they are wrapped)."""
+
+    OPS = ("_local_scalar_dense", "is_nonzero", "item", "equal", "nonzero", "masked_select", "_unique2",
+           "unique_consecutive", "unique_dim")  # fmt: skip
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.sites = collections.Counter()
+        lines, first = inspect.getsourcelines(generate_module._generate_batch)
+        body = "".join(lines)
+        loop = first + body[: body.index("for it in range(n_iter):")].count("\n")
+        end = first + body[: body.index("lengths = cur.tolist()")].count("\n")
+        self.loop = (loop, end)
+        for name in ("tolist", "numpy"):
+            orig = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, orig))
+
+    def _wrap(self, name, orig):
+        def read(t, *a, **kw):
+            self._record(name)
+            return orig(t, *a, **kw)
+
+        return read
+
+    def _record(self, name):
+        for f in traceback.extract_stack():  # the decode loop's own line that led here
+            if f.filename == generate_module.__file__ and f.name == "_generate_batch":
+                if self.loop[0] < f.lineno < self.loop[1]:
+                    self.sites[(name, f.line)] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.OPS:
+            self._record(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("runtime_name", ["eager", "static"])
+def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adapter_qv, backend, runtime_name,
+                                                                 monkeypatch):  # fmt: skip
+    """Per token, the host reads back only the done flags (every N steps on CUDA): the logits step, the lexicon's
+    bookkeeping and rewinds, the repetition penalty and sampling stay on the device (capturable, no stall)."""
+    if runtime_name == "static":
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = fastdebias.load(llama_dir, adapter_qv, backend=backend, device=dev, progress=False,
+                            runtime="compile" if runtime_name == "static" and dev == "cpu" else "auto")  # fmt: skip
+    free = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=6))
+    lex = Lexicon.from_token_sequences({tuple(r[2:4]): float("-inf") for r in free} | {(free[0][1],): -2.0})
+    cases = (
+        dict(adapter=["qv", None, "qv"]),
+        dict(lexicon=lex, repetition_penalty=1.3),  # backtracking: rewinds happen
+        dict(lexicon=lex, lexicon_mode="hf", temperature=0.8, top_k=5, top_p=0.9, seed=3),
+        dict(lexicon=lex, temperature=0.7, seed=3),
+    )
+    for kw in cases:
+        spy = _SyncSpy(monkeypatch)
+        with spy:
+            res = fastdebias.generate(model, PROMPTS, max_new_tokens=8, eos_token_id=[], **kw)
+        assert all(len(r.token_ids) == 8 for r in res)
+        if "repetition_penalty" in kw:
+            assert any(i.action == "rewound" for r in res for i in r.interventions)
+        sites = {line for _, line in spy.sites}
+        assert sites == {"if it == n_iter - 1 or (check and bool(done.all())):"}, (kw, spy.sites)
 
 
 def test_runtime_errors(llama_dir):

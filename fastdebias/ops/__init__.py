@@ -109,7 +109,8 @@ def lora_linear_sliced(
     for i in packed:
         lo = sum(sizes[:i])
         ys = y[:, lo:lo + sizes[i]]
-        y[:, lo:lo + sizes[i]] = torch.where(keep, ys + _ref_lora.lora_delta(x, *loras[i], adapter_idx), ys)
+        delta = _ref_lora.lora_delta(x, *loras[i], adapter_idx, linear=_base_linear)  # multiply-reduce if compiled
+        y[:, lo:lo + sizes[i]] = torch.where(keep, ys + delta, ys)
     return y
 
 

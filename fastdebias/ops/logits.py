@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 import triton
 
@@ -372,8 +373,8 @@ def _finalize(part_val, part_idx, top_val, top_idx, common: _Common, block_b: in
 
 
 def _fp32_reciprocal(x: float) -> float:
-    one = torch.ones((), dtype=torch.float32)
-    return float(one / torch.tensor(float(x), dtype=torch.float32))
+    """1/x rounded as fp32 division rounds it (what the reference computes on device), on the host: no tensor."""
+    return float(np.float32(1.0) / np.float32(x))
 
 
 def _check_backend(device: torch.device) -> None:

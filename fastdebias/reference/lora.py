@@ -39,22 +39,31 @@ def lora_linear(
 
 
 def lora_delta(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, adapter_idx: torch.Tensor
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    adapter_idx: torch.Tensor,
+    linear=F.linear,
 ) -> torch.Tensor:
-    """The LoRA term alone, s_a·((x·A_aᵀ)·B_aᵀ) per row ([M, N], zero for rows with index -1)."""
+    """The LoRA term alone, s_a·((x·A_aᵀ)·B_aᵀ) per row ([M, N], zero for rows with index -1).
+
+    ``linear(x, w)`` computes x·wᵀ (``F.linear``, or the compiled CPU step's multiply-reduce)."""
     n, r, _ = lora_a.shape
-    xa = lora_shrink(x, lora_a, scale, adapter_idx).to(x.dtype)
-    return F.linear(xa.view(x.shape[0], n * r), lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r))
+    xa = lora_shrink(x, lora_a, scale, adapter_idx, linear).to(x.dtype)
+    return linear(xa.view(x.shape[0], n * r), lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r))
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, adapter_idx: torch.Tensor, linear=F.linear
+) -> torch.Tensor:
     """s_a·(x·A_aᵀ) in each row's own adapter block: fp32 [M, n_adapters, R], zero elsewhere (and on rows with -1).
 
     Every row goes through every adapter's shrink (n·R values, tiny), then a per-row mask keeps its own block: no
     gather of per-row A copies and no data-dependent branching, hence no host sync."""
     n, r, k = lora_a.shape
     m = x.shape[0]
-    xa = F.linear(x, lora_a.reshape(n * r, k)).view(m, n, r)
+    xa = linear(x, lora_a.reshape(n * r, k)).view(m, n, r)
     sel = (adapter_idx.view(m, 1) == torch.arange(n, device=x.device).view(1, n)).to(scale.dtype) * scale.view(1, n)
     return xa.float() * sel.view(m, n, 1)
 
