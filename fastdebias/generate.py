@@ -180,6 +180,7 @@ class _LexiconState:
         b, t = prompt.shape
         dev = prompt.device
         self.m, self.backtrack, self.max_rewinds = matcher, mode == "backtrack", max_rewinds
+        matcher.prepare(torch.float32)  # the step applies the lexicon to fp32 logits
         real = torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)
         self.state = matcher.init_states(prompt, real)  # [B]
         self.hist = torch.zeros(b, max_new + 1, dtype=torch.long, device=dev)  # state before each position
@@ -206,11 +207,13 @@ class _LexiconState:
             x = x.masked_fill(banned > 0, float("-inf"))
         return x
 
-    def record(self, it: int, slot: int, mask, pos, entry, action: int | torch.Tensor, token) -> None:
+    def record(self, it: torch.Tensor, slot: int, mask, pos, entry, action: int | torch.Tensor, token) -> None:
+        """Log (pos, entry, action, token) at step ``it`` (a [1] device tensor: an index the host never reads)."""
         # one stacked write (a handful of launches per record, not four of each): this runs every step on the device
         action = action if isinstance(action, torch.Tensor) else torch.full_like(pos, action)
-        vals = torch.stack((pos, entry, action, token))  # [4, B]
-        self.log[:, :, it, slot] = torch.where(mask & (entry >= 0), vals, self.log[:, :, it, slot])
+        vals = torch.stack((pos, entry, action, token)).unsqueeze(-1)  # [4, B, 1]
+        keep = (mask & (entry >= 0)).view(1, -1, 1)
+        self.log[:, :, it, slot] = torch.where(keep, vals, self.log[:, :, it, slot])
 
     def results(self, row: int):
         from fastdebias.lexicon import interventions_from_log
@@ -218,6 +221,129 @@ class _LexiconState:
         pos, entry, action, token = (x[row].reshape(-1) for x in self.log.cpu())
         keep = entry >= 0
         return interventions_from_log(self.m, pos[keep], entry[keep], action[keep], token[keep])
+
+
+class _Loop:
+    """What the decode loop carries from step to step: device tensors, updated in place by ``_advance`` (so that a
+    compiled or captured step reads and writes the same addresses at every step), and the step's settings."""
+
+    def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p,
+                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_head) -> None:  # fmt: skip
+        b, t = prompt.shape
+        dev, v = prompt.device, model.config.vocab_size
+        self.b, self.t, self.max_new = b, t, max_new_tokens
+        self.temperature, self.top_k, self.top_p, self.penalty = temperature, top_k, top_p, repetition_penalty
+        self.generator, self.seed, self.row_ids = generator, seed, row_ids
+        self.fused_step, self.fused_head = model.backend == "triton", fused_head
+        self.head_w, self.head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
+        self.adapter_idx, self.prompt_last, self.lex = adapter_idx, prompt[:, -1], lex
+        self.ar = torch.arange(b, device=dev)
+        self.eos = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
+        self.pad_token = eos[0] if eos else 0
+        self.positions = torch.arange(max_new_tokens, device=dev).view(1, -1)
+        self.counts = None
+        if repetition_penalty != 1.0:  # token counts of the context (counts, not flags, so a rewind can undo them)
+            real = (torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)).int()
+            self.counts = torch.zeros(b, v, dtype=torch.int32, device=dev).scatter_add_(1, prompt, real)
+        self.out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
+        self.cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.all_banned = torch.zeros(b, dtype=torch.bool, device=dev)
+        # the step, on the device (the Triton step's noise counter, the log's index); [1], not [], since a 0-d
+        # index tensor would be read back by the host as an int
+        self.it = torch.zeros(1, dtype=torch.long, device=dev)
+
+
+def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step after the model's forward: choose each row's token from ``x`` (fp32 logits [B, V], or with
+    ``hidden`` the final hidden state [B, K] for the fused lm_head + step), then the bookkeeping (output, done
+    flags, repetition counts, lexicon states, rewinds, the interventions log), all in place on ``s``.
+
+    Returns the token to feed each row next [B] and its cache slot [B]. Tensor ops only, no host read: under
+    ``runtime="compile"`` it is compiled with the forward's settings."""
+    b, lex, cur, done = s.b, s.lex, s.cur, s.done
+    hf_rows = lex.hf_rows(cur) if lex is not None else True
+    if s.fused_step:
+        # one fused pass: lexicon, position bans, repetition penalty, temperature, top-k/top-p, choice,
+        # automaton advance and lookup of the chosen token
+        bans = torch.where(lex.ban_pos == cur.view(b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
+        head_args = (dict(hidden=x, lm_head=s.head_w, lm_head_lora=s.head_lora, adapter_idx=s.adapter_idx)
+                     if hidden else dict(logits=x))  # fmt: skip
+        r = ops.logits_step(
+            **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
+            banned_tokens=bans, counts=s.counts, repetition_penalty=s.penalty, temperature=s.temperature,
+            top_k=s.top_k, top_p=s.top_p, seed=s.seed, step=s.it, row_ids=s.row_ids, backend="triton",
+        )  # fmt: skip
+        nxt, dead = r.next_ids, r.all_banned & ~done
+        if lex is not None:
+            bias, ban_len, entry, next_state = r.bias, r.ban_len, r.entry, r.states
+    else:
+        y = x
+        if lex is not None:
+            y = lex.apply(y, cur, hf_rows)
+        if s.counts is not None:
+            y = apply_repetition_penalty(y, s.counts > 0, s.penalty)
+        # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
+        dead = torch.isneginf(y).all(dim=-1) & ~done
+        y = torch.where(dead.view(b, 1), torch.zeros_like(y), y)
+        nxt = choose_tokens(y, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=s.generator)
+        if lex is not None:
+            bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
+            next_state = lex.m.step(lex.state, nxt)
+    s.all_banned |= dead
+    active = ~done & ~dead
+    rewind = torch.zeros_like(active)
+    ar, out = s.ar, s.out
+    if lex is not None:
+        if lex.backtrack:
+            rewind = active & (ban_len >= 2) & ~hf_rows
+        penalised = active & ~rewind & torch.isfinite(bias) & (bias != 0)
+        lex.record(s.it, 0, penalised, cur, entry, 0, nxt)
+        # The model's own first choice, when the lexicon displaced it: banned, or penalised out of first place.
+        if s.fused_step:  # the step kernel looked the model's first choice up too
+            top, top_bias, top_len, top_entry = r.top, r.top_bias, r.top_ban_len, r.top_entry
+        else:
+            top = x.argmax(dim=-1)
+            top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
+        masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
+        displaced = active & ~rewind & (top != nxt) & (masked | (torch.isfinite(top_bias) & (top_bias < 0)))
+        # slot 1 holds this (action 1 = banned, 0 = penalised) or, in a rewinding row, the rewind: one write
+        slot1 = (displaced, cur, top_entry, masked.long(), top)
+    commit = active & ~rewind
+    nxt = torch.where(commit, nxt, torch.full_like(nxt, s.pad_token))
+    wpos = cur.clamp(max=s.max_new - 1)
+    out[ar, wpos] = torch.where(commit, nxt, out[ar, wpos])
+    if s.counts is not None:
+        s.counts.scatter_add_(1, nxt.view(b, 1), commit.int().view(b, 1))
+    if lex is not None:
+        lex.state.copy_(torch.where(commit, next_state, lex.state))
+        if lex.backtrack:
+            # rewind to where the phrase began, ban its first token there, restore that position's state
+            p = torch.where(rewind, cur - (ban_len - 1), cur).clamp(min=0)
+            first = out[ar, p.clamp(max=s.max_new - 1)]
+            rewound = (p, entry, 2, first)
+            slot1 = (slot1[0] | rewind, *(torch.where(rewind, x, y) for x, y in zip(rewound, slot1[1:])))
+            slot = lex.rewinds.clamp(max=lex.ban_pos.shape[1] - 1)
+            stale = lex.ban_pos > p.view(b, 1)  # bans past the rewind point belong to a context now gone
+            lex.ban_pos.masked_fill_(stale & rewind.view(b, 1), -1)
+            lex.ban_pos[ar, slot] = torch.where(rewind, p, lex.ban_pos[ar, slot])
+            lex.ban_tok[ar, slot] = torch.where(rewind, first, lex.ban_tok[ar, slot])
+            if s.counts is not None:
+                drop = (s.positions >= p.view(b, 1)) & (s.positions < cur.view(b, 1)) & rewind.view(b, 1)
+                s.counts.scatter_add_(1, out, -drop.int())
+            lex.rewinds += rewind.long()
+            cur.copy_(torch.where(rewind, p, cur + commit.long()))
+            lex.state.copy_(torch.where(rewind, lex.hist[ar, cur], lex.state))
+            lex.hist[ar, cur.clamp(max=s.max_new)] = lex.state
+        else:
+            cur += commit.long()
+        lex.record(s.it, 1, *slot1)
+    else:
+        cur += commit.long()
+    done |= (commit & torch.isin(nxt, s.eos)) | (cur >= s.max_new) | dead
+    s.it += 1
+    feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], s.prompt_last)
+    return feed, s.t + cur - 1
 
 
 def _generate_batch(
@@ -245,24 +371,12 @@ def _generate_batch(
     adapter_idx = torch.tensor(rows, dtype=torch.int32, device=dev) if any(r >= 0 for r in rows) else None
     logits, cache, start, prompt = prefill(model, ids, max_new_tokens, adapter_idx)
     t = prompt.shape[1]
-    ar = torch.arange(b, device=dev)
-    eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
-    pad_token = eos[0] if eos else 0
     n_iter = max_new_tokens
     lex = None
     if matcher is not None:
         if lexicon_mode == "backtrack":  # each rewind costs one step plus the positions it gives back
             n_iter += max_rewinds * (matcher.max_depth + 1)
         lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
-    counts = None
-    if repetition_penalty != 1.0:  # token counts of the context (counts, not flags, so a rewind can undo them)
-        real = (torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)).int()
-        counts = torch.zeros(b, v, dtype=torch.int32, device=dev).scatter_add_(1, prompt, real)
-    out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
-    cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    all_banned = torch.zeros(b, dtype=torch.bool, device=dev)
-    positions = torch.arange(max_new_tokens, device=dev).view(1, -1)
     stop_hit = [False] * b
     emitted = [""] * b
     host_each_step = bool(stop) or stream is not None
@@ -272,94 +386,22 @@ def _generate_batch(
     fused_step = model.backend == "triton"
     # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p need the logits: unfused
     fused_head = fused_step and b <= FUSED_HEAD_MAX_ROWS and (temperature == 0 or (not 0 < top_k < v and top_p >= 1.0))
-    head_w, head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
-    hidden = None
+    row_ids = None
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
-        step_t = torch.zeros(1, dtype=torch.long, device=dev)
-        seed_int = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         row_ids = torch.arange(index_offset, index_offset + b, device=dev)
+    s = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
+              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, seed=seed,
+              row_ids=row_ids, eos=eos, lex=lex, fused_head=fused_head)  # fmt: skip
+    # the token choice and bookkeeping, compiled like the forward under runtime="compile" (torch backend, greedy:
+    # sampling draws from a host-side generator, which stays eager so that a seed gives the same tokens)
+    advance = model.runner.step_function(_advance) if not fused_step and temperature == 0 else _advance
+    x, hidden = logits, False
+    done, out = s.done, s.out
     for it in range(n_iter):
-        hf_rows = lex.hf_rows(cur) if lex is not None else True
-        if fused_step:
-            # one fused pass: lexicon, position bans, repetition penalty, temperature, top-k/top-p, choice,
-            # automaton advance and lookup of the chosen token
-            bans = torch.where(lex.ban_pos == cur.view(b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
-            head_args = (dict(hidden=hidden, lm_head=head_w, lm_head_lora=head_lora, adapter_idx=adapter_idx)
-                         if hidden is not None else dict(logits=logits))
-            r = ops.logits_step(
-                **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
-                banned_tokens=bans, counts=counts, repetition_penalty=repetition_penalty, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seed_int, step=step_t, row_ids=row_ids, backend="triton",
-            )
-            step_t += 1
-            nxt, dead = r.next_ids, r.all_banned & ~done
-            if lex is not None:
-                bias, ban_len, entry, next_state = r.bias, r.ban_len, r.entry, r.states
-        else:
-            x = logits
-            if lex is not None:
-                x = lex.apply(x, cur, hf_rows)
-            if counts is not None:
-                x = apply_repetition_penalty(x, counts > 0, repetition_penalty)
-            # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
-            dead = torch.isneginf(x).all(dim=-1) & ~done
-            x = torch.where(dead.view(b, 1), torch.zeros_like(x), x)
-            nxt = choose_tokens(x, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if lex is not None:
-                bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
-                next_state = lex.m.step(lex.state, nxt)
-        all_banned |= dead
-        active = ~done & ~dead
-        rewind = torch.zeros_like(active)
-        if lex is not None:
-            if lex.backtrack:
-                rewind = active & (ban_len >= 2) & ~hf_rows
-            penalised = active & ~rewind & torch.isfinite(bias) & (bias != 0)
-            lex.record(it, 0, penalised, cur, entry, 0, nxt)
-            # The model's own first choice, when the lexicon displaced it: banned, or penalised out of first place.
-            if fused_step:  # the step kernel looked the model's first choice up too
-                top, top_bias, top_len, top_entry = r.top, r.top_bias, r.top_ban_len, r.top_entry
-            else:
-                top = logits.argmax(dim=-1)
-                top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
-            masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
-            displaced = active & ~rewind & (top != nxt) & (masked | (torch.isfinite(top_bias) & (top_bias < 0)))
-            # slot 1 holds this (action 1 = banned, 0 = penalised) or, in a rewinding row, the rewind: one write
-            slot1 = (displaced, cur, top_entry, masked.long(), top)
-        commit = active & ~rewind
-        nxt = torch.where(commit, nxt, torch.full_like(nxt, pad_token))
-        wpos = cur.clamp(max=max_new_tokens - 1)
-        out[ar, wpos] = torch.where(commit, nxt, out[ar, wpos])
-        if counts is not None:
-            counts.scatter_add_(1, nxt.view(b, 1), commit.int().view(b, 1))
-        if lex is not None:
-            lex.state = torch.where(commit, next_state, lex.state)
-            if lex.backtrack:
-                # rewind to where the phrase began, ban its first token there, restore that position's state
-                p = torch.where(rewind, cur - (ban_len - 1), cur).clamp(min=0)
-                first = out[ar, p.clamp(max=max_new_tokens - 1)]
-                rewound = (p, entry, 2, first)
-                slot1 = (slot1[0] | rewind, *(torch.where(rewind, x, y) for x, y in zip(rewound, slot1[1:])))
-                slot = lex.rewinds.clamp(max=lex.ban_pos.shape[1] - 1)
-                stale = lex.ban_pos > p.view(b, 1)  # bans past the rewind point belong to a context now gone
-                lex.ban_pos = torch.where(stale & rewind.view(b, 1), -1, lex.ban_pos)
-                lex.ban_pos[ar, slot] = torch.where(rewind, p, lex.ban_pos[ar, slot])
-                lex.ban_tok[ar, slot] = torch.where(rewind, first, lex.ban_tok[ar, slot])
-                if counts is not None:
-                    drop = (positions >= p.view(b, 1)) & (positions < cur.view(b, 1)) & rewind.view(b, 1)
-                    counts.scatter_add_(1, out, -drop.int())
-                lex.rewinds += rewind.long()
-                cur = torch.where(rewind, p, cur + commit.long())
-                lex.state = torch.where(rewind, lex.hist[ar, cur], lex.state)
-                lex.hist[ar, cur.clamp(max=max_new_tokens)] = lex.state
-            else:
-                cur = cur + commit.long()
-            lex.record(it, 1, *slot1)
-        else:
-            cur = cur + commit.long()
-        done |= (commit & torch.isin(nxt, eos_t)) | (cur >= max_new_tokens) | dead
+        feed, slots = advance(s, x, hidden)
         if host_each_step:
-            done_host, cur_host = done.tolist(), cur.tolist()
+            done_host, cur_host = done.tolist(), s.cur.tolist()
             gen = out.tolist()
             for i in range(b):
                 if stop_hit[i]:
@@ -382,15 +424,12 @@ def _generate_batch(
         check = (it + 1) % check_every == 0 or it + 1 == max_new_tokens
         if it == n_iter - 1 or (check and bool(done.all())):
             break
-        feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], prompt[:, -1])
         kv_len = min(t + it + 1, t + max_new_tokens)
-        if fused_head:
-            hidden = decode_one_token(model, feed, t + cur - 1, kv_len, start, cache, adapter_idx, head=False)
-        else:
-            logits = decode_one_token(model, feed, t + cur - 1, kv_len, start, cache, adapter_idx)
-    lengths = cur.tolist()
+        hidden = fused_head
+        x = decode_one_token(model, feed, slots, kv_len, start, cache, adapter_idx, head=not fused_head)
+    lengths = s.cur.tolist()
     gen = out.tolist()
-    banned_rows = all_banned.tolist()
+    banned_rows = s.all_banned.tolist()
     results = []
     eos_set = set(eos)
     for i in range(b):

@@ -208,6 +208,11 @@ class PhraseMatcher:
             states = nxt if attention_mask is None else torch.where(attention_mask[:, j].bool(), nxt, states)
         return states
 
+    def prepare(self, dtype: torch.dtype = torch.float32) -> None:
+        """Build the bias tables for ``dtype`` now, before a compiled or captured decode step reads them (they are
+        otherwise built on first use, with host-side work that a compiled step would break on)."""
+        self._tables(dtype)
+
     def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(l1 [V], out_bias_hf [P + 1], out_bias_soft [P + 1])`` in ``dtype`` on the device, built once."""
         tables = self._tables_cache.get(dtype)

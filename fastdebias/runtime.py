@@ -78,6 +78,7 @@ class DecodeRunner:
         self.pool = None
         self.compiled = None
         self._bufs: dict[str, torch.Tensor] = {}
+        self._step_fns: dict = {}  # fn -> its compiled form (None after a failed compile)
 
     @property
     def static(self) -> bool:
@@ -178,6 +179,30 @@ class DecodeRunner:
         )
         self.runtime, self.graphs, self.compiled = "eager", {}, None
         return self.decode(*args)  # the eager branch now
+
+    def step_function(self, fn):
+        """``fn`` (the decode loop's token choice and bookkeeping, ``generate._advance``) as this runtime runs it:
+        compiled under ``"compile"`` (one entry per batch size and loop settings, beside the forward's), as is
+        everywhere else. If the compile fails, a warning, then ``fn`` eagerly (the forward keeps its own state)."""
+        if self.runtime != "compile":
+            return fn
+        compiled = self._step_fns.get(fn)
+        if compiled is None:
+            compiled = self._step_fns[fn] = torch.compile(fn, dynamic=False)
+
+        def run(*args):
+            if self._step_fns.get(fn) is None:  # a compile failed earlier
+                return fn(*args)
+            try:
+                with torch._dynamo.config.patch(**{_DYNAMO_LIMIT: COMPILE_ENTRIES}):
+                    return compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                warnings.warn(f"fastdebias: torch.compile of the decode loop's step failed ({type(e).__name__}: "
+                              f"{e}); running it eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
+                self._step_fns[fn] = None
+                return fn(*args)
+
+        return run
 
     def kv_read_len(self, kv_len: int, cache_len: int) -> int:
         """Slots the static step attends over. CUDA graphs: a new kv bucket costs one capture (milliseconds). A

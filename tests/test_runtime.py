@@ -203,6 +203,14 @@ def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     names = ["qv", None]
     want = tokens(fastdebias.generate(eager, PROMPTS[:2], adapter=names, max_new_tokens=6))
     assert tokens(fastdebias.generate(comp, PROMPTS[:2], adapter=names, max_new_tokens=6)) == want
+    # the loop's step (token choice, lexicon, rewinds, log) compiled too: same tokens and interventions
+    free = tokens(fastdebias.generate(eager, PROMPTS[:2], max_new_tokens=NEW))
+    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free} | {(free[1][2],): -1.5})
+    kw = dict(adapter=names, max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
+    a, b = fastdebias.generate(eager, PROMPTS[:2], **kw), fastdebias.generate(comp, PROMPTS[:2], **kw)
+    assert any(i.action == "rewound" for r in b for i in r.interventions)
+    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
+    assert comp.runner._step_fns.get(generate_module._advance) is not None  # compiled, not fallen back
 
 
 class _SyncSpy(TorchDispatchMode):
@@ -219,7 +227,7 @@ class _SyncSpy(TorchDispatchMode):
         lines, first = inspect.getsourcelines(generate_module._generate_batch)
         body = "".join(lines)
         loop = first + body[: body.index("for it in range(n_iter):")].count("\n")
-        end = first + body[: body.index("lengths = cur.tolist()")].count("\n")
+        end = first + body[: body.index("lengths = s.cur.tolist()")].count("\n")
         self.loop = (loop, end)
         for name in ("tolist", "numpy"):
             orig = getattr(torch.Tensor, name)
@@ -233,10 +241,12 @@ class _SyncSpy(TorchDispatchMode):
         return read
 
     def _record(self, name):
-        for f in traceback.extract_stack():  # the decode loop's own line that led here
-            if f.filename == generate_module.__file__ and f.name == "_generate_batch":
-                if self.loop[0] < f.lineno < self.loop[1]:
-                    self.sites[(name, f.line)] += 1
+        for f in reversed(traceback.extract_stack()):  # the decode loop's own line that led here
+            if f.filename == generate_module.__file__ and (
+                f.name == "_advance" or (f.name == "_generate_batch" and self.loop[0] < f.lineno < self.loop[1])
+            ):
+                self.sites[(name, f.line)] += 1
+                return
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__.split(".")[0] in self.OPS:
