@@ -393,9 +393,12 @@ def _generate_batch(
     s = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, seed=seed,
               row_ids=row_ids, eos=eos, lex=lex, fused_head=fused_head)  # fmt: skip
-    # the token choice and bookkeeping, compiled like the forward under runtime="compile" (torch backend, greedy:
-    # sampling draws from a host-side generator, which stays eager so that a seed gives the same tokens)
-    advance = model.runner.step_function(_advance) if not fused_step and temperature == 0 else _advance
+    # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
+    # the torch backend's sampling: it draws from a torch generator, host state that a graph would not advance
+    # (the Triton step's noise is keyed by the device step counter instead)
+    advance = _advance
+    if fused_step or temperature == 0:
+        advance = model.runner.step_function(_advance, traceable=not fused_step)
     x, hidden = logits, False
     done, out = s.done, s.out
     for it in range(n_iter):

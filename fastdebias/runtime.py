@@ -19,13 +19,15 @@ specialised to its input shapes. So under ``"cuda_graph"`` and ``"compile"``:
 A rewind (lexicon backtracking) is a change of a row's slot in ``slots``, which is an input like any other: the
 graph reads it from its buffer, and the mask hides every slot past it.
 
-What a graph holds: the decoder forward of one token per row (every layer's kernels, the LoRA ones included, up to
-the logits or, for the fused lm_head + step, the final hidden state). The prefill stays eager (chunked, one call
-per prompt batch). The logits step and the decode loop's bookkeeping (``generate._generate_batch``) run after each
-replay as ordinary asynchronous launches: no host sync, but a few dozen small launches per step, still to be
-measured against the forward on a GPU before they are captured too. Manual graphs rather than
-``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per bucket, and the Triton kernels are captured
-as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all.sh``).
+What the graphs hold: (1) the decoder forward of one token per row (every layer's kernels, the LoRA ones included,
+up to the logits or, for the fused lm_head + step, the final hidden state), kept across calls; (2) the step after it
+(``generate._advance``: the logits step, lexicon, penalties, rewinds, done flags, the interventions log — a few
+dozen small kernels that would otherwise each be a launch per token), captured per generate call on each forward
+graph's output buffer (``_StepGraphs``), because it bakes in the call's seed, sizes and state addresses. Under
+``"compile"`` the same step function is compiled (torch backend, greedy). The prefill stays eager (chunked, one call
+per prompt batch). Manual graphs rather than ``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per
+bucket, and the Triton kernels are captured as they are; the comparison by measurement is pending a GPU run
+(``bench/gpu_all.sh``).
 """
 
 from __future__ import annotations
@@ -171,20 +173,19 @@ class DecodeRunner:
 
     def _fall_back(self, what: str, e: Exception, args: tuple) -> torch.Tensor:
         """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation)."""
-        warnings.warn(
-            f"fastdebias: {what} failed ({type(e).__name__}: {e}); decoding eagerly from now on (load with "
-            "runtime='eager' to skip the attempt)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn_eager(what, e)
         self.runtime, self.graphs, self.compiled = "eager", {}, None
         return self.decode(*args)  # the eager branch now
 
-    def step_function(self, fn):
-        """``fn`` (the decode loop's token choice and bookkeeping, ``generate._advance``) as this runtime runs it:
-        compiled under ``"compile"`` (one entry per batch size and loop settings, beside the forward's), as is
-        everywhere else. If the compile fails, a warning, then ``fn`` eagerly (the forward keeps its own state)."""
-        if self.runtime != "compile":
+    def step_function(self, fn, traceable: bool = True):
+        """``fn(loop, x, hidden)`` (the decode loop's token choice and bookkeeping, ``generate._advance``) as this
+        runtime runs it, for one generate call: compiled under ``"compile"`` (when ``traceable``: torch ops only;
+        one entry per batch size and loop settings, beside the forward's), captured in CUDA graphs under
+        ``"cuda_graph"`` (``_StepGraphs``), as is under ``"eager"``. A failed compile or capture warns, then runs
+        ``fn`` eagerly (the forward keeps its own runtime)."""
+        if self.runtime == "cuda_graph":
+            return _StepGraphs(self, fn)
+        if self.runtime != "compile" or not traceable:
             return fn
         compiled = self._step_fns.get(fn)
         if compiled is None:
@@ -197,12 +198,23 @@ class DecodeRunner:
                 with torch._dynamo.config.patch(**{_DYNAMO_LIMIT: COMPILE_ENTRIES}):
                     return compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:
-                warnings.warn(f"fastdebias: torch.compile of the decode loop's step failed ({type(e).__name__}: "
-                              f"{e}); running it eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
+                _warn_eager("torch.compile of the decode loop's step", e)
                 self._step_fns[fn] = None
                 return fn(*args)
 
         return run
+
+    def is_graph_output(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is (a leading slice of) the output buffer of one of this runner's captured graphs."""
+        return self.runtime == "cuda_graph" and any(x.data_ptr() == out.data_ptr() for _, out in self.graphs.values())
+
+    def _capture_step(self, fn, args):
+        """Capture ``fn(*args)`` in a CUDA graph (nothing runs) → (graph, its outputs)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outs = fn(*args)
+        self.pool = graph.pool()
+        return graph, outs
 
     def kv_read_len(self, kv_len: int, cache_len: int) -> int:
         """Slots the static step attends over. CUDA graphs: a new kv bucket costs one capture (milliseconds). A
@@ -232,3 +244,49 @@ class DecodeRunner:
             out = self._forward(*key)
         self.pool = graph.pool()
         return graph, out
+
+
+def _warn_eager(what: str, e: Exception) -> None:
+    warnings.warn(
+        f"fastdebias: {what} failed ({type(e).__name__}: {e}); decoding eagerly from now on (load with "
+        "runtime='eager' to skip the attempt)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+class _StepGraphs:
+    """The decode loop's step under CUDA graphs, for one generate call: ``fn(loop, x, hidden)`` captured once per
+    input buffer ``x`` (the output buffer of a forward graph, one per batch and kv bucket), then replayed.
+
+    Sound because the step reads and writes only device tensors that keep their addresses for the whole call (the
+    loop's state, updated in place, and the forward graph's output), and every host value it passes to a kernel
+    (seed, sizes, flags) is fixed for the call: a graph is never reused by another call. The first step on a new
+    buffer runs eagerly (it is also the warm-up: Triton compiles its kernels there), the second is captured and
+    replayed. The prefill's logits are a one-off buffer: that step is eager."""
+
+    def __init__(self, runner: DecodeRunner, fn) -> None:
+        self.runner, self.fn = runner, fn
+        self.graphs: dict[tuple, tuple] = {}
+        self.seen: set[tuple] = set()
+        self.failed = False
+
+    def __call__(self, loop, x: torch.Tensor, hidden: bool):
+        # only a forward graph's output keeps its address from step to step (an eager forward's output may land
+        # on an address seen before, by chance: never capture or replay on one)
+        if self.failed or not self.runner.is_graph_output(x):
+            return self.fn(loop, x, hidden)
+        key = (x.data_ptr(), tuple(x.shape), hidden)
+        if key not in self.seen:
+            self.seen.add(key)
+            return self.fn(loop, x, hidden)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self.runner._capture_step(self.fn, (loop, x, hidden))
+            except RuntimeError as e:
+                _warn_eager("CUDA graph capture of the decode loop's step", e)
+                self.failed = True
+                return self.fn(loop, x, hidden)
+        graph, outs = self.graphs[key]
+        graph.replay()
+        return outs

@@ -144,6 +144,30 @@ class _ReplayGraph:
         self.out.copy_(self.runner._forward(*self.key))
 
 
+class _ReplayStep:
+    """Stands in for a CUDA graph of the loop's step: replay() reruns the step on the captured arguments and writes
+    into the captured outputs. A graph replays kernels on fixed addresses, so it also checks that every state tensor
+    of the loop is still the one captured (updated in place, never rebound)."""
+
+    def __init__(self, fn, args, registry):
+        self.fn, self.args, self.replays = fn, args, 0
+        self.addresses = self._addresses()
+        b = args[0].b  # a capture runs nothing: outputs (feed, slots) are allocated, then written by each replay
+        self.outs = (torch.empty(b, dtype=torch.long), torch.empty(b, dtype=torch.long))
+        registry.append(self)
+
+    def _addresses(self):
+        loop = self.args[0]
+        objs = [loop] + ([loop.lex] if loop.lex is not None else [])
+        return {(id(o), k): v.data_ptr() for o in objs for k, v in vars(o).items() if isinstance(v, torch.Tensor)}
+
+    def replay(self):
+        assert self._addresses() == self.addresses, "a loop state tensor was rebound, not updated in place"
+        for o, new in zip(self.outs, self.fn(*self.args)):
+            o.copy_(new)
+        self.replays += 1
+
+
 def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, monkeypatch):
     """The cuda_graph runtime's bookkeeping (one graph per bucket, shared output buffers, no re-capture when the
     adapter mix changes) with replay emulated; and a failing capture falls back to eager with a warning."""
@@ -158,13 +182,36 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, monkeypat
         g.out = self._forward(*key).clone()
         return g, g.out
 
+    step_graphs = []
     monkeypatch.setattr(runtime.DecodeRunner, "_capture", capture)
+    def capture_step(self, fn, args):
+        g = _ReplayStep(fn, args, step_graphs)
+        return g, g.outs
+
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture_step", capture_step)
     for names in (["qv", None, "all"], ["all", "qv", None]):
         want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
         assert tokens(fastdebias.generate(model, PROMPTS, adapter=names, max_new_tokens=NEW)) == want
         if names[0] == "qv":
             n = len(model.runner.graphs)
     assert len(model.runner.graphs) == n > 1  # several kv buckets; the second mix reused every graph
+    # the loop's step was captured once per forward graph and call, and replayed (its state updated in place)
+    assert len(step_graphs) == 2 * n and all(g.replays > 0 for g in step_graphs)
+    free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
+    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
+    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
+    a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(model, PROMPTS, **kw)
+    assert any(i.action == "rewound" for r in b for i in r.interventions)
+    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
+    assert sum(g.replays for g in step_graphs[2 * n:]) > 0
+
+    def broken_step(self, fn, args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture_step", broken_step)
+    with pytest.warns(RuntimeWarning, match="capture of the decode loop's step failed"):
+        assert tokens(fastdebias.generate(model, PROMPTS, **kw)) == tokens(a)
+    assert model.runtime == "cuda_graph"  # the forward's graphs are kept
 
     def broken(self, *key):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -296,9 +343,24 @@ def test_runtime_errors(llama_dir):
 # ------------------------------------------------------------------------------------------------- GPU
 
 
+@pytest.fixture
+def step_captures(monkeypatch):
+    """Counts the real CUDA-graph captures of the loop's step."""
+    n = [0]
+    real = runtime.DecodeRunner._capture_step
+
+    def counting(self, fn, args):
+        n[0] += 1
+        return real(self, fn, args)
+
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture_step", counting)
+    return n
+
+
 @pytest.mark.gpu
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a capture that falls back to eager is a failure here
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cuda_graph_equals_eager(llama_dir, adapter_qv, adapter_all, backend):
+def test_cuda_graph_equals_eager(llama_dir, adapter_qv, adapter_all, backend, step_captures):
     adapters = {"qv": adapter_qv, "all": adapter_all}
     kw = dict(device="cuda", dtype="float32", backend=backend, progress=False)
     eager = fastdebias.load(llama_dir, adapters, runtime="eager", **kw)
@@ -309,16 +371,25 @@ def test_cuda_graph_equals_eager(llama_dir, adapter_qv, adapter_all, backend):
         assert tokens(fastdebias.generate(graph, PROMPTS, adapter=names, max_new_tokens=NEW)) == want, names
     # the last call's mix reused the graphs captured for the first: no re-capture when the adapter mix changes
     assert len(graph.runner.graphs) == n_graphs > 0
+    assert step_captures[0] > 0 and graph.runtime == "cuda_graph"
+    # sampling with a seed: the Triton step's noise is keyed by the device step counter, so graphs replay it
+    if backend == "triton":
+        a = fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW, temperature=0.8, top_k=20, seed=7)
+        b = fastdebias.generate(graph, PROMPTS, max_new_tokens=NEW, temperature=0.8, top_k=20, seed=7)
+        assert tokens(a) == tokens(b)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_backtracking_equals_eager(llama_dir):
-    kw = dict(device="cuda", dtype="float32", backend="triton", progress=False)
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_backtracking_equals_eager(llama_dir, backend, step_captures):
+    kw = dict(device="cuda", dtype="float32", backend=backend, progress=False)
     eager = fastdebias.load(llama_dir, runtime="eager", **kw)
     graph = fastdebias.load(llama_dir, runtime="cuda_graph", **kw)
     free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
-    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
-    a = fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW, lexicon=lex)
-    b = fastdebias.generate(graph, PROMPTS, max_new_tokens=NEW, lexicon=lex)
+    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free} | {(free[1][2],): -1.5})
+    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
+    a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(graph, PROMPTS, **kw)
     assert any(i.action == "rewound" for r in b for i in r.interventions)
-    assert tokens(b) == tokens(a)
+    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
+    assert step_captures[0] > 0
