@@ -332,14 +332,15 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
                 drop = (s.positions >= p.view(b, 1)) & (s.positions < cur.view(b, 1)) & rewind.view(b, 1)
                 s.counts.scatter_add_(1, out, -drop.int())
             lex.rewinds += rewind.long()
-            cur.copy_(torch.where(rewind, p, cur + commit.long()))
-            lex.state.copy_(torch.where(rewind, lex.hist[ar, cur], lex.state))
-            lex.hist[ar, cur.clamp(max=s.max_new)] = lex.state
+            new_cur = torch.where(rewind, p, cur + commit.long())
+            lex.state.copy_(torch.where(rewind, lex.hist[ar, new_cur], lex.state))
+            lex.hist[ar, new_cur.clamp(max=s.max_new)] = lex.state
         else:
-            cur += commit.long()
-        lex.record(s.it, 1, *slot1)
+            new_cur = cur + commit.long()
+        lex.record(s.it, 1, *slot1)  # slot1 may hold this step's positions (cur): written before cur moves on
     else:
-        cur += commit.long()
+        new_cur = cur + commit.long()
+    cur.copy_(new_cur)
     done |= (commit & torch.isin(nxt, s.eos)) | (cur >= s.max_new) | dead
     s.it += 1
     feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], s.prompt_last)

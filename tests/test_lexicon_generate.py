@@ -103,6 +103,18 @@ def test_penalties_logged_and_equal_in_both_modes(model):
     ]
 
 
+@pytest.mark.parametrize("mode", ["backtrack", "hf"])
+def test_displaced_first_choice_logged_at_its_step(model, mode):
+    """A ban that displaces the model's own first choice is logged at the step where it did, with that token."""
+    free = free_run(model)
+    j = 2
+    lex = Lexicon.from_token_sequences({(free[0][j],): float("-inf")})
+    out = fastdebias.generate(model, PROMPTS[:1], max_new_tokens=NEW, lexicon=lex, lexicon_mode=mode)[0]
+    assert out.token_ids[:j] == free[0][:j] and out.token_ids[j] != free[0][j]
+    first = [i for i in out.interventions if i.action == "banned"][0]
+    assert (first.step, first.token_id) == (j, free[0][j])
+
+
 def test_all_banned_row_finishes_with_reason(model):
     lex = Lexicon.from_token_sequences({(t,): float("-inf") for t in range(251)})
     outs = fastdebias.generate(model, PROMPTS[:2], max_new_tokens=5, lexicon=lex, eos_token_id=[])
