@@ -341,7 +341,9 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     else:
         new_cur = cur + commit.long()
     cur.copy_(new_cur)
-    done |= (commit & torch.isin(nxt, s.eos)) | (cur >= s.max_new) | dead
+    # EOS by comparison with each id (torch.isin may sort and unique for longer id lists: a host sync on CUDA)
+    is_eos = (nxt.view(b, 1) == s.eos.view(1, -1)).any(dim=-1)
+    done |= (commit & is_eos) | (cur >= s.max_new) | dead
     s.it += 1
     feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], s.prompt_last)
     return feed, s.t + cur - 1
