@@ -80,7 +80,7 @@ class DecodeRunner:
         self.pool = None
         self.compiled = None
         self._bufs: dict[str, torch.Tensor] = {}
-        self._step_fns: dict = {}  # fn -> its compiled form (None after a failed compile)
+        self._step_fns: dict = {}  # fn -> its compiled form (None after a failed compile or capture)
 
     @property
     def static(self) -> bool:
@@ -183,6 +183,8 @@ class DecodeRunner:
         one entry per batch size and loop settings, beside the forward's), captured in CUDA graphs under
         ``"cuda_graph"`` (``_StepGraphs``), as is under ``"eager"``. A failed compile or capture warns, then runs
         ``fn`` eagerly (the forward keeps its own runtime)."""
+        if self._step_fns.get(fn, fn) is None:  # its compile or capture failed before: eager from then on
+            return fn
         if self.runtime == "cuda_graph":
             return _StepGraphs(self, fn)
         if self.runtime != "compile" or not traceable:
@@ -209,10 +211,21 @@ class DecodeRunner:
         return self.runtime == "cuda_graph" and any(x.data_ptr() == out.data_ptr() for _, out in self.graphs.values())
 
     def _capture_step(self, fn, args):
-        """Capture ``fn(*args)`` in a CUDA graph (nothing runs) → (graph, its outputs)."""
+        """Capture ``fn(*args)`` in a CUDA graph (nothing runs) → (graph, its outputs).
+
+        ``capture_begin/capture_end`` on a side stream, as ``torch.cuda.graph`` does, but without its device sync
+        and ``empty_cache``: this capture happens in every generate call, and emptying the allocator's cache each
+        time would send the next call's allocations back to cudaMalloc."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outs = fn(*args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self.pool)
+            try:
+                outs = fn(*args)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
         self.pool = graph.pool()
         return graph, outs
 
@@ -286,6 +299,7 @@ class _StepGraphs:
             except RuntimeError as e:
                 _warn_eager("CUDA graph capture of the decode loop's step", e)
                 self.failed = True
+                self.runner._step_fns[self.fn] = None  # later calls: eager, without another attempt
                 return self.fn(loop, x, hidden)
         graph, outs = self.graphs[key]
         graph.replay()
