@@ -231,12 +231,16 @@ class _Loop:
                  repetition_penalty, generator, seed, row_ids, eos, lex, fused_head) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
-        self.b, self.t, self.max_new = b, t, max_new_tokens
+        self.b, self.max_new = b, max_new_tokens
+        # the prompt length, on the device: a compiled step would otherwise specialise on it (a recompile for
+        # every new prompt length)
+        self.t = torch.full((1,), t, dtype=torch.long, device=dev)
         self.temperature, self.top_k, self.top_p, self.penalty = temperature, top_k, top_p, repetition_penalty
         self.generator, self.seed, self.row_ids = generator, seed, row_ids
         self.fused_step, self.fused_head = model.backend == "triton", fused_head
         self.head_w, self.head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
-        self.adapter_idx, self.prompt_last, self.lex = adapter_idx, prompt[:, -1], lex
+        # (contiguous: a compiled step guards on strides, and prompt[:, -1]'s stride is the prompt length)
+        self.adapter_idx, self.prompt_last, self.lex = adapter_idx, prompt[:, -1].contiguous(), lex
         self.ar = torch.arange(b, device=dev)
         self.eos = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
         self.pad_token = eos[0] if eos else 0
