@@ -4,6 +4,7 @@
 #   bash bench/gpu_all.sh kernels    # bench_lora.py and bench_logits.py                            ~4 min
 #   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
 #   bash bench/gpu_all.sh e2e-compile  # the same vs transformers static cache + torch.compile        ~9 min
+#   bash bench/gpu_all.sh e2e-step   # batch 1, lexicon 0 vs 100k, the loop's step compiled too (--compile-step)
 #   bash bench/gpu_all.sh profile    # bench/profile_decode.py on the SR-LLM shape (not part of all)
 #   bash bench/gpu_all.sh all        # all of them in turn
 # Results and logs go under bench/results/ (or $OUT if set). Uses the machine's own torch/triton/transformers with
@@ -36,6 +37,14 @@ if [ "$stage" = e2e-compile ] || [ "$stage" = all ]; then
   stem="$OUT/e2e_${dev}_llama2-7b_vs_hf-compile"
   timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 3 --batch-sizes 1,8 --lexicon-sizes 10000 \
     --systems fastdebias,hf-compile --json "$stem.json" --md "$stem.md" --plot "$stem.png" 2>&1 | tail -30
+fi
+if [ "$stage" = e2e-step ] || [ "$stage" = all ]; then
+  # the lexicon goal (100k <= 1% vs none) with the loop's step compiled by inductor as well as captured: compare with
+  # the e2e stage's lexicon rows (step captured, not compiled) to choose the default
+  stem="$OUT/e2e_${dev}_llama2-7b_compile-step"
+  timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 5 --batch-sizes 1 --lexicon-sizes 0,100000 \
+    --lexicon-size 100000 --systems fastdebias --compile-step --json "$stem.json" --md "$stem.md" --plot "$stem.png" \
+    2>&1 | tail -25
 fi
 if [ "$stage" = profile ]; then
   # torch.profiler over generate (SR-LLM shape, batch 1, 10k lexicon): top device ops and a Chrome trace

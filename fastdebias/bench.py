@@ -122,6 +122,7 @@ class BenchConfig:
     warmup: int = 1
     compile: bool = True
     runtime: str | None = None  # fastdebias' decode runtime; default: "compile" on CPU, "auto" (CUDA graphs) on GPU
+    compile_step: bool | None = None  # torch.compile the loop's step too (default: as the runtime does)
     compile_timeout: float = 900.0
     lexicon_mode: str = "backtrack"
     interleave: bool | None = None  # default: on CPU (noisy, small models), off on GPU (peak memory per system)
@@ -524,13 +525,15 @@ class _System:
 
 class _FastDebias(_System):
     def __init__(self, name: str, setup: Setup, dev: torch.device, dtype: torch.dtype, lexicons, mode: str,
-                 runtime: str, model=None) -> None:
+                 runtime: str, model=None, compile_step: bool | None = None) -> None:
         import fastdebias
 
         self.name, self.lexicons, self.mode = name, lexicons, mode
         self.model = model or fastdebias.load(setup.model_dir, setup.adapter_dir, dtype=dtype, device=dev,
                                               merge=name == "fastdebias-merged", backend="auto", runtime=runtime,
                                               progress=False)
+        if compile_step is not None and model is None:
+            self.model.runner.compile_step = compile_step
         self.adapter = None if name == "fastdebias-noadapter" else fastdebias.FIRST_ADAPTER
         self.compile_times: dict[int, float] = {}
         self.compile_s = 0.0 if self.model.runtime != "eager" else None
@@ -857,6 +860,7 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
         prompts=(f"{len(TEXTS)} SR-LLM debiasing prompts, left-truncated to {cfg.prompt_len} tokens"
                  if tokenizer is not None else f"random token ids, {cfg.prompt_len} per prompt"),
         fastdebias_runtime=cfg.runtime,
+        fastdebias_compile_step=cfg.compile_step,
         hf_compile_config=("cache_implementation='static', CompileConfig(fullgraph=True, dynamic=False, mode="
                            f"{'reduce-overhead' if dev.type == 'cuda' else 'default'!r})"),
         order="interleaved" if cfg.interleave else "one system at a time", loadavg_start=load_start,
@@ -893,7 +897,8 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
                     shared = loaded.get("fastdebias") if name == "fastdebias-noadapter" else None
                     runtime = "eager" if name == "fastdebias-eager" else cfg.runtime
                     loaded[name] = _FastDebias(name, setup, dev, dtype, lexicon, cfg.lexicon_mode, runtime,
-                                               model=shared.model if shared else None)
+                                               model=shared.model if shared else None,
+                                               compile_step=cfg.compile_step)
                     systems_info[name]["runtime"] = loaded[name].model.runtime
                 else:
                     loaded[name] = _Transformers(name, setup, dev, dtype, hf_lexicon, cfg.compile_timeout)
@@ -1094,7 +1099,9 @@ def format_markdown(result: dict) -> str:
         f"- prompts: {h['prompts']}; output: {h['new_tokens']} new tokens (EOS ignored); medians of {h['reps']} "
         f"reps after {h['warmup']} warm-up",
         f"- lexicon: {h['lexicon']}",
-        f"- fastdebias: runtime {h.get('fastdebias_runtime', 'auto')!r} (see fastdebias.runtime); hf-compile: "
+        f"- fastdebias: runtime {h.get('fastdebias_runtime', 'auto')!r}"
+        f"{'' if h.get('fastdebias_compile_step') is None else ', compile_step=' + str(h['fastdebias_compile_step'])}"
+        " (see fastdebias.runtime); hf-compile: "
         f"{h['hf_compile_config']}",
         f"- order: {h['order']}; peak memory: {memory}",
         f"- load average (1/5/15 min) at start {h['loadavg_start']}, at end {h['loadavg_end']}; "
@@ -1266,6 +1273,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip hf-compile")
     p.add_argument("--runtime", default=None, choices=["auto", "eager", "cuda_graph", "compile"],
                    help="fastdebias decode runtime (default: compile on CPU, auto = CUDA graphs on GPU, eager --quick)")
+    p.add_argument("--compile-step", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the decode loop's step (token choice, lexicon bookkeeping) as well; default: "
+                        "on under runtime compile, off under CUDA graphs (where it fuses the step's small kernels "
+                        "at the cost of a compile per batch size)")
     p.add_argument("--compile-timeout", type=float, default=900.0,
                    help="seconds allowed for torch.compile per batch size before hf-compile is skipped (default 900)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -1290,6 +1301,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         dtype=args.dtype, batch_sizes=args.batch_sizes, lexicon_sizes=args.lexicon_sizes,
         lexicon_size=args.lexicon_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
         warmup=args.warmup, compile=args.compile, compile_timeout=args.compile_timeout, runtime=args.runtime,
+        compile_step=args.compile_step,
         lexicon_mode=args.lexicon_mode, interleave=args.interleave, systems=args.systems or list(SYSTEMS),
         seed=args.seed, progress=not args.quiet,
     )

@@ -258,6 +258,22 @@ class _Loop:
         self.it = torch.zeros(1, dtype=torch.long, device=dev)
 
 
+@torch.compiler.disable
+def _triton_choice(s: _Loop, x: torch.Tensor, hidden: bool, hf_rows):
+    """The Triton logits step in one fused pass: lexicon, position bans, repetition penalty, temperature,
+    top-k/top-p, choice, automaton advance and lookup of the chosen token. Opaque to ``torch.compile`` (launched as
+    is between the compiled parts of ``_advance``): its host-side values, the seed among them, are not guarded."""
+    lex = s.lex
+    bans = torch.where(lex.ban_pos == s.cur.view(s.b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
+    head_args = (dict(hidden=x, lm_head=s.head_w, lm_head_lora=s.head_lora, adapter_idx=s.adapter_idx)
+                 if hidden else dict(logits=x))  # fmt: skip
+    return ops.logits_step(
+        **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
+        banned_tokens=bans, counts=s.counts, repetition_penalty=s.penalty, temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p, seed=s.seed, step=s.it, row_ids=s.row_ids, backend="triton",
+    )  # fmt: skip
+
+
 def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One step after the model's forward: choose each row's token from ``x`` (fp32 logits [B, V], or with
     ``hidden`` the final hidden state [B, K] for the fused lm_head + step), then the bookkeeping (output, done
@@ -268,16 +284,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     b, lex, cur, done = s.b, s.lex, s.cur, s.done
     hf_rows = lex.hf_rows(cur) if lex is not None else True
     if s.fused_step:
-        # one fused pass: lexicon, position bans, repetition penalty, temperature, top-k/top-p, choice,
-        # automaton advance and lookup of the chosen token
-        bans = torch.where(lex.ban_pos == cur.view(b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
-        head_args = (dict(hidden=x, lm_head=s.head_w, lm_head_lora=s.head_lora, adapter_idx=s.adapter_idx)
-                     if hidden else dict(logits=x))  # fmt: skip
-        r = ops.logits_step(
-            **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
-            banned_tokens=bans, counts=s.counts, repetition_penalty=s.penalty, temperature=s.temperature,
-            top_k=s.top_k, top_p=s.top_p, seed=s.seed, step=s.it, row_ids=s.row_ids, backend="triton",
-        )  # fmt: skip
+        r = _triton_choice(s, x, hidden, hf_rows)
         nxt, dead = r.next_ids, r.all_banned & ~done
         if lex is not None:
             bias, ban_len, entry, next_state = r.bias, r.ban_len, r.entry, r.states
@@ -403,9 +410,7 @@ def _generate_batch(
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
     # the torch backend's sampling: it draws from a torch generator, host state that a graph would not advance
     # (the Triton step's noise is keyed by the device step counter instead)
-    advance = _advance
-    if fused_step or temperature == 0:
-        advance = model.runner.step_function(_advance, traceable=not fused_step)
+    advance = model.runner.step_function(_advance) if fused_step or temperature == 0 else _advance
     x, hidden = logits, False
     done, out = s.done, s.out
     for it in range(n_iter):

@@ -81,6 +81,10 @@ class DecodeRunner:
         self.compiled = None
         self._bufs: dict[str, torch.Tensor] = {}
         self._step_fns: dict = {}  # fn -> its compiled form (None after a failed compile or capture)
+        # compile the loop's step too: on under "compile"; off under "cuda_graph", where the captured step's
+        # kernels are replayed without launch overhead and a compile would cost seconds per batch size and
+        # settings (set it to fuse the step's few dozen small kernels into a few: bench --compile-step)
+        self.compile_step = runtime == "compile"
 
     @property
     def static(self) -> bool:
@@ -177,18 +181,18 @@ class DecodeRunner:
         self.runtime, self.graphs, self.compiled = "eager", {}, None
         return self.decode(*args)  # the eager branch now
 
-    def step_function(self, fn, traceable: bool = True):
+    def step_function(self, fn):
         """``fn(loop, x, hidden)`` (the decode loop's token choice and bookkeeping, ``generate._advance``) as this
-        runtime runs it, for one generate call: compiled under ``"compile"`` (when ``traceable``: torch ops only;
-        one entry per batch size and loop settings, beside the forward's), captured in CUDA graphs under
-        ``"cuda_graph"`` (``_StepGraphs``), as is under ``"eager"``. A failed compile or capture warns, then runs
+        runtime runs it, for one generate call: compiled when ``compile_step`` (by default under ``"compile"``:
+        one entry per batch size and loop settings, beside the forward's), then captured in CUDA graphs under
+        ``"cuda_graph"`` (``_StepGraphs``); as is under ``"eager"``. A failed compile or capture warns, then runs
         ``fn`` eagerly (the forward keeps its own runtime)."""
-        if self._step_fns.get(fn, fn) is None:  # its compile or capture failed before: eager from then on
+        if self._step_fns.get(fn, fn) is None or self.runtime == "eager":  # eager, or a failure before
             return fn
-        if self.runtime == "cuda_graph":
-            return _StepGraphs(self, fn)
-        if self.runtime != "compile" or not traceable:
-            return fn
+        run = self._compiled_step(fn) if self.compile_step else fn
+        return _StepGraphs(self, run, fn) if self.runtime == "cuda_graph" else run
+
+    def _compiled_step(self, fn):
         compiled = self._step_fns.get(fn)
         if compiled is None:
             compiled = self._step_fns[fn] = torch.compile(fn, dynamic=False)
@@ -278,8 +282,8 @@ class _StepGraphs:
     buffer runs eagerly (it is also the warm-up: Triton compiles its kernels there), the second is captured and
     replayed. The prefill's logits are a one-off buffer: that step is eager."""
 
-    def __init__(self, runner: DecodeRunner, fn) -> None:
-        self.runner, self.fn = runner, fn
+    def __init__(self, runner: DecodeRunner, fn, key) -> None:
+        self.runner, self.fn, self.key = runner, fn, key  # key: the step function as step_function knows it
         self.graphs: dict[tuple, tuple] = {}
         self.seen: set[tuple] = set()
         self.failed = False
@@ -299,7 +303,7 @@ class _StepGraphs:
             except RuntimeError as e:
                 _warn_eager("CUDA graph capture of the decode loop's step", e)
                 self.failed = True
-                self.runner._step_fns[self.fn] = None  # later calls: eager, without another attempt
+                self.runner._step_fns[self.key] = None  # later calls: eager, without another attempt
                 return self.fn(loop, x, hidden)
         graph, outs = self.graphs[key]
         graph.replay()

@@ -168,13 +168,10 @@ class _ReplayStep:
         self.replays += 1
 
 
-def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, monkeypatch):
-    """The cuda_graph runtime's bookkeeping (one graph per bucket, shared output buffers, no re-capture when the
-    adapter mix changes) with replay emulated; and a failing capture falls back to eager with a warning."""
-    adapters = {"qv": adapter_qv, "all": adapter_all}
-    eager = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
-    model = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
-    model.runner.runtime = "cuda_graph"  # resolve_runtime refuses it without CUDA; the runner logic is device-free
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """The cuda_graph runtime's logic on CPU: forward graphs and step graphs replaced by recomputation into the
+    captured output buffers (``_ReplayGraph``, ``_ReplayStep``), kv read in buckets of 8. Returns the step graphs."""
     monkeypatch.setattr(runtime.DecodeRunner, "kv_read_len", lambda self, kv_len, n: min(-(-kv_len // 8) * 8, n))
 
     def capture(self, *key):
@@ -183,12 +180,30 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, monkeypat
         return g, g.out
 
     step_graphs = []
-    monkeypatch.setattr(runtime.DecodeRunner, "_capture", capture)
+
     def capture_step(self, fn, args):
         g = _ReplayStep(fn, args, step_graphs)
         return g, g.outs
 
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture", capture)
     monkeypatch.setattr(runtime.DecodeRunner, "_capture_step", capture_step)
+    return step_graphs
+
+
+def as_cuda_graph(model, compile_step=False):
+    """resolve_runtime refuses cuda_graph without CUDA; the runner's logic is device-free (with emulated_graphs)."""
+    model.runner.runtime, model.runner.compile_step = "cuda_graph", compile_step
+    return model
+
+
+def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, emulated_graphs, monkeypatch):
+    """The cuda_graph runtime's bookkeeping (one graph per bucket, shared output buffers, no re-capture when the
+    adapter mix changes; the loop's step captured per call and forward graph) with replay emulated; and failing
+    captures fall back to eager with a warning."""
+    adapters = {"qv": adapter_qv, "all": adapter_all}
+    eager = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
+    model = as_cuda_graph(fastdebias.load(llama_dir, adapters, runtime="eager", progress=False))
+    step_graphs = emulated_graphs
     for names in (["qv", None, "all"], ["all", "qv", None]):
         want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
         assert tokens(fastdebias.generate(model, PROMPTS, adapter=names, max_new_tokens=NEW)) == want
@@ -335,6 +350,28 @@ def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adap
             assert any(i.action == "rewound" for r in res for i in r.interventions)
         sites = {line for _, line in spy.sites}
         assert sites == {"if it == n_iter - 1 or (check and bool(done.all())):"}, (kw, spy.sites)
+
+
+def test_compiled_step_with_triton_choice_under_graphs(llama_dir, adapter_qv, emulated_graphs):
+    """backend="triton" (interpreted on CPU), the loop's step compiled by a real torch.compile and replayed as
+    graphs (emulated): the Triton logits step is an opaque island inside the compiled step
+    (``generate._triton_choice``); tokens and interventions equal eager, and a new seed (a host value the island
+    reads) compiles nothing new."""
+    kw = dict(backend="triton", device="cuda" if torch.cuda.is_available() else "cpu", progress=False)
+    eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", **kw)
+    model = as_cuda_graph(fastdebias.load(llama_dir, adapter_qv, runtime="eager", **kw), compile_step=True)
+    free = tokens(fastdebias.generate(eager, PROMPTS[:2], max_new_tokens=6))
+    lex = Lexicon.from_token_sequences({tuple(r[2:4]): float("-inf") for r in free} | {(free[1][2],): -1.5})
+    kw = dict(adapter=["qv", None], max_new_tokens=NEW, lexicon=lex, temperature=0.8, seed=3)
+    a, b = fastdebias.generate(eager, PROMPTS[:2], **kw), fastdebias.generate(model, PROMPTS[:2], **kw)
+    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
+    assert model.runner._step_fns.get(generate_module._advance) is not None  # compiled, no fallback
+    assert sum(g.replays for g in emulated_graphs) > 0
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    kw["seed"] = 4
+    want = tokens(fastdebias.generate(eager, PROMPTS[:2], **kw))
+    assert tokens(fastdebias.generate(model, PROMPTS[:2], **kw)) == want
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
 
 
 def test_runtime_errors(llama_dir):
