@@ -239,8 +239,10 @@ class _Loop:
         self.generator, self.seed, self.row_ids = generator, seed, row_ids
         self.fused_step, self.fused_head = model.backend == "triton", fused_head
         self.head_w, self.head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
-        # (contiguous: a compiled step guards on strides, and prompt[:, -1]'s stride is the prompt length)
-        self.adapter_idx, self.prompt_last, self.lex = adapter_idx, prompt[:, -1].contiguous(), lex
+        # (a contiguous copy: a compiled step guards on strides, and prompt[:, -1]'s stride is the prompt length,
+        # which .contiguous() keeps for a single row)
+        last = prompt[:, -1].clone(memory_format=torch.contiguous_format)
+        self.adapter_idx, self.prompt_last, self.lex = adapter_idx, last, lex
         self.ar = torch.arange(b, device=dev)
         self.eos = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
         self.pad_token = eos[0] if eos else 0

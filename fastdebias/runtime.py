@@ -183,8 +183,9 @@ class DecodeRunner:
 
     def step_function(self, fn):
         """``fn(loop, x, hidden)`` (the decode loop's token choice and bookkeeping, ``generate._advance``) as this
-        runtime runs it, for one generate call: compiled when ``compile_step`` (by default under ``"compile"``:
-        one entry per batch size and loop settings, beside the forward's), then captured in CUDA graphs under
+        runtime runs it, for one generate call: compiled when ``compile_step`` (by default under ``"compile"``;
+        with dynamic shapes, so batch size, prompt and output lengths do not recompile it: one entry per lexicon
+        and loop settings, batch 1 apart), then captured in CUDA graphs under
         ``"cuda_graph"`` (``_StepGraphs``); as is under ``"eager"``. A failed compile or capture warns, then runs
         ``fn`` eagerly (the forward keeps its own runtime)."""
         if self._step_fns.get(fn, fn) is None or self.runtime == "eager":  # eager, or a failure before
@@ -195,7 +196,8 @@ class DecodeRunner:
     def _compiled_step(self, fn):
         compiled = self._step_fns.get(fn)
         if compiled is None:
-            compiled = self._step_fns[fn] = torch.compile(fn, dynamic=False)
+            # dynamic: its shapes ([B], [B, max_new], [B, V]) change from call to call, its ops are cheap either way
+            compiled = self._step_fns[fn] = torch.compile(fn, dynamic=True)
 
         def run(*args):
             if self._step_fns.get(fn) is None:  # a compile failed earlier
