@@ -154,6 +154,11 @@ def load(
     dev = _resolve_device(device)
     resolved_backend = ops.resolve_backend(backend, dev)
     resolved_runtime = resolve_runtime(runtime, dev)
+    if resolved_runtime == "compile" and resolved_backend == "triton" and dev.type != "cuda":
+        raise FastDebiasError(
+            "runtime='compile' with backend='triton' needs a CUDA device: on CPU the Triton kernels run in the "
+            "interpreter, which torch.compile cannot trace; use backend='torch' (the CPU path) or runtime='eager'"
+        )
     if model_path is None:
         from fastdebias.embedded import embedded_model_dir
 

@@ -1,8 +1,9 @@
 """The decode runtime: chunked prefill, the static-shape step (batch and kv buckets, kept cache), CUDA graphs.
 
 On CPU the static-shape logic is exercised through ``runtime="compile"`` with ``torch.compile`` replaced by the
-identity (what a graph or a compiled function replays is exactly that eager function on the static buffers), plus
-one real ``torch.compile``. The CUDA-graph tests run on a GPU only.
+identity (what a graph or a compiled function replays is exactly that eager function on the static buffers), the
+``"cuda_graph"`` runner logic with captures emulated (``emulated_graphs``), and real ``torch.compile`` runs. The
+CUDA-graph tests proper run on a GPU only.
 """
 
 from __future__ import annotations
@@ -123,11 +124,12 @@ def test_static_step_with_backtracking_and_sampling(llama_dir, static_eager):
     assert tokens(s1) == tokens(s2)
 
 
-def test_static_step_with_triton_fused_head(llama_dir, adapter_qv, static_eager):
-    """backend="triton" (interpreted on CPU): the static step returns hidden states for the fused lm_head + step."""
+def test_static_step_with_triton_fused_head(llama_dir, adapter_qv, emulated_graphs):
+    """backend="triton" (interpreted on CPU) under (emulated) graphs: the static step returns hidden states for the
+    fused lm_head + step."""
     kw = dict(backend="triton", device="cuda" if torch.cuda.is_available() else "cpu", progress=False)
     eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", **kw)
-    static = fastdebias.load(llama_dir, adapter_qv, runtime="compile", **kw)
+    static = as_cuda_graph(fastdebias.load(llama_dir, adapter_qv, runtime="eager", **kw))
     names = ["qv", None, "qv"]
     want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=5))
     assert tokens(fastdebias.generate(static, PROMPTS, adapter=names, max_new_tokens=5)) == want
@@ -326,14 +328,21 @@ class _SyncSpy(TorchDispatchMode):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("runtime_name", ["eager", "static"])
 def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adapter_qv, backend, runtime_name,
-                                                                 monkeypatch):  # fmt: skip
+                                                                 monkeypatch, request):  # fmt: skip
     """Per token, the host reads back only the done flags (every N steps on CUDA): the logits step, the lexicon's
-    bookkeeping and rewinds, the repetition penalty and sampling stay on the device (capturable, no stall)."""
-    if runtime_name == "static":
-        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    bookkeeping and rewinds, the repetition penalty and sampling stay on the device (capturable, no stall).
+    "static" on CPU: the torch backend's compile path with torch.compile as the identity; the Triton backend's
+    graph path, emulated."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = fastdebias.load(llama_dir, adapter_qv, backend=backend, device=dev, progress=False,
-                            runtime="compile" if runtime_name == "static" and dev == "cpu" else "auto")  # fmt: skip
+                            runtime="eager" if dev == "cpu" else "auto")  # fmt: skip
+    if runtime_name == "static" and dev == "cpu":
+        if backend == "torch":
+            monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+            model.runner.runtime, model.runner.compile_step = "compile", True
+        else:
+            request.getfixturevalue("emulated_graphs")
+            as_cuda_graph(model)
     free = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=6))
     lex = Lexicon.from_token_sequences({tuple(r[2:4]): float("-inf") for r in free} | {(free[0][1],): -2.0})
     cases = (
@@ -381,6 +390,8 @@ def test_runtime_errors(llama_dir):
     if not torch.cuda.is_available():
         with pytest.raises(FastDebiasError, match="runtime='cuda_graph' needs a CUDA device"):
             fastdebias.load(llama_dir, runtime="cuda_graph", progress=False)
+        with pytest.raises(FastDebiasError, match="runtime='compile' with backend='triton' needs a CUDA device"):
+            fastdebias.load(llama_dir, runtime="compile", backend="triton", progress=False)
     assert fastdebias.load(llama_dir, device="cpu", progress=False).runtime == "eager"
 
 
