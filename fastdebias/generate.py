@@ -228,7 +228,7 @@ class _Loop:
     compiled or captured step reads and writes the same addresses at every step), and the step's settings."""
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p,
-                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_head) -> None:  # fmt: skip
+                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_step, fused_head) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new = b, max_new_tokens
@@ -237,7 +237,7 @@ class _Loop:
         self.t = torch.full((1,), t, dtype=torch.long, device=dev)
         self.temperature, self.top_k, self.top_p, self.penalty = temperature, top_k, top_p, repetition_penalty
         self.generator, self.seed, self.row_ids = generator, seed, row_ids
-        self.fused_step, self.fused_head = model.backend == "triton", fused_head
+        self.fused_step, self.fused_head = fused_step, fused_head
         self.head_w, self.head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
         # (a contiguous copy: a compiled step guards on strides, and prompt[:, -1]'s stride is the prompt length,
         # which .contiguous() keeps for a single row)
@@ -305,12 +305,12 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
             next_state = lex.m.step(lex.state, nxt)
     s.all_banned |= dead
     active = ~done & ~dead
-    rewind = torch.zeros_like(active)
+    # rows that keep this step's token: the active ones, less those that rewind (backtracking only)
+    rewind = active & (ban_len >= 2) & ~hf_rows if lex is not None and lex.backtrack else None
+    commit = active & ~rewind if rewind is not None else active
     ar, out = s.ar, s.out
     if lex is not None:
-        if lex.backtrack:
-            rewind = active & (ban_len >= 2) & ~hf_rows
-        penalised = active & ~rewind & torch.isfinite(bias) & (bias != 0)
+        penalised = commit & torch.isfinite(bias) & (bias != 0)
         lex.record(s.it, 0, penalised, cur, entry, 0, nxt)
         # The model's own first choice, when the lexicon displaced it: banned, or penalised out of first place.
         if s.fused_step:  # the step kernel looked the model's first choice up too
@@ -319,10 +319,9 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
             top = x.argmax(dim=-1)
             top_bias, top_len, top_entry = lex.m.lookup(lex.state, top, mask_phrases=hf_rows)
         masked = (top_len == 1) | ((top_len >= 2) & hf_rows)
-        displaced = active & ~rewind & (top != nxt) & (masked | (torch.isfinite(top_bias) & (top_bias < 0)))
+        displaced = commit & (top != nxt) & (masked | (torch.isfinite(top_bias) & (top_bias < 0)))
         # slot 1 holds this (action 1 = banned, 0 = penalised) or, in a rewinding row, the rewind: one write
         slot1 = (displaced, cur, top_entry, masked.long(), top)
-    commit = active & ~rewind
     nxt = torch.where(commit, nxt, torch.full_like(nxt, s.pad_token))
     wpos = cur.clamp(max=s.max_new - 1)
     out[ar, wpos] = torch.where(commit, nxt, out[ar, wpos])
@@ -408,7 +407,7 @@ def _generate_batch(
         row_ids = torch.arange(index_offset, index_offset + b, device=dev)
     s = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, seed=seed,
-              row_ids=row_ids, eos=eos, lex=lex, fused_head=fused_head)  # fmt: skip
+              row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, fused_head=fused_head)  # fmt: skip
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
     # the torch backend's sampling: it draws from a torch generator, host state that a graph would not advance
     # (the Triton step's noise is keyed by the device step counter instead)

@@ -216,12 +216,12 @@ class DecodeRunner:
         """Whether ``x`` is (a leading slice of) the output buffer of one of this runner's captured graphs."""
         return self.runtime == "cuda_graph" and any(x.data_ptr() == out.data_ptr() for _, out in self.graphs.values())
 
-    def _capture_step(self, fn, args):
-        """Capture ``fn(*args)`` in a CUDA graph (nothing runs) → (graph, its outputs).
+    def _capture_graph(self, fn, args):
+        """Capture ``fn(*args)`` in a CUDA graph (nothing runs) → (graph, its outputs), in the runner's shared pool.
 
         ``capture_begin/capture_end`` on a side stream, as ``torch.cuda.graph`` does, but without its device sync
-        and ``empty_cache``: this capture happens in every generate call, and emptying the allocator's cache each
-        time would send the next call's allocations back to cudaMalloc."""
+        and ``empty_cache``: the loop's step is captured in every generate call, and emptying the allocator's cache
+        each time would send the next call's allocations back to cudaMalloc."""
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -258,11 +258,7 @@ class DecodeRunner:
             for _ in range(2):
                 self._forward(*key)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(*key)
-        self.pool = graph.pool()
-        return graph, out
+        return self._capture_graph(self._forward, key)
 
 
 def _warn_eager(what: str, e: Exception) -> None:
@@ -301,7 +297,7 @@ class _StepGraphs:
             return self.fn(loop, x, hidden)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self.runner._capture_step(self.fn, (loop, x, hidden))
+                self.graphs[key] = self.runner._capture_graph(self.fn, (loop, x, hidden))
             except RuntimeError as e:
                 _warn_eager("CUDA graph capture of the decode loop's step", e)
                 self.failed = True

@@ -183,12 +183,12 @@ def emulated_graphs(monkeypatch):
 
     step_graphs = []
 
-    def capture_step(self, fn, args):
+    def capture_step(self, fn, args):  # only the step's: _capture is faked whole
         g = _ReplayStep(fn, args, step_graphs)
         return g, g.outs
 
     monkeypatch.setattr(runtime.DecodeRunner, "_capture", capture)
-    monkeypatch.setattr(runtime.DecodeRunner, "_capture_step", capture_step)
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture_graph", capture_step)
     return step_graphs
 
 
@@ -225,7 +225,7 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, emulated_
     def broken_step(self, fn, args):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(runtime.DecodeRunner, "_capture_step", broken_step)
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture_graph", broken_step)
     with pytest.warns(RuntimeWarning, match="capture of the decode loop's step failed"):
         assert tokens(fastdebias.generate(model, PROMPTS, **kw)) == tokens(a)
     assert model.runtime == "cuda_graph"  # the forward's graphs are kept
@@ -401,16 +401,16 @@ def test_runtime_errors(llama_dir):
 @pytest.fixture
 def step_captures(monkeypatch):
     """Counts the real CUDA-graph captures of the loop's step that succeeded (a failed one raises, then the step
-    runs eagerly: only a warning would tell)."""
+    runs eagerly: only a warning would tell); the forward's captures go through the same method, not counted."""
     n = [0]
-    real = runtime.DecodeRunner._capture_step
+    real = runtime.DecodeRunner._capture_graph
 
     def counting(self, fn, args):
         out = real(self, fn, args)
-        n[0] += 1
+        n[0] += fn != self._forward
         return out
 
-    monkeypatch.setattr(runtime.DecodeRunner, "_capture_step", counting)
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture_graph", counting)
     return n
 
 
