@@ -10,8 +10,9 @@ specialised to its input shapes. So under ``"cuda_graph"`` and ``"compile"``:
   length; under ``"compile"`` the whole cache) under the model's slot mask, instead of exactly the slots written
   so far; a CUDA-graph decode therefore moves through a few graphs as it grows (one capture each, reused by every
   later call with the same buckets);
-- on CPU, the compiled step computes the decode projections as multiply-reduces (``ops._base_linear``), which
-  inductor streams at about twice the rate of MKL's GEMV;
+- on CPU, the compiled step computes the decode projections of batches of 1-2 rows as multiply-reduces, which
+  inductor streams at about twice the rate of oneDNN's GEMV and three times MKL's, and larger ones with oneDNN's
+  matmul as an opaque op (``ops._base_linear``; measured by ``bench/cpu_gemm.py``);
 - the KV cache, the step's input buffers and the LoRA stacks keep their addresses from call to call, and each
   step copies its inputs into the buffers before the replay. Changing the adapter mix (``adapter_idx``) needs no
   re-capture: the LoRA kernels' grids depend on shapes only.

@@ -65,20 +65,71 @@ def pack_lora(sizes: list[int], loras: list, backend: str = "torch"):
 
 
 # Rows up to which a compiled CPU step computes the base projection as a multiply-reduce (see _base_linear).
-# Measured on the 2-core CPU, SmolLM2 fp32, ms per decode step: batch 8: 80 (multiply-reduce) vs 86 (F.linear);
-# batch 32: 327 vs 145, so larger batches keep F.linear (MKL's GEMM).
-CPU_GEMV_MAX_ROWS = 8
+# ``bench/results/cpu_gemm_cpu.md`` (the 2-core CI CPU, AMD EPYC with AVX-512, SmolLM2 fp32 shapes), ms per step for
+# the 120 decoder projections + lm_head, compiled multiply-reduce vs compiled oneDNN vs eager F.linear (MKL): 1 row
+# 16.9 + 3.9 vs 33.1 + 6.6 vs 38.0 + 10.6; 2 rows 24.8 + 5.6 vs 36.2 + 7.3; 4 rows a tie (33.8 + 9.9 vs
+# 33.1 + 6.9); 8 rows 54.9 + 18.6 vs 50.8 + 8.8; 32 rows 362.5 + 88.7 vs 82.4 + 15.6.
+CPU_GEMV_MAX_ROWS = 2
+# CPU dtypes that go to oneDNN's matmul (``mkldnn._linear_pointwise``) instead of F.linear (MKL's sgemm): faster
+# at every size measured on the CI CPU: 1-32 rows in the same file, and prefill sizes, 64-2048 rows, in a one-off
+# check of the same two calls (the 49152-wide lm_head at 64 rows 24 vs 60 ms, the gate/up at 512 rows 9.4 vs 14.6).
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# read once: dynamo breaks the graph at a call of ``torch.backends.mkldnn.is_available`` (a skipped function)
+_MKLDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+# Inside torch.compile, an opaque op: inductor's own lowering of ``_linear_pointwise`` expects a pre-packed weight.
+@torch.library.custom_op("fastdebias::cpu_linear", mutates_args=())
+def _cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _onednn(x, weight)
+
+
+@_cpu_linear.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and x.dim() == 2
+        and _MKLDNN
+    )  # fmt: skip
 
 
 def _base_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x·Wᵀ. Inside ``torch.compile`` on CPU, a decode GEMV is written as a multiply-reduce: inductor turns it into
-    one vectorised pass that streams W from memory at about twice the rate of MKL's sgemv (the 121 SmolLM2
-    projections of one decode step, batch 1, fp32, from DRAM: 24 ms vs 48 ms on the 2-core CI machine; a decode
-    step 25.6 vs 64 ms). Eagerly that form would materialise [M, N, K], so everywhere else it is ``F.linear``."""
-    if x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS and torch.compiler.is_compiling():
-        # products and sum in fp32 (as F.linear accumulates), one rounding at the end; inductor fuses the casts
-        return (x.unsqueeze(1).float() * weight.float()).sum(-1).to(x.dtype)
+    """x·Wᵀ, the torch backend's projection. On CPU:
+
+    - inside ``torch.compile``, a decode GEMV of up to ``CPU_GEMV_MAX_ROWS`` rows is a multiply-reduce: inductor
+      turns it into one vectorised pass that streams W from memory at about twice oneDNN's rate and three times
+      MKL's (it would materialise [M, N, K] eagerly, so only there);
+    - everything else (eager, prefill, larger batches) is oneDNN's matmul, or F.linear for other dtypes.
+    Elsewhere it is ``F.linear``."""
+    if _use_onednn(x, weight):
+        if torch.compiler.is_compiling():
+            if x.shape[0] <= CPU_GEMV_MAX_ROWS:
+                return _multiply_reduce(x, weight)
+            return _cpu_linear(x.contiguous(), weight)
+        return _onednn(x, weight)
     return torch.nn.functional.linear(x, weight)
+
+
+def _factor_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ for a LoRA factor (a few kilobytes of weight). Inside ``torch.compile`` on CPU a multiply-reduce at
+    any batch size: inductor fuses it with its neighbours, where an opaque GEMM call per factor costs more than
+    its arithmetic (SmolLM2, r=16 on q/v, batch 8, interleaved A/B in one process: step 4.5 ms faster in the
+    median, faster in 6 of 6 pairs; batch 32: within noise). Elsewhere ``_base_linear``."""
+    if torch.compiler.is_compiling() and _use_onednn(x, weight):
+        return _multiply_reduce(x, weight)
+    return _base_linear(x, weight)
+
+
+def _multiply_reduce(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # products and sum in fp32 (as the GEMMs accumulate), one rounding at the end; inductor fuses the casts
+    return (x.unsqueeze(1).float() * weight.float()).sum(-1).to(x.dtype)
 
 
 def lora_linear_sliced(
@@ -109,7 +160,7 @@ def lora_linear_sliced(
     for i in packed:
         lo = sum(sizes[:i])
         ys = y[:, lo:lo + sizes[i]]
-        delta = _ref_lora.lora_delta(x, *loras[i], adapter_idx, linear=_base_linear)  # multiply-reduce if compiled
+        delta = _ref_lora.lora_delta(x, *loras[i], adapter_idx, linear=_factor_linear)
         y[:, lo:lo + sizes[i]] = torch.where(keep, ys + delta, ys)
     return y
 
