@@ -88,7 +88,10 @@ def resolve_adapter_rows(model, adapter, n: int) -> list[int]:
     """adapter=FIRST/None/name/list → per-prompt adapter index (-1 = no adapter)."""
     names = model.adapter_names
     if model.merged_adapter is not None:
-        if adapter is FIRST_ADAPTER or adapter == model.merged_adapter:
+        per_row = isinstance(adapter, (list, tuple)) and len(adapter) == n
+        if adapter is FIRST_ADAPTER or adapter == model.merged_adapter or (
+            per_row and all(a == model.merged_adapter for a in adapter)
+        ):
             return [-1] * n
         raise GenerationError(
             f"adapter={adapter!r}: this model was loaded with merge=True, so only the merged adapter "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastdebias
+from fastdebias.errors import GenerationError
 from fastdebias.generate import prefill
 
 from .conftest import TOLERANCES, make_adapter, make_llama, save_peft05_bin_adapter
@@ -124,6 +125,12 @@ def test_merged_matches_unmerged(llama_dir, adapter_all):
     lm, *_ = prefill(merged, ids, 1, None)
     torch.testing.assert_close(lm, lu, rtol=1e-4, atol=1e-4)
     assert ours(merged, ids) == ours(unmerged, ids)
+    # naming the merged adapter, once or per row, is the same call; anything else is refused
+    name = merged.merged_adapter
+    assert ours(merged, ids, adapter=name) == ours(merged, ids, adapter=[name] * len(ids)) == ours(merged, ids)
+    for bad in (None, [name] * (len(ids) - 1) + [None], [name] * (len(ids) + 1)):
+        with pytest.raises(GenerationError, match="merge=True"):
+            ours(merged, ids, adapter=bad)
 
 
 def test_multi_adapter_batch_matches_peft_mixed_batch(tmp_path, llama_dir, adapter_qv, adapter_all):
