@@ -294,11 +294,13 @@ def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     "rows,dtype", [(1, torch.float32), (2, torch.float32), (3, torch.float32), (8, torch.float32),
                    (1, torch.bfloat16), (5, torch.bfloat16)]
 )  # fmt: skip
-def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype):
-    """The torch backend's CPU projection (``ops._base_linear``: oneDNN eagerly; compiled, a multiply-reduce up to
-    ``CPU_GEMV_MAX_ROWS`` rows and oneDNN as an opaque op above) equals F.linear, and compiles in one graph (a
-    graph break in every projection once made the compiled SmolLM2 step 2.6x slower)."""
+def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypatch):
+    """The torch backend's CPU projection (``ops._base_linear``: compiled, a multiply-reduce up to
+    ``CPU_GEMV_MAX_ROWS`` rows; fp32 otherwise oneDNN, an opaque op when compiled) equals F.linear, and compiles in
+    one graph (a graph break in every projection once made the compiled SmolLM2 step 2.6x slower). Without oneDNN
+    (another CPU architecture) it is F.linear itself."""
     from fastdebias import ops
+
 
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows + 3, 40, generator=gen)[3:].to(dtype)  # a view at an offset, as the model's rows are
@@ -310,6 +312,8 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype):
         torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)  # fullgraph: a graph break raises
         torch.testing.assert_close(compiled(x, w).float(), want, **tol)
+    monkeypatch.setattr(ops, "_ONEDNN", False)
+    assert torch.equal(ops._base_linear(x, w), torch.nn.functional.linear(x, w))
 
 
 class _SyncSpy(TorchDispatchMode):

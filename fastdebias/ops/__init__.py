@@ -6,6 +6,8 @@ always available and is the CPU path.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from fastdebias.errors import BackendError, GenerationError
@@ -70,12 +72,12 @@ def pack_lora(sizes: list[int], loras: list, backend: str = "torch"):
 # 16.9 + 3.9 vs 33.1 + 6.6 vs 38.0 + 10.6; 2 rows 24.8 + 5.6 vs 36.2 + 7.3; 4 rows a tie (33.8 + 9.9 vs
 # 33.1 + 6.9); 8 rows 54.9 + 18.6 vs 50.8 + 8.8; 32 rows 362.5 + 88.7 vs 82.4 + 15.6.
 CPU_GEMV_MAX_ROWS = 2
-# CPU dtypes that go to oneDNN's matmul (``mkldnn._linear_pointwise``) instead of F.linear (MKL's sgemm): faster
-# at every size measured on the CI CPU: 1-32 rows in the same file, and prefill sizes, 64-2048 rows, in a one-off
-# check of the same two calls (the 49152-wide lm_head at 64 rows 24 vs 60 ms, the gate/up at 512 rows 9.4 vs 14.6).
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-# read once: dynamo breaks the graph at a call of ``torch.backends.mkldnn.is_available`` (a skipped function)
-_MKLDNN = torch.backends.mkldnn.is_available()
+# fp32 CPU projections go to oneDNN's matmul (``mkldnn._linear_pointwise``) instead of F.linear (MKL's sgemm):
+# faster at every size measured on the CI CPU: 1-32 rows in the same file, and prefill sizes, 64-2048 rows, in a
+# one-off check of the same two calls (the 49152-wide lm_head at 64 rows 24 vs 60 ms, the gate/up at 512 rows 9.4
+# vs 14.6). bf16 needs nothing: F.linear already takes oneDNN there (3072 x 576, 8 rows: 153 vs 155 us). Only on
+# x86-64, where it was measured. Read once: dynamo breaks the graph at a call of ``mkldnn.is_available``.
+_ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -93,27 +95,20 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and x.dim() == 2
-        and _MKLDNN
-    )  # fmt: skip
-
-
 def _base_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x·Wᵀ, the torch backend's projection. On CPU:
 
     - inside ``torch.compile``, a decode GEMV of up to ``CPU_GEMV_MAX_ROWS`` rows is a multiply-reduce: inductor
       turns it into one vectorised pass that streams W from memory at about twice oneDNN's rate and three times
       MKL's (it would materialise [M, N, K] eagerly, so only there);
-    - everything else (eager, prefill, larger batches) is oneDNN's matmul, or F.linear for other dtypes.
-    Elsewhere it is ``F.linear``."""
-    if _use_onednn(x, weight):
-        if torch.compiler.is_compiling():
-            if x.shape[0] <= CPU_GEMV_MAX_ROWS:
-                return _multiply_reduce(x, weight)
-            return _cpu_linear(x.contiguous(), weight)
-        return _onednn(x, weight)
+    - other fp32 projections (eager, prefill, larger batches) are oneDNN's matmul.
+    Everything else is ``F.linear``."""
+    if x.device.type == "cpu" and x.dim() == 2:
+        compiling = torch.compiler.is_compiling()
+        if compiling and x.shape[0] <= CPU_GEMV_MAX_ROWS:
+            return _multiply_reduce(x, weight)
+        if _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return _cpu_linear(x.contiguous(), weight) if compiling else _onednn(x, weight)
     return torch.nn.functional.linear(x, weight)
 
 
@@ -122,7 +117,7 @@ def _factor_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     any batch size: inductor fuses it with its neighbours, where an opaque GEMM call per factor costs more than
     its arithmetic (SmolLM2, r=16 on q/v, batch 8, interleaved A/B in one process: step 4.5 ms faster in the
     median, faster in 6 of 6 pairs; batch 32: within noise). Elsewhere ``_base_linear``."""
-    if torch.compiler.is_compiling() and _use_onednn(x, weight):
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 2:
         return _multiply_reduce(x, weight)
     return _base_linear(x, weight)
 
