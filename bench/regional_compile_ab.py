@@ -5,7 +5,8 @@ should be on CPU; not a fastdebias feature yet.
     python bench/regional_compile_ab.py --batch-sizes 1,8 [--md PATH]
 
 Each variant is loaded once (the embedded SmolLM2, a random r=16 q/v adapter); ``regional`` calls
-``layer.compile()`` on every decoder layer, so one compiled graph serves all layers (dynamic batch and kv length).
+``layer.compile()`` on every decoder layer, so one compiled graph serves all layers (dynamic batch and kv length);
+``regional+step`` also compiles the loop's token choice and bookkeeping, as ``"compile"`` does.
 Per batch size: the first calls (one full generate + one 1-token generate: compiles included, inductor's disk cache
 as found), then ``--pairs`` interleaved rounds; TPOT = (time of n tokens - time of 1 token) / (n - 1), median.
 Greedy outputs are compared with the first variant's.
@@ -24,15 +25,18 @@ import torch
 import fastdebias
 from fastdebias import bench, embedded
 
-VARIANTS = ("whole", "regional", "eager")
+VARIANTS = ("whole", "regional", "regional+step", "eager")
 
 
 def load(variant: str, model_dir: Path, adapter: Path):
     runtime = "compile" if variant == "whole" else "eager"
     model = fastdebias.load(model_dir, {"a": adapter}, runtime=runtime, progress=False)
-    if variant == "regional":
+    if variant.startswith("regional"):
         for layer in model.decoder.layers:
             layer.compile()
+    if variant == "regional+step":  # the loop's step compiled as under "compile" (the eager runtime runs it as is)
+        runner = model.runner
+        runner.step_function = runner._compiled_step
     return model
 
 
