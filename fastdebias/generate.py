@@ -231,7 +231,7 @@ class _Loop:
     compiled or captured step reads and writes the same addresses at every step), and the step's settings."""
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p,
-                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_step, fused_head) -> None:  # fmt: skip
+                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_step) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new = b, max_new_tokens
@@ -240,7 +240,7 @@ class _Loop:
         self.t = torch.full((1,), t, dtype=torch.long, device=dev)
         self.temperature, self.top_k, self.top_p, self.penalty = temperature, top_k, top_p, repetition_penalty
         self.generator, self.seed, self.row_ids = generator, seed, row_ids
-        self.fused_step, self.fused_head = fused_step, fused_head
+        self.fused_step = fused_step
         self.head_w, self.head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
         # (a contiguous copy: a compiled step guards on strides, and prompt[:, -1]'s stride is the prompt length,
         # which .contiguous() keeps for a single row)
@@ -337,7 +337,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
             p = torch.where(rewind, cur - (ban_len - 1), cur).clamp(min=0)
             first = out[ar, p.clamp(max=s.max_new - 1)]
             rewound = (p, entry, 2, first)
-            slot1 = (slot1[0] | rewind, *(torch.where(rewind, x, y) for x, y in zip(rewound, slot1[1:])))
+            slot1 = (slot1[0] | rewind, *(torch.where(rewind, rw, d) for rw, d in zip(rewound, slot1[1:])))
             slot = lex.rewinds.clamp(max=lex.ban_pos.shape[1] - 1)
             stale = lex.ban_pos > p.view(b, 1)  # bans past the rewind point belong to a context now gone
             lex.ban_pos.masked_fill_(stale & rewind.view(b, 1), -1)
@@ -410,7 +410,7 @@ def _generate_batch(
         row_ids = torch.arange(index_offset, index_offset + b, device=dev)
     s = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, seed=seed,
-              row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, fused_head=fused_head)  # fmt: skip
+              row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step)  # fmt: skip
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
     # the torch backend's sampling: it draws from a torch generator, host state that a graph would not advance
     # (the Triton step's noise is keyed by the device step counter instead)
