@@ -8,8 +8,9 @@
 Systems, on the same prompts, adapter and lexicon:
 
 - ``fastdebias``: ``fastdebias.load(..., backend="auto", runtime=...)`` + ``fastdebias.generate``, LoRA unmerged,
-  the lexicon as a ``fastdebias.Lexicon``; runtime ``"compile"`` on CPU (the step compiled once per batch bucket,
-  like hf-compile; its first call is timed as ``compile_s``), ``"auto"`` (CUDA graphs) on GPU;
+  the lexicon as a ``fastdebias.Lexicon``; runtime ``"compile"`` on CPU (the decoder layers, head and step compiled
+  with dynamic shapes: batches of 1, 2 and more rows compile once each; first calls timed as ``compile_s``),
+  ``"auto"`` (CUDA graphs) on GPU;
 - ``hf-eager``: transformers ``generate`` (dynamic cache, no compile), the PEFT adapter unmerged
   (``PeftModel.from_pretrained``), the lexicon as ``sequence_bias`` / ``bad_words_ids`` — the stock path;
 - ``hf-compile``: transformers' best stock configuration: static cache + ``torch.compile`` through ``generate``'s

@@ -285,7 +285,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     flags, repetition counts, lexicon states, rewinds, the interventions log), all in place on ``s``.
 
     Returns the token to feed each row next [B] and its cache slot [B]. Tensor ops only, no host read: under
-    ``runtime="compile"`` it is compiled with the forward's settings."""
+    ``runtime="compile"`` it is compiled (dynamic shapes: one graph for a batch of 1, one for any other)."""
     b, lex, cur, done = s.b, s.lex, s.cur, s.done
     hf_rows = lex.hf_rows(cur) if lex is not None else True
     if s.fused_step:

@@ -238,6 +238,7 @@ class LlamaDecoder(nn.Module):
         last_logits: bool = True,
         head: bool = True,
         causal: bool = False,
+        regions=None,
     ) -> torch.Tensor | None:
         """Run ``tokens`` [B, T] written at cache ``slots`` [B, T]; rows' real tokens begin at ``start`` [B].
 
@@ -245,7 +246,10 @@ class LlamaDecoder(nn.Module):
         not the last; with ``head=False``, the last position's final hidden state [B, K] in the weights' dtype, for
         the fused lm_head + step). ``kv_len`` (host int) bounds the slots attended to. ``causal=True`` promises
         that no row is padded and ``tokens`` fill slots 0..T-1 (``kv_len == T``): attention then runs without a
-        mask (``is_causal``), which lets SDPA take its flash kernel on GPU.
+        mask (``is_causal``), which lets SDPA take its flash kernel on GPU. ``regions``: a pair
+        ``(layer_fn, head_fn)`` through which to run each decoder layer (``layer_fn(layer, h, ...)``, as
+        ``run_layer``) and the final norm + lm_head (``head_fn(self, h, rows)``, as ``LlamaDecoder.head``): the
+        compiled runtime passes their compiled forms; default, these two as they are.
         """
         b, t = tokens.shape
         positions = (slots - start.view(b, 1)).clamp(min=0)
@@ -258,13 +262,22 @@ class LlamaDecoder(nn.Module):
             # Causal within the row's own span; a padding query sees only itself (never an all-masked row → NaN).
             mask = (((j >= start.view(b, 1, 1)) & (j <= s)) | (j == s)).unsqueeze(1)  # [B, 1, T, kv_len]
         rows = adapter_idx if t == 1 or adapter_idx is None else adapter_idx.repeat_interleave(t)
+        layer_fn, head_fn = regions or (run_layer, LlamaDecoder.head)
         h = F.embedding(tokens, self.embed_tokens)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
-            h = layer(h, rows, cos, sin, kc, vc, slots, mask, kv_len)
+            h = layer_fn(layer, h, rows, cos, sin, kc, vc, slots, mask, kv_len)
         if not last_logits:
             return None
-        h = self.norm(h[:, -1:])
         if not head:
-            return h[:, 0]
-        last_rows = adapter_idx if adapter_idx is not None else None
-        return self.lm_head(h, last_rows)[:, 0].float()
+            return self.norm(h[:, -1:])[:, 0]
+        return head_fn(self, h[:, -1:], adapter_idx)
+
+    def head(self, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The last position's hidden state [B, 1, K] → fp32 logits [B, V] (final norm, lm_head and its LoRA)."""
+        return self.lm_head(self.norm(h), rows)[:, 0].float()
+
+
+def run_layer(layer: DecoderLayer, h: torch.Tensor, *args) -> torch.Tensor:
+    """One decoder layer (a function of the layer, so that one compiled form serves every layer: their weights are
+    its inputs, not constants)."""
+    return layer(h, *args)

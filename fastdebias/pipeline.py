@@ -147,8 +147,9 @@ def load(
     merge : fold the single adapter into the base weights (lossy for QLoRA-trained adapters; default False).
     backend : "auto" | "torch" | "triton" | "cuda"; "torch" is the pure-PyTorch reference.
     runtime : how the decode step runs: "auto" (CUDA graphs on CUDA, eager on CPU) | "eager" | "cuda_graph" |
-        "compile" (``torch.compile`` of the step; on CPU it costs tens of seconds per batch/length bucket the first
-        time, then decodes faster: see the README's benchmarks). See ``fastdebias.runtime``.
+        "compile" (each decoder layer, the lm_head and the loop's step through ``torch.compile``; on CPU the first
+        calls compile for ~15-30 s in a process, batches of 1, 2 and more rows once each, then decode ~2x faster
+        than eager: see the README's benchmarks). See ``fastdebias.runtime``.
     progress : show tqdm progress bars.
     """
     dev = _resolve_device(device)

@@ -1,18 +1,13 @@
-"""The decode step with static shapes: the one-token model forward, replayed from a CUDA graph per
-(batch bucket, kv-length bucket), or run through ``torch.compile`` on CPU, or plain eager.
+"""The decode step: the one-token model forward replayed from a CUDA graph per (batch bucket, kv-length bucket)
+(``"cuda_graph"``), or run with each decoder layer compiled by ``torch.compile`` (``"compile"``), or plain eager.
 
-Why static shapes: a CUDA graph replays fixed kernels on fixed addresses, and a compiled function is
-specialised to its input shapes. So under ``"cuda_graph"`` and ``"compile"``:
+``"cuda_graph"`` needs static shapes: a CUDA graph replays fixed kernels on fixed addresses. So under it:
 
 - the batch is padded up to a power of two (padding rows: token 0 at slot 0, start 0, no adapter; they only
   ever write their own cache rows, which no real row reads);
 - attention reads the cache up to a kv bucket (the next multiple of ``KV_BUCKET`` slots, at most the cache
-  length; under ``"compile"`` the whole cache) under the model's slot mask, instead of exactly the slots written
-  so far; a CUDA-graph decode therefore moves through a few graphs as it grows (one capture each, reused by every
-  later call with the same buckets);
-- on CPU, the compiled step computes the decode projections of batches of 1-2 rows as multiply-reduces, which
-  inductor streams at about twice the rate of oneDNN's GEMV and three times MKL's, and larger ones with oneDNN's
-  matmul as an opaque op (``ops._base_linear``; measured by ``bench/cpu_gemm.py``);
+  length) under the model's slot mask, instead of exactly the slots written so far; a decode therefore moves
+  through a few graphs as it grows (one capture each, reused by every later call with the same buckets);
 - the KV cache, the step's input buffers and the LoRA stacks keep their addresses from call to call, and each
   step copies its inputs into the buffers before the replay. Changing the adapter mix (``adapter_idx``) needs no
   re-capture: the LoRA kernels' grids depend on shapes only.
@@ -24,11 +19,23 @@ What the graphs hold: (1) the decoder forward of one token per row (every layer'
 up to the logits or, for the fused lm_head + step, the final hidden state), kept across calls; (2) the step after it
 (``generate._advance``: the logits step, lexicon, penalties, rewinds, done flags, the interventions log — a few
 dozen small kernels that would otherwise each be a launch per token), captured per generate call on each forward
-graph's output buffer (``_StepGraphs``), because it bakes in the call's seed, sizes and state addresses. Under
-``"compile"`` the same step function is compiled (torch backend, greedy). The prefill stays eager (chunked, one call
-per prompt batch). Manual graphs rather than ``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per
-bucket, and the Triton kernels are captured as they are; the comparison by measurement is pending a GPU run
-(``bench/gpu_all.sh``).
+graph's output buffer (``_StepGraphs``), because it bakes in the call's seed, sizes and state addresses. The
+prefill stays eager (chunked, one call per prompt batch). Manual graphs rather than
+``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per bucket, and the Triton kernels are captured
+as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all.sh``).
+
+``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, each decoder layer runs through one
+compiled function of the layer (``model.run_layer``; the layers' weights are its inputs, so one graph serves all
+of them), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful
+of small ops). Compiled with dynamic shapes, so batch size, kv length and cache size compile nothing new, apart
+from a graph each for batches of 1, 2 and more rows: on CPU, inside the compiled layer, projections of up to
+``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which inductor streams at about twice the rate of oneDNN's
+GEMV, and larger ones oneDNN's matmul as an opaque op (``ops._base_linear``; ``bench/cpu_gemm.py``). The loop's
+step (``generate._advance``) is compiled too (``compile_step``). The prefill stays eager, and the cache is
+allocated per call as under ``"eager"``. Measured against compiling the whole one-token forward with static
+shapes (what ``"compile"`` was before; ``bench/results/regional_compile_ab_cpu.md``, SmolLM2 on the 2-core CI
+CPU): the same decode speed within noise, the first call 1.8 s instead of 16.6 s with warm inductor caches, and
+no new compile per batch bucket and per 256-slot cache size.
 """
 
 from __future__ import annotations
@@ -38,18 +45,34 @@ import warnings
 import torch
 
 from fastdebias.errors import FastDebiasError
-from fastdebias.model import KVCache
+from fastdebias.model import KVCache, LlamaDecoder, run_layer
 
 KV_BUCKET = 256  # slots: the attention read grows in steps of this (a new graph per step of growth)
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activation and mask memory for long prompts
 RUNTIMES = ("auto", "eager", "cuda_graph", "compile")
-COMPILE_ENTRIES = 256  # compiled step variants kept per process (models x batch buckets x cache sizes)
+COMPILE_ENTRIES = 256  # compiled variants kept per compiled function and process (models x batch kinds x settings)
 # the name of dynamo's per-code-object entry limit (renamed in torch 2.6)
 _DYNAMO_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
+def _compiling_config():
+    """The settings our compiled functions run under. Dynamo keeps one cache per code object, shared by every
+    model's runner: each model x batch kind x settings is an entry, and past the default limit (8) it would
+    silently run eagerly. Without duck shapes: a dimension that happens to equal another one at the first compile
+    (the step's batch of 2 and its log's pair of columns) would be guarded equal, and recompile at the next batch
+    size."""
+    import contextlib
+
+    from torch.fx.experimental import _config as fx_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(**{_DYNAMO_LIMIT: COMPILE_ENTRIES}))
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack
+
+
 def resolve_runtime(runtime: str, device: torch.device) -> str:
-    """``"auto"``: CUDA graphs on CUDA, eager on CPU (compiling costs tens of seconds per shape on CPU)."""
+    """``"auto"``: CUDA graphs on CUDA, eager on CPU (a cold compile costs tens of seconds on CPU)."""
     if runtime not in RUNTIMES:
         raise FastDebiasError(f"runtime={runtime!r} is not one of {RUNTIMES}")
     if runtime == "auto":
@@ -70,8 +93,8 @@ def _round_up(n: int, m: int) -> int:
 class DecodeRunner:
     """Owns the KV cache and runs the model forward for prefill (chunked) and for one decode step.
 
-    Under ``"cuda_graph"``/``"compile"`` the cache is kept between calls and grows (never shrinks) to the largest
-    bucket seen; graphs captured for a smaller cache are dropped when it grows.
+    Under ``"cuda_graph"`` the cache is kept between calls and grows (never shrinks) to the largest bucket seen;
+    graphs captured for a smaller cache are dropped when it grows.
     """
 
     def __init__(self, decoder, runtime: str) -> None:
@@ -79,7 +102,7 @@ class DecodeRunner:
         self.cache: KVCache | None = None
         self.graphs: dict[tuple[int, int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        self.compiled = None
+        self.regions = None  # "compile": (compiled run_layer, compiled LlamaDecoder.head), made at the first decode
         self._bufs: dict[str, torch.Tensor] = {}
         self._step_fns: dict = {}  # fn -> its compiled form (None after a failed compile or capture)
         # compile the loop's step too: on under "compile"; off under "cuda_graph", where the captured step's
@@ -89,7 +112,8 @@ class DecodeRunner:
 
     @property
     def static(self) -> bool:
-        return self.runtime != "eager"
+        """Static shapes: a padded batch, bucketed kv reads, a cache kept across calls (CUDA graphs need them)."""
+        return self.runtime == "cuda_graph"
 
     def reset(self) -> None:
         """Drop the cache and every captured graph (frees their memory)."""
@@ -99,7 +123,9 @@ class DecodeRunner:
         """A cache with at least ``b`` rows of ``length`` slots (bucketed and reused under static runtimes)."""
         cfg = self.decoder.config
         if not self.static:
-            return KVCache.allocate(cfg, b, length, dtype, device)
+            # "compile": a spare slot, so that the last step's kv length never equals the cache length (a compiled
+            # layer guards on whether its attention reads the whole cache, and would recompile for that one step)
+            return KVCache.allocate(cfg, b, length + (self.runtime == "compile"), dtype, device)
         bb, lb = batch_bucket(b), min(_round_up(length, KV_BUCKET), max(length, cfg.max_position_embeddings))
         c = self.cache
         if c is None or c.k[0].shape[0] < bb or c.k[0].shape[2] < lb or c.k[0].dtype != dtype:
@@ -144,9 +170,19 @@ class DecodeRunner:
         """token [B] written at per-row ``slots`` [B], attending to slots < ``kv_len`` → logits [B, V] fp32 (with
         ``head=False``: the final hidden state [B, K], for the fused lm_head + step)."""
         b = token.shape[0]
+        args = (token, slots, kv_len, start, cache, adapter_idx, head)
+        if self.runtime == "compile":
+            if self.regions is None:
+                self.regions = (torch.compile(run_layer, dynamic=True), torch.compile(LlamaDecoder.head, dynamic=True))
+            try:
+                with _compiling_config():
+                    return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx,
+                                        head=head, regions=self.regions)  # fmt: skip
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
+                # (re-running the whole step is safe: it rewrites the same K/V into the same slots)
+                return self._fall_back("torch.compile", e, args)
         if not self.static:
             return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
-        args = (token, slots, kv_len, start, cache, adapter_idx, head)
         bufs = self._bufs
         bb, cache_len = batch_bucket(b), cache.k[0].shape[2]
         kvb = self.kv_read_len(kv_len, cache_len)
@@ -157,16 +193,6 @@ class DecodeRunner:
         if has_adapter:
             bufs["adapter_idx"][:b].copy_(adapter_idx)
         key = (bb, kvb, has_adapter, head)
-        if self.runtime == "compile":
-            if self.compiled is None:
-                self.compiled = torch.compile(self._forward, dynamic=False)
-            # Dynamo keeps one cache per code object, shared by every model's runner: each model x bucket is an
-            # entry, and past the default limit (8) it would silently run the step eagerly.
-            try:
-                with torch._dynamo.config.patch(**{_DYNAMO_LIMIT: COMPILE_ENTRIES}):
-                    return self.compiled(*key)[:b]
-            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
-                return self._fall_back("torch.compile", e, args)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(*key)
@@ -179,7 +205,7 @@ class DecodeRunner:
     def _fall_back(self, what: str, e: Exception, args: tuple) -> torch.Tensor:
         """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation)."""
         _warn_eager(what, e)
-        self.runtime, self.graphs, self.compiled = "eager", {}, None
+        self.runtime, self.graphs, self.regions = "eager", {}, None
         return self.decode(*args)  # the eager branch now
 
     def step_function(self, fn):
@@ -204,7 +230,7 @@ class DecodeRunner:
             if self._step_fns.get(fn) is None:  # a compile failed earlier
                 return fn(*args)
             try:
-                with torch._dynamo.config.patch(**{_DYNAMO_LIMIT: COMPILE_ENTRIES}):
+                with _compiling_config():
                     return compiled(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 _warn_eager("torch.compile of the decode loop's step", e)
@@ -237,10 +263,7 @@ class DecodeRunner:
         return graph, outs
 
     def kv_read_len(self, kv_len: int, cache_len: int) -> int:
-        """Slots the static step attends over. CUDA graphs: a new kv bucket costs one capture (milliseconds). A
-        compile costs tens of seconds on CPU, so a compiled step reads the whole cache: one compile per cache size."""
-        if self.runtime == "compile":
-            return cache_len
+        """Slots the graph-captured step attends over: a new kv bucket costs one capture (milliseconds)."""
         return min(_round_up(kv_len, KV_BUCKET), cache_len)
 
     def _forward(self, bb: int, kvb: int, has_adapter: bool, head: bool) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """The decode runtime: chunked prefill, the static-shape step (batch and kv buckets, kept cache), CUDA graphs.
 
-On CPU the static-shape logic is exercised through ``runtime="compile"`` with ``torch.compile`` replaced by the
-identity (what a graph or a compiled function replays is exactly that eager function on the static buffers), the
-``"cuda_graph"`` runner logic with captures emulated (``emulated_graphs``), and real ``torch.compile`` runs. The
-CUDA-graph tests proper run on a GPU only.
+On CPU the static-shape logic is exercised through the ``"cuda_graph"`` runner logic with captures emulated
+(``emulated_graphs``: what a graph replays is exactly the eager function on the static buffers), and
+``runtime="compile"`` through real ``torch.compile`` runs. The CUDA-graph tests proper run on a GPU only.
 """
 
 from __future__ import annotations
@@ -33,14 +32,6 @@ NEW = 12
 
 def tokens(results):
     return [r.token_ids for r in results]
-
-
-@pytest.fixture
-def static_eager(monkeypatch):
-    """runtime="compile" runs its static-shape function eagerly (what a CUDA graph captures and replays)."""
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    # read the cache in buckets of 8 slots, as CUDA graphs do, so that decodes cross bucket boundaries
-    monkeypatch.setattr(runtime.DecodeRunner, "kv_read_len", lambda self, kv_len, n: min(-(-kv_len // 8) * 8, n))
 
 
 def test_chunked_prefill_equals_one_pass(llama_dir, adapter_qv, monkeypatch):
@@ -86,11 +77,11 @@ def test_unpadded_prefill_takes_is_causal_and_equals_masked(llama_dir, adapter_q
     assert seen and not any(seen)
 
 
-def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, static_eager):
+def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, emulated_graphs):
     adapters = {"qv": adapter_qv, "all": adapter_all}
     eager = fastdebias.load(llama_dir, adapters, runtime="eager", progress=False)
-    static = fastdebias.load(llama_dir, adapters, runtime="compile", progress=False)
-    assert static.runtime == "compile" and eager.runtime == "eager"
+    static = as_cuda_graph(fastdebias.load(llama_dir, adapters, runtime="eager", progress=False))
+    assert static.runner.static and not eager.runner.static
     for names in (["qv", None, "all"], ["all", "all", None], None):  # the adapter mix changes between calls
         want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
         got = tokens(fastdebias.generate(static, PROMPTS, adapter=names, max_new_tokens=NEW))
@@ -109,9 +100,9 @@ def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, static_eag
     assert static.runner.cache.k[0].shape[0] == 8
 
 
-def test_static_step_with_backtracking_and_sampling(llama_dir, static_eager):
+def test_static_step_with_backtracking_and_sampling(llama_dir, emulated_graphs):
     eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
-    static = fastdebias.load(llama_dir, runtime="compile", progress=False)
+    static = as_cuda_graph(fastdebias.load(llama_dir, runtime="eager", progress=False))
     free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
     lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
     kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
@@ -261,18 +252,24 @@ def test_failed_compile_falls_back_to_eager(llama_dir, monkeypatch):
 
 
 def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
-    """The real torch.compile on CPU (one bucket: a few seconds to compile the tiny model)."""
+    """The real torch.compile on CPU (a few seconds to compile the tiny model): one compiled graph serves every
+    decoder layer, and new batch sizes, prompt and output lengths (kv and cache sizes) compile nothing new once
+    batches of 1, 2 and more rows have been seen; no graph breaks; tokens and interventions equal eager."""
     eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", progress=False)
     comp = fastdebias.load(llama_dir, adapter_qv, runtime="compile", progress=False)
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()  # dynamo's caches are per process: count this test's graphs only
+    counters.clear()
     names = ["qv", None]
-    torch._dynamo.utils.counters.clear()
     want = tokens(fastdebias.generate(eager, PROMPTS[:2], adapter=names, max_new_tokens=6))
     assert tokens(fastdebias.generate(comp, PROMPTS[:2], adapter=names, max_new_tokens=6)) == want
-    # batch bucket 4: the projections take oneDNN instead of the multiply-reduce
+    # the layer (all 4 of them, one graph), the final norm + lm_head, the loop's step: not a graph per layer
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    # 3 rows: the projections take oneDNN instead of the multiply-reduce (a graph of the layer and of the head)
     names3 = ["qv", None, "qv"]
     want3 = tokens(fastdebias.generate(eager, PROMPTS, adapter=names3, max_new_tokens=4))
     assert tokens(fastdebias.generate(comp, PROMPTS, adapter=names3, max_new_tokens=4)) == want3
-    assert not torch._dynamo.utils.counters["graph_break"]  # the forward compiles whole
+    assert not counters["graph_break"]  # every region compiles whole
     # the loop's step (token choice, lexicon, rewinds, log) compiled too: same tokens and interventions
     free = tokens(fastdebias.generate(eager, PROMPTS[:2], max_new_tokens=NEW))
     lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free} | {(free[1][2],): -1.5})
@@ -281,13 +278,17 @@ def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     assert any(i.action == "rewound" for r in b for i in r.interventions)
     assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
     assert comp.runner._step_fns.get(generate_module._advance) is not None  # compiled, not fallen back
-    # another prompt length, adapter mix and output length (the step's shapes are dynamic): nothing recompiles
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert comp.runner.regions is not None and comp.runtime == "compile"
+    # another prompt length, adapter mix, output length and batch size: nothing recompiles
+    frames = counters["stats"]["unique_graphs"]
     other = [[1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 13]]
-    for kw2 in (kw, dict(kw, adapter=[None, "qv"], max_new_tokens=NEW + 5)):
-        got = fastdebias.generate(comp, other, **kw2)
-        assert tokens(got) == tokens(fastdebias.generate(eager, other, **kw2))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    five = PROMPTS + [[1, 3], [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    for prompts, kw2 in ((other, kw), (other, dict(kw, adapter=[None, "qv"], max_new_tokens=NEW + 5)),
+                         (five, dict(kw, adapter=["qv", None, "qv", "qv", None], max_new_tokens=NEW + 9))):  # fmt: skip
+        got = fastdebias.generate(comp, prompts, **kw2)
+        assert tokens(got) == tokens(fastdebias.generate(eager, prompts, **kw2))
+    assert counters["stats"]["unique_graphs"] == frames, dict(counters["stats"])
+    assert not counters["graph_break"]
 
 
 @pytest.mark.parametrize(
@@ -357,24 +358,25 @@ class _SyncSpy(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("runtime_name", ["eager", "static"])
+@pytest.mark.parametrize(
+    "backend,runtime_name",
+    [("torch", "eager"), ("triton", "eager"), ("torch", "static"), ("triton", "static"), ("torch", "compile")],
+)
 def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adapter_qv, backend, runtime_name,
                                                                  monkeypatch, request):  # fmt: skip
     """Per token, the host reads back only the done flags (every N steps on CUDA): the logits step, the lexicon's
     bookkeeping and rewinds, the repetition penalty and sampling stay on the device (capturable, no stall).
-    "static" on CPU: the torch backend's compile path with torch.compile as the identity; the Triton backend's
-    graph path, emulated."""
+    "static" on CPU: the graph path, emulated; "compile": the compiled runtime's regions and step with
+    torch.compile as the identity (a compiled function runs these same ops)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = fastdebias.load(llama_dir, adapter_qv, backend=backend, device=dev, progress=False,
                             runtime="eager" if dev == "cpu" else "auto")  # fmt: skip
     if runtime_name == "static" and dev == "cpu":
-        if backend == "torch":
-            monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-            model.runner.runtime, model.runner.compile_step = "compile", True
-        else:
-            request.getfixturevalue("emulated_graphs")
-            as_cuda_graph(model)
+        request.getfixturevalue("emulated_graphs")
+        as_cuda_graph(model)
+    elif runtime_name == "compile":
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+        model.runner.runtime, model.runner.compile_step = "compile", True
     free = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=6))
     lex = Lexicon.from_token_sequences({tuple(r[2:4]): float("-inf") for r in free} | {(free[0][1],): -2.0})
     cases = (
