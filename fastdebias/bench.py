@@ -558,7 +558,8 @@ class _FastDebias(_System):
         return [o.token_ids for o in outs]
 
     def warm(self, prompts, n, lexicon_size) -> None:
-        """The first call compiles / captures the decode step for this batch's buckets: timed as compile_s."""
+        """The first call at a batch size compiles (what this batch size needs) or captures the decode step for its
+        buckets: timed as compile_s."""
         t0 = time.perf_counter()
         self.call(prompts, n, lexicon_size)
         if self.compile_s is not None and len(prompts) not in self.warmed:

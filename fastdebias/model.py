@@ -102,8 +102,11 @@ class Attention(nn.Module):
         self.o_proj = LoRALinear([w.pop("o_proj")], backend)
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
-    def forward(self, x, rows, cos, sin, k_cache, v_cache, slots, mask, kv_len):
+    def forward(self, x, rows, cos, sin, k_cache, v_cache, slots, mask):
+        """Attends to cache slots < kv_len, the mask's last dimension (``mask=None``: causal over this call's
+        ``t`` tokens in slots 0..t-1)."""
         b, t, _ = x.shape
+        kv_len = mask.shape[-1] if mask is not None else t
         q, k, v = self.qkv_proj(x, rows).split(self.qkv_proj.sizes, dim=-1)
         q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -142,8 +145,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(w["input_layernorm"], config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm"], config.rms_norm_eps)
 
-    def forward(self, h, rows, cos, sin, k_cache, v_cache, slots, mask, kv_len):
-        h = h + self.self_attn(self.input_layernorm(h), rows, cos, sin, k_cache, v_cache, slots, mask, kv_len)
+    def forward(self, h, rows, cos, sin, k_cache, v_cache, slots, mask):
+        h = h + self.self_attn(self.input_layernorm(h), rows, cos, sin, k_cache, v_cache, slots, mask)
         return h + self.mlp(self.post_attention_layernorm(h), rows)
 
 
@@ -261,11 +264,13 @@ class LlamaDecoder(nn.Module):
             s = slots.view(b, t, 1)
             # Causal within the row's own span; a padding query sees only itself (never an all-masked row → NaN).
             mask = (((j >= start.view(b, 1, 1)) & (j <= s)) | (j == s)).unsqueeze(1)  # [B, 1, T, kv_len]
+            if regions is not None:  # compiled regions: one graph for every kv length (the mask carries it)
+                torch._dynamo.maybe_mark_dynamic(mask, 3)
         rows = adapter_idx if t == 1 or adapter_idx is None else adapter_idx.repeat_interleave(t)
         layer_fn, head_fn = regions or (run_layer, LlamaDecoder.head)
         h = F.embedding(tokens, self.embed_tokens)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
-            h = layer_fn(layer, h, rows, cos, sin, kc, vc, slots, mask, kv_len)
+            h = layer_fn(layer, h, rows, cos, sin, kc, vc, slots, mask)
         if not last_logits:
             return None
         if not head:

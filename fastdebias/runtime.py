@@ -27,15 +27,20 @@ as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all
 ``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, each decoder layer runs through one
 compiled function of the layer (``model.run_layer``; the layers' weights are its inputs, so one graph serves all
 of them), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful
-of small ops). Compiled with dynamic shapes, so batch size, kv length and cache size compile nothing new, apart
-from a graph each for batches of 1, 2 and more rows: on CPU, inside the compiled layer, projections of up to
+of small ops). The kv length (the mask's last dimension) and the cache length are marked dynamic from the first
+compile, and the batch size becomes dynamic at its second value (dynamo's automatic dynamic shapes; marking every
+dimension dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head dimensions become symbolic too). So
+batch size, kv length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more
+rows: on CPU, inside the compiled layer, projections of up to
 ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which inductor streams at about twice the rate of oneDNN's
 GEMV, and larger ones oneDNN's matmul as an opaque op (``ops._base_linear``; ``bench/cpu_gemm.py``). The loop's
 step (``generate._advance``) is compiled too (``compile_step``). The prefill stays eager, and the cache is
 allocated per call as under ``"eager"``. Measured against compiling the whole one-token forward with static
-shapes (what ``"compile"`` was before; ``bench/results/regional_compile_ab_cpu.md``, SmolLM2 on the 2-core CI
-CPU): the same decode speed within noise, the first call 1.8 s instead of 16.6 s with warm inductor caches, and
-no new compile per batch bucket and per 256-slot cache size.
+shapes (what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
+(``bench/results/regional_compile_ab_cpu.md``): decode TPOT whole vs regional 24.5 vs 25.0 ms at batch 1, 67.9
+vs 69.2 at batch 8, 137.2 vs 137.2 at batch 32 (within noise); the first call at each batch size (compiles and
+one 48-token generate) 12.0 vs 2.5 s, 17.9 vs 15.2 s, 89.9 vs 13.6 s with warm inductor caches; and no new
+compile per batch bucket and per 256-slot cache size.
 """
 
 from __future__ import annotations
@@ -123,9 +128,15 @@ class DecodeRunner:
         """A cache with at least ``b`` rows of ``length`` slots (bucketed and reused under static runtimes)."""
         cfg = self.decoder.config
         if not self.static:
-            # "compile": a spare slot, so that the last step's kv length never equals the cache length (a compiled
-            # layer guards on whether its attention reads the whole cache, and would recompile for that one step)
-            return KVCache.allocate(cfg, b, length + (self.runtime == "compile"), dtype, device)
+            if self.runtime != "compile":
+                return KVCache.allocate(cfg, b, length, dtype, device)
+            # a spare slot, so that the last step's kv length never equals the cache length (a compiled layer
+            # guards on whether its attention reads the whole cache, and would recompile for that one step); the
+            # length marked dynamic, so that one compiled graph serves every cache length
+            cache = KVCache.allocate(cfg, b, length + 1, dtype, device)
+            for t in cache.k + cache.v:
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+            return cache
         bb, lb = batch_bucket(b), min(_round_up(length, KV_BUCKET), max(length, cfg.max_position_embeddings))
         c = self.cache
         if c is None or c.k[0].shape[0] < bb or c.k[0].shape[2] < lb or c.k[0].dtype != dtype:
@@ -173,7 +184,7 @@ class DecodeRunner:
         args = (token, slots, kv_len, start, cache, adapter_idx, head)
         if self.runtime == "compile":
             if self.regions is None:
-                self.regions = (torch.compile(run_layer, dynamic=True), torch.compile(LlamaDecoder.head, dynamic=True))
+                self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
             try:
                 with _compiling_config():
                     return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx,
