@@ -1185,8 +1185,9 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     plain = FuncFormatter(lambda v, _: f"{v:g}")
 
     h = result["header"]
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    sweep_lexicon = len({p["lexicon_size"] for p in result["points"]}) > 1  # else no second panel
+    fig = Figure(figsize=(12 if sweep_lexicon else 6.5, 4.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2) if sweep_lexicon else (fig.subplots(1, 1), None)
     for system in ALL_SYSTEMS:
         pts = sorted((p["batch"], p["tokens_per_s"]) for p in result["points"] if p["system"] == system
                      and p["status"] == "ok" and p["lexicon_size"] == h["lexicon_size"])
@@ -1194,24 +1195,27 @@ def plot(result: dict, path: str | os.PathLike) -> None:
             ax1.plot(*zip(*pts), marker="o", label=system)
         pts = sorted((p["lexicon_size"], p["tokens_per_s"]) for p in result["points"] if p["system"] == system
                      and p["status"] == "ok" and p["batch"] == h["batch_sizes"][0])
-        if len(pts) > 1:
+        if ax2 is not None and len(pts) > 1:
             ax2.plot(*zip(*pts), marker="o", label=system)
     ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens/s",
             title=f"tokens/s vs batch (lexicon {h['lexicon_size']})")
     ax1.set_xticks(h["batch_sizes"], [str(b) for b in h["batch_sizes"]])
+    ax1.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax1.yaxis.set_major_formatter(plain)
     ax1.yaxis.set_minor_formatter(plain)
     ax1.tick_params(axis="y", which="minor", labelsize=7)
-    ax2.set(xscale="symlog", xlabel="lexicon entries", ylabel="generated tokens/s",
-            title=f"tokens/s vs lexicon size (batch {h['batch_sizes'][0]})")
-    ax2.set_xscale("symlog", linthresh=100)
-    ax2.set_ylim(bottom=0)
-    for ax in (ax1, ax2):
+    if ax2 is not None:
+        ax2.set(xscale="symlog", xlabel="lexicon entries", ylabel="generated tokens/s",
+                title=f"tokens/s vs lexicon size (batch {h['batch_sizes'][0]})")
+        ax2.set_xscale("symlog", linthresh=100)
+        ax2.set_ylim(bottom=0)
+    for ax in (ax1, ax2) if ax2 is not None else (ax1,):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     commit = h["commit"] + ("+dirty" if h["dirty"] else "")
+    sep = " | " if sweep_lexicon else "\n"  # one panel: the header on two lines
     fig.suptitle(f"{h['device']} | {h['model']} | {h['dtype']} | prompt {h['prompt_len']}, {h['new_tokens']} new "
-                 f"tokens | torch {h['torch']}, transformers {h['transformers']} | {commit}", fontsize=8)
+                 f"tokens{sep}torch {h['torch']}, transformers {h['transformers']} | {commit}", fontsize=8)
     fig.savefig(str(path), dpi=110)
 
 

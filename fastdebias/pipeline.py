@@ -148,8 +148,9 @@ def load(
     backend : "auto" | "torch" | "triton" | "cuda"; "torch" is the pure-PyTorch reference.
     runtime : how the decode step runs: "auto" (CUDA graphs on CUDA, eager on CPU) | "eager" | "cuda_graph" |
         "compile" (each decoder layer, the lm_head and the loop's step through ``torch.compile``; on CPU the first
-        calls compile for ~15-30 s in a process, batches of 1, 2 and more rows once each, then decode ~2x faster
-        than eager: see the README's benchmarks). See ``fastdebias.runtime``.
+        calls compile for ~45 s in all (~10 s with inductor's cache warm), batches of 1, 2 and more rows once
+        each, then decode faster than eager: ~2.5x at batch 1, see the README's benchmarks). See
+        ``fastdebias.runtime``.
     progress : show tqdm progress bars.
     """
     dev = _resolve_device(device)
