@@ -45,9 +45,11 @@ compile per batch bucket and per 256-slot cache size.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from fastdebias.errors import FastDebiasError
 from fastdebias.model import KVCache, LlamaDecoder, run_layer
@@ -66,10 +68,6 @@ def _compiling_config():
     silently run eagerly. Without duck shapes: a dimension that happens to equal another one at the first compile
     (the step's batch of 2 and its log's pair of columns) would be guarded equal, and recompile at the next batch
     size."""
-    import contextlib
-
-    from torch.fx.experimental import _config as fx_config
-
     stack = contextlib.ExitStack()
     stack.enter_context(torch._dynamo.config.patch(**{_DYNAMO_LIMIT: COMPILE_ENTRIES}))
     stack.enter_context(fx_config.patch(use_duck_shape=False))
