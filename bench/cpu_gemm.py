@@ -3,9 +3,12 @@
     python bench/cpu_gemm.py --rows 1,2,4,8,16,32 [--json PATH] [--md PATH]
 
 Times, in one process, the decoder projections of one step of a Llama shape (SmolLM2-135M by default: per layer
-the fused q/k/v, o, fused gate/up and down) and the lm_head, for M rows, five ways:
+the fused q/k/v, o, fused gate/up and down) and the lm_head, for M rows, seven ways:
 
 - ``F.linear`` (MKL's sgemm) and oneDNN's matmul (``mkldnn._linear_pointwise``), eagerly;
+- oneDNN's matmul on weights packed ahead of time into its own blocked layout
+  (``mkldnn._reorder_linear_weight``, once, outside the timing): packed for M rows, and packed for 8 rows but
+  called with M (one packed copy serving every batch size); eagerly. Not used by fastdebias yet;
 - compiled (``torch.compile``): a multiply-reduce (what ``fastdebias.ops._base_linear`` emits for few rows),
   oneDNN as an opaque custom op (``fastdebias::cpu_linear``, what it emits for more rows), and F.linear.
 
@@ -60,26 +63,34 @@ def main(argv=None) -> int:
     weights = [(torch.randn(n, k, generator=gen) * 0.02).to(dtype) for n, k in layer * args.layers]
     head = (torch.randn(args.vocab, h, generator=gen) * 0.02).to(dtype)
 
-    ways = [
-        ("F.linear", F.linear, False),
-        ("oneDNN", ops._onednn, False),
-        ("compiled multiply-reduce", ops._multiply_reduce, True),
-        ("compiled oneDNN op", ops._cpu_linear, True),
-        ("compiled F.linear", F.linear, True),
+    ways = [  # name, op, compiled, weights packed for how many rows (None: plain)
+        ("F.linear", F.linear, False, None),
+        ("oneDNN", ops._onednn, False, None),
+        ("oneDNN packed for M", ops._onednn, False, "M"),
+        ("oneDNN packed for 8", ops._onednn, False, 8),
+        ("compiled multiply-reduce", ops._multiply_reduce, True, None),
+        ("compiled oneDNN op", ops._cpu_linear, True, None),
+        ("compiled F.linear", F.linear, True, None),
     ]
+    plain = [(w, w.shape[1]) for w in weights]
     rows = []
     for m in [int(r) for r in args.rows.split(",")]:
         xs = {k: torch.randn(m, k, generator=gen).to(dtype) for k in (h, i)}
-        for name, op, compiled in ways:
+        for name, op, compiled, pack in ways:
+            ws, hw = plain, head
+            if pack is not None:
+                hint = m if pack == "M" else pack
+                ws = [(torch.ops.mkldnn._reorder_linear_weight(w, hint), k) for w, k in plain]
+                hw = torch.ops.mkldnn._reorder_linear_weight(head, hint)
 
-            def layers(op=op):
+            def layers(op=op, ws=ws):
                 acc = 0
-                for w in weights:  # keep each output alive only as one element, as a chain of layers would
-                    acc = acc + op(xs[w.shape[1]], w)[:, :1].sum()
+                for w, k in ws:  # keep each output alive only as one element, as a chain of layers would
+                    acc = acc + op(xs[k], w)[:, :1].sum()
                 return acc
 
-            def lm_head(op=op):
-                return op(xs[h], head)
+            def lm_head(op=op, hw=hw):
+                return op(xs[h], hw)
 
             if compiled:
                 torch._dynamo.reset()

@@ -69,8 +69,9 @@ def pack_lora(sizes: list[int], loras: list, backend: str = "torch"):
 # Rows up to which a compiled CPU step computes the base projection as a multiply-reduce (see _base_linear).
 # ``bench/results/cpu_gemm_cpu.md`` (the 2-core CI CPU, AMD EPYC with AVX-512, SmolLM2 fp32 shapes), ms per step for
 # the 120 decoder projections + lm_head, compiled multiply-reduce vs compiled oneDNN vs eager F.linear (MKL): 1 row
-# 16.9 + 3.9 vs 33.1 + 6.6 vs 38.0 + 10.6; 2 rows 24.8 + 5.6 vs 36.2 + 7.3; 4 rows a tie (33.8 + 9.9 vs
-# 33.1 + 6.9); 8 rows 54.9 + 18.6 vs 50.8 + 8.8; 32 rows 362.5 + 88.7 vs 82.4 + 15.6.
+# 13.0 + 3.8 vs 34.2 + 7.6 vs 53.5 + 13.7; 2 rows 19.9 + 5.2 vs 33.7 + 7.5; 4 rows 51.0 + 9.1 vs 43.3 + 9.1 (a
+# tie, 33.8 + 9.9 vs 33.1 + 6.9, in an earlier run); 8 rows 98.8 + 24.5 vs 53.7 + 8.9; 32 rows 317.6 + 81.7 vs
+# 72.7 + 16.8.
 CPU_GEMV_MAX_ROWS = 2
 # fp32 CPU projections go to oneDNN's matmul (``mkldnn._linear_pointwise``) instead of F.linear (MKL's sgemm):
 # faster at every size measured on the CI CPU: 1-32 rows in the same file, and prefill sizes, 64-2048 rows, in a
