@@ -31,6 +31,7 @@ class LoRALinear(nn.Module):
         # per slice: (lora_a [n_adapters, R, K], lora_b [n_adapters, N_i, R], scale [n_adapters] fp32) or None
         self.loras: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
         self.packed = None  # the backend's pre-packed form of ``loras`` (built once by ``attach``)
+        self.cpu_weight = None  # ``weight`` pre-packed for oneDNN on CPU (``LlamaDecoder.pack_cpu_weights``)
         self.backend = backend
 
     def slice_range(self, i: int) -> tuple[int, int]:
@@ -45,7 +46,7 @@ class LoRALinear(nn.Module):
         lead = x.shape[:-1]
         y = ops.lora_linear_sliced(
             x.reshape(-1, x.shape[-1]), self.weight, self.sizes, self.loras, self.packed,
-            rows if self.packed is not None else None, backend=self.backend,
+            rows if self.packed is not None else None, backend=self.backend, cpu_weight=self.cpu_weight,
         )
         return y.view(*lead, y.shape[-1])
 
@@ -211,8 +212,25 @@ class LlamaDecoder(nn.Module):
                     scale[j] = s
             mod.attach(i, (lora_a, lora_b, scale))
 
+    def projections(self) -> list[LoRALinear]:
+        """Every fused projection, once each (the decoder layers' and the lm_head)."""
+        return list({id(m): m for m, _ in self.lora_targets().values()}.values())
+
+    def pack_cpu_weights(self) -> int:
+        """Keep a oneDNN-packed copy of each fp32 CPU projection weight beside it (``ops.pack_cpu_weight``), if the
+        copies fit ``ops.cpu_pack_fits``. Returns the bytes added (0: nothing packed). Call after any merge."""
+        mods = [m for m in self.projections() if ops.cpu_packable(m.weight)]
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in mods)
+        if not mods or not ops.cpu_pack_fits(nbytes):
+            return 0
+        for m in mods:
+            m.cpu_weight = ops.pack_cpu_weight(m.weight)
+        return nbytes
+
     def merge_adapter(self, adapter: AdapterWeights) -> None:
         """Fold W ← W + s·B@A (computed in fp32) into the base weights; lossy for QLoRA-trained adapters."""
+        for mod in self.projections():
+            mod.cpu_weight = None  # a packed copy would be stale (pack again after the merge)
         for name, (mod, i) in self.lora_targets().items():
             if name in adapter.modules:
                 a, b, s = adapter.modules[name]

@@ -191,6 +191,8 @@ def load(
         merged = adapters[0].name
     elif adapters:
         decoder.attach_adapters(adapters)
+    if dev.type == "cpu" and resolved_backend == "torch":
+        decoder.pack_cpu_weights()  # fp32 on x86-64 only; a no-op elsewhere
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
         backend=resolved_backend, merged_adapter=merged, eos_token_ids=_eos_ids(model_dir, config, tokenizer),

@@ -308,13 +308,36 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
     w = torch.randn(24, 40, generator=gen).to(dtype)
     want = torch.nn.functional.linear(x.float(), w.float())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
-    for fn in (ops._base_linear, ops._factor_linear):  # the latter: LoRA factors (a multiply-reduce compiled)
+    packed = ops.pack_cpu_weight(w)  # oneDNN's blocked layout (fp32 on x86-64 only)
+    assert (packed is not None) == (dtype == torch.float32 and ops._ONEDNN)
+    packed_linear = lambda x, w: ops._base_linear(x, w, packed)  # noqa: E731
+    for fn in (ops._base_linear, ops._factor_linear, packed_linear):  # LoRA factors: a multiply-reduce compiled
         torch.testing.assert_close(fn(x, w).float(), want, **tol)
         torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)  # fullgraph: a graph break raises
         torch.testing.assert_close(compiled(x, w).float(), want, **tol)
     monkeypatch.setattr(ops, "_ONEDNN", False)
     assert torch.equal(ops._base_linear(x, w), torch.nn.functional.linear(x, w))
+    assert ops.pack_cpu_weight(w) is None
+
+
+def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, monkeypatch):
+    """On CPU, fp32, x86-64: every projection keeps a oneDNN-packed copy (the step's projections read it); not
+    when the copies would not fit the RAM rule, nor in bf16; same tokens without the copies."""
+    from fastdebias import ops
+
+    model = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
+    mods = model.decoder.projections()
+    assert len(mods) == 4 * model.config.num_hidden_layers + 1
+    assert all((m.cpu_weight is not None) == ops._ONEDNN for m in mods)
+    want = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
+    for m in mods:
+        m.cpu_weight = None
+    assert tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW)) == want
+    monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", 0.0)
+    assert model.decoder.pack_cpu_weights() == 0 and all(m.cpu_weight is None for m in mods)
+    bf16 = fastdebias.load(llama_dir, device="cpu", dtype="bfloat16", progress=False)
+    assert all(m.cpu_weight is None for m in bf16.decoder.projections())
 
 
 class _SyncSpy(TorchDispatchMode):

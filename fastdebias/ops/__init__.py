@@ -81,6 +81,40 @@ CPU_GEMV_MAX_ROWS = 2
 _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
+# Rows the pre-packed CPU weights are laid out for (one packed copy serves every row count: packed for 8 rows and
+# called with 1-512 rows it measured as fast as packing for the exact count or faster than the plain weight,
+# ``bench/results/cpu_gemm_cpu.md``).
+CPU_PACK_ROWS = 8
+# The packed copies sit beside the plain weights (the compiled 1-2-row multiply-reduce reads those): pack only when
+# the copies take at most this fraction of the machine's RAM.
+CPU_PACK_MAX_RAM_FRACTION = 0.25
+
+
+def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A fp32 CPU projection weight [N, K] reordered once into oneDNN's blocked layout
+    (``mkldnn._reorder_linear_weight``), for ``_base_linear``; None where oneDNN's matmul is not the path (other
+    dtypes, devices or architectures). oneDNN on the plain weight reorders it on every call: packed, the 120
+    SmolLM2 projections of a step took 29.9 instead of 48.5 ms at 8 rows and 101 instead of 173 ms at 64."""
+    if not cpu_packable(weight):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), CPU_PACK_ROWS)
+
+
+def cpu_packable(weight: torch.Tensor) -> bool:
+    return _ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+
+
+def cpu_pack_fits(nbytes: int) -> bool:
+    """Whether ``nbytes`` of packed copies fit the ``CPU_PACK_MAX_RAM_FRACTION`` rule on this machine."""
+    import os
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: do not pack
+        return False
+    return nbytes <= CPU_PACK_MAX_RAM_FRACTION * ram
+
+
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
@@ -96,20 +130,21 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _base_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x·Wᵀ, the torch backend's projection. On CPU:
+def _base_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ, the torch backend's projection (``packed``: ``pack_cpu_weight(weight)``, if the model keeps one). On CPU:
 
     - inside ``torch.compile``, a decode GEMV of up to ``CPU_GEMV_MAX_ROWS`` rows is a multiply-reduce: inductor
       turns it into one vectorised pass that streams W from memory at about twice oneDNN's rate and three times
       MKL's (it would materialise [M, N, K] eagerly, so only there);
-    - other fp32 projections (eager, prefill, larger batches) are oneDNN's matmul.
+    - other fp32 projections (eager, prefill, larger batches) are oneDNN's matmul, on the packed weight if given.
     Everything else is ``F.linear``."""
     if x.device.type == "cpu" and x.dim() == 2:
         compiling = torch.compiler.is_compiling()
         if compiling and x.shape[0] <= CPU_GEMV_MAX_ROWS:
             return _multiply_reduce(x, weight)
         if _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32:
-            return _cpu_linear(x.contiguous(), weight) if compiling else _onednn(x, weight)
+            w = packed if packed is not None else weight
+            return _cpu_linear(x.contiguous(), w) if compiling else _onednn(x, w)
     return torch.nn.functional.linear(x, weight)
 
 
@@ -136,11 +171,13 @@ def lora_linear_sliced(
     packed,
     adapter_idx: torch.Tensor | None,
     backend: str = "torch",
+    cpu_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A fused projection of output slices ``sizes`` (q/k/v, gate/up, or one slice), each with its own LoRA.
 
     x: [M, K], weight: [sum(sizes), K] → [M, sum(sizes)]. ``packed`` comes from ``pack_lora``; ``adapter_idx``
     [M] (-1 = none) or None for the base projection only. Rows with -1 are bit-identical to the base projection.
+    ``cpu_weight``: the weight pre-packed for oneDNN (``pack_cpu_weight``), used by the torch backend on CPU.
     """
     if backend == "triton":
         from fastdebias.ops import lora as _triton_lora
@@ -149,7 +186,7 @@ def lora_linear_sliced(
             lora = loras[0] if packed is not None else (None, None, None)
             return _triton_lora.lora_linear(x, weight, *lora, adapter_idx if packed is not None else None)
         return _triton_lora.lora_linear_sliced(x, weight, sizes, packed, adapter_idx)
-    y = _base_linear(x, weight)
+    y = _base_linear(x, weight, cpu_weight)
     if packed is None or adapter_idx is None:
         return y
     keep = adapter_idx.view(-1, 1) >= 0
