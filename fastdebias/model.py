@@ -44,9 +44,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        cpu_weight = None if ops.multiply_reduce_rows(x) else self.cpu_weight
         y = ops.lora_linear_sliced(
-            x.reshape(-1, x.shape[-1]), self.weight, self.sizes, self.loras, self.packed,
-            rows if self.packed is not None else None, backend=self.backend, cpu_weight=self.cpu_weight,
+            x, self.weight, self.sizes, self.loras, self.packed, rows if self.packed is not None else None,
+            backend=self.backend, cpu_weight=cpu_weight,
         )
         return y.view(*lead, y.shape[-1])
 

@@ -33,7 +33,8 @@ dimension dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head d
 batch size, kv length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more
 rows: on CPU, inside the compiled layer, projections of up to
 ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which inductor streams at about twice the rate of oneDNN's
-GEMV, and larger ones oneDNN's matmul as an opaque op (``ops._base_linear``; ``bench/cpu_gemm.py``). The loop's
+GEMV, and larger ones oneDNN's matmul on the weight pre-packed at load, as an opaque op (``ops._base_linear``,
+``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``). The loop's
 step (``generate._advance``) is compiled too (``compile_step``). The prefill stays eager, and the cache is
 allocated per call as under ``"eager"``. Measured against compiling the whole one-token forward with static
 shapes (what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
