@@ -25,23 +25,22 @@ prefill stays eager (chunked, one call per prompt batch). Manual graphs rather t
 as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all.sh``).
 
 ``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, each decoder layer runs through one
-compiled function of the layer (``model.run_layer``; the layers' weights are its inputs, so one graph serves all
-of them), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful
-of small ops). The kv length (the mask's last dimension) and the cache length are marked dynamic from the first
+compiled function of the layer (``model.run_layer``; the layers' weights are its inputs, so one graph serves all of
+them), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful of
+small ops). The kv length (the mask's last dimension) and the cache length are marked dynamic from the first
 compile, and the batch size becomes dynamic at its second value (dynamo's automatic dynamic shapes; marking every
 dimension dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head dimensions become symbolic too). So
-batch size, kv length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more
-rows: on CPU, inside the compiled layer, projections of up to
-``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which inductor streams at about twice the rate of oneDNN's
-GEMV, and larger ones oneDNN's matmul on the weight pre-packed at load, as an opaque op (``ops._base_linear``,
-``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``). The loop's
-step (``generate._advance``) is compiled too (``compile_step``). The prefill stays eager, and the cache is
-allocated per call as under ``"eager"``. Measured against compiling the whole one-token forward with static
-shapes (what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
-(``bench/results/regional_compile_ab_cpu.md``): decode TPOT whole vs regional 24.5 vs 25.0 ms at batch 1, 67.9
-vs 69.2 at batch 8, 137.2 vs 137.2 at batch 32 (within noise); the first call at each batch size (compiles and
-one 48-token generate) 12.0 vs 2.5 s, 17.9 vs 15.2 s, 89.9 vs 13.6 s with warm inductor caches; and no new
-compile per batch bucket and per 256-slot cache size.
+batch size, kv length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more rows:
+on CPU, inside the compiled layer, projections of up to ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which
+inductor streams at about twice the rate of oneDNN's GEMV, and larger ones oneDNN's matmul on the weight pre-packed
+at load, as an opaque op (``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``). The
+loop's step (``generate._advance``) is compiled too (``compile_step``). The prefill stays eager, and the cache is
+allocated per call as under ``"eager"``. Measured against compiling the whole one-token forward with static shapes
+(what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
+(``bench/results/regional_compile_ab_cpu.md``): decode TPOT whole vs regional 24.5 vs 25.0 ms at batch 1, 67.9 vs
+69.2 at batch 8, 137.2 vs 137.2 at batch 32 (within noise); the first call at each batch size (compiles and one
+48-token generate) 12.0 vs 2.5 s, 17.9 vs 15.2 s, 89.9 vs 13.6 s with warm inductor caches; and no new compile per
+batch bucket and per 256-slot cache size.
 """
 
 from __future__ import annotations

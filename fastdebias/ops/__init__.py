@@ -6,6 +6,7 @@ always available and is the CPU path.
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -48,8 +49,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -106,8 +105,6 @@ def cpu_packable(weight: torch.Tensor) -> bool:
 
 def cpu_pack_fits(nbytes: int) -> bool:
     """Whether ``nbytes`` of packed copies fit the ``CPU_PACK_MAX_RAM_FRACTION`` rule on this machine."""
-    import os
-
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: do not pack
@@ -146,12 +143,11 @@ def _base_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | N
     - other fp32 projections (eager, prefill, larger batches) are oneDNN's matmul, on the packed weight if given.
     Everything else is ``F.linear``."""
     if x.device.type == "cpu" and x.dim() == 2:
-        compiling = torch.compiler.is_compiling()
-        if compiling and x.shape[0] <= CPU_GEMV_MAX_ROWS:
+        if multiply_reduce_rows(x):
             return _multiply_reduce(x, weight)
         if _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32:
             w = packed if packed is not None else weight
-            return _cpu_linear(x.contiguous(), w) if compiling else _onednn(x, w)
+            return _cpu_linear(x.contiguous(), w) if torch.compiler.is_compiling() else _onednn(x, w)
     return torch.nn.functional.linear(x, weight)
 
 
