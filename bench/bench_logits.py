@@ -4,7 +4,10 @@ CPU (the PyTorch reference and the two baselines, small shapes, one thread; skip
     pytest bench/bench_logits.py --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,rounds
 GPU (Triton vs transformers' processor pipeline and vs plain torch ops; fused lm_head vs lm_head + step):
     python bench/bench_logits.py --out bench/results
-writes ``logits_<device>.json`` and ``logits_<device>.md``.
+writes ``logits_<device>.json`` and ``logits_<device>.md``;
+    python bench/bench_logits.py --filter-sweep --out bench/results
+times the top-k + top-p step under each threshold-pass meta (candidates per pass, tile width, warps) beside the
+rule's choice, into ``logits_filter_sweep_<device>.*``.
 
 Every case applies the same lexicon (800 random entries of 1-4 tokens over the vocabulary, 30% bans, the rest
 penalties in [-8, 5], contexts shared so that automaton states carry several biased tokens) and a repetition
@@ -288,6 +291,78 @@ def run_lm_head_benchmark(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+FILTER_SWEEP = {"n_cand": (4, 8, 16), "pass_block_n": (64, 128, 256), "pass_num_warps": (4, 8)}
+
+
+def run_filter_sweep(batches=BATCHES, vocabs=VOCABS) -> list[dict]:
+    """Time the top-k + top-p step (``MODES["top_k_top_p"]``) under every threshold-pass meta of ``FILTER_SWEEP``
+    (the rest as ``logits_meta`` picks it), beside the rule's own choice and plain torch ops: which meta the rule
+    should pick, by measurement."""
+    import itertools
+
+    from fastdebias.kernels.logits import _passes, logits_meta
+    from fastdebias.ops.logits import _num_sms, logits_step
+
+    kw = MODES["top_k_top_p"]
+    n_sms = _num_sms(torch.device(DEVICE))
+    rows = []
+    for v in vocabs:
+        for b in batches:
+            c = make_case(b, v, DEVICE)
+            step = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+            args = dict(matcher=c["matcher"], states=c["states"], counts=c["counts"], repetition_penalty=PENALTY,
+                        seed=0, step=step, **kw)  # fmt: skip
+            rule = logits_meta(b, v, n_sms)
+            t_torch, _ = _time(lambda: torch_step(c, **kw))
+            want = logits_step(c["logits"], **args).next_ids
+            for nc, bn, warps in itertools.product(*FILTER_SWEEP.values()):
+                # (the rule's split: the ops round each chunk up to whole tiles, so wide tiles may use fewer chunks)
+                meta = rule._replace(n_cand=nc, n_pass=_passes(nc), pass_block_n=bn, pass_num_warps=warps)
+                # the same draws whatever the meta (the kept set is exact; Gumbel-max is per column)
+                same = bool(torch.equal(logits_step(c["logits"], meta=meta, **args).next_ids, want))
+                t, _ = _time(lambda: logits_step(c["logits"], meta=meta, **args), warmup=10, rep=50)
+                rows.append(dict(v=v, b=b, n_cand=nc, pass_block_n=bn, pass_num_warps=warps,
+                                 is_rule=meta == rule, us=t, torch_us=t_torch, same_tokens=same,
+                                 speedup_vs_torch=t_torch[0] / t[0]))  # fmt: skip
+            best = min((r for r in rows if r["v"] == v and r["b"] == b), key=lambda r: r["us"][0])
+            ruled = [r for r in rows if r["v"] == v and r["b"] == b and r["is_rule"]]
+            rule_us = f"{ruled[0]['us'][0]:.1f}" if ruled else "n/a"
+            print(
+                f"top_k_top_p V={v:<6d} B={b:<3d} rule {rule_us} us  best {best['us'][0]:.1f} us (n_cand "
+                f"{best['n_cand']}, block {best['pass_block_n']}, {best['pass_num_warps']} warps)  torch "
+                f"{t_torch[0]:.1f} us",
+                flush=True,
+            )
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write_sweep_markdown(result: dict, path: Path) -> None:
+    lines = [
+        f"# Top-k + top-p threshold passes on {result['device']}: meta sweep",
+        "",
+        f"torch {result['torch']}, triton {result['triton']}, commit {result['commit']}. Mode {MODES['top_k_top_p']}, "
+        f"lexicon of {N_ENTRIES} entries, repetition penalty {PENALTY}; median µs of CUDA-graph replays "
+        "(`triton.testing.do_bench`). Rule = `logits_meta`'s choice; best = the fastest meta of the sweep.",
+        "",
+        "| V | B | rule (n_cand, block, warps) | rule µs | best (n_cand, block, warps) | best µs | torch ops µs "
+        "| best × torch | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    shapes = sorted({(r["v"], r["b"]) for r in result["sweep"]})
+    for v, b in shapes:
+        rs = [r for r in result["sweep"] if (r["v"], r["b"]) == (v, b)]
+        best = min(rs, key=lambda r: r["us"][0])
+        rule = next((r for r in rs if r["is_rule"]), None)
+        cfg = "{n_cand}, {pass_block_n}, {pass_num_warps}"
+        rule_cells = f"{cfg.format(**rule)} | {rule['us'][0]:.1f}" if rule else "outside the sweep | –"
+        lines.append(
+            f"| {v} | {b} | {rule_cells} | {cfg.format(**best)} | {best['us'][0]:.1f} | {best['torch_us'][0]:.1f} "
+            f"| {best['speedup_vs_torch']:.2f} | {all(r['same_tokens'] for r in rs)} |"
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"# Logits step on {result['device']}",
@@ -328,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for the JSON + markdown")
     parser.add_argument("--lm-head-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument(
+        "--filter-sweep", action="store_true",
+        help="instead: time the top-k/top-p step under every threshold-pass meta (logits_filter_sweep_<device>.*)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
@@ -341,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  commit {_commit()}")
     hbm = measure_hbm_gbps()
     print(f"HBM device-to-device copy: {hbm:.0f} GB/s", flush=True)
+    if args.filter_sweep:
+        result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                      commit=_commit(), timer="triton.testing.do_bench [median, p20, p80] us, CUDA-graph replays",
+                      sweep=run_filter_sweep())  # fmt: skip
+        stem = f"logits_filter_sweep_{_device_tag()}"
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        write_sweep_markdown(result, args.out / f"{stem}.md")
+        print(f"wrote {args.out / stem}.json and .md")
+        return 0
     dtype = getattr(torch, args.lm_head_dtype)
     result = dict(
         device=torch.cuda.get_device_name(),

@@ -2,6 +2,7 @@
 # Every GPU check and benchmark, in stages that each fit a 10-minute slot (run from the repo root on a CUDA machine):
 #   bash bench/gpu_all.sh tests      # the `gpu`-marked tests (kernels, decoder, CUDA graphs)       ~4 min
 #   bash bench/gpu_all.sh kernels    # bench_lora.py and bench_logits.py                            ~4 min
+#   bash bench/gpu_all.sh filter-sweep  # bench_logits.py --filter-sweep: top-k/top-p pass metas vs the rule  ~5 min
 #   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
 #   bash bench/gpu_all.sh e2e-compile  # the same vs transformers static cache + torch.compile        ~9 min
 #   bash bench/gpu_all.sh e2e-step   # batch 1, lexicon 0 vs 100k, the loop's step compiled too (--compile-step)
@@ -26,6 +27,10 @@ fi
 if [ "$stage" = kernels ] || [ "$stage" = all ]; then
   timeout 150 python3 bench/bench_lora.py --out "$OUT" 2>&1 | tail -5
   timeout 150 python3 bench/bench_logits.py --out "$OUT" 2>&1 | tail -5
+fi
+if [ "$stage" = filter-sweep ] || [ "$stage" = all ]; then
+  # 18 threshold-pass metas x 8 shapes: which one logits_meta should pick (logits_filter_sweep_<device>.md)
+  timeout 540 python3 bench/bench_logits.py --filter-sweep --out "$OUT" 2>&1 | tail -10
 fi
 if [ "$stage" = e2e ] || [ "$stage" = all ]; then
   # fastdebias vs transformers eager + PEFT, LoRA overhead, lexicon 0/10k/100k; batch sweep 1/8/32/64; 3 reps

@@ -71,7 +71,8 @@ class LogitsMeta(NamedTuple):
     n_cand: int  # candidate thresholds per pass (a power of two)
     n_pass: int  # launches per threshold search
     block_b: int  # rows per program of the finalize
-    num_warps: int
+    num_warps: int  # of the tile pass
+    pass_num_warps: int = 4  # of the threshold passes
 
 
 class LMHeadMeta(NamedTuple):
@@ -94,9 +95,9 @@ def logits_meta(b: int, v: int, num_sms: int, interpret: bool = False) -> Logits
 
     GPU: the tile pass takes one row per program and the widest tile of 4096, 2048, 1024 or 512 columns that still
     gives ``PROGRAMS_PER_SM`` programs per SM (B = 1, V = 128256: 512 columns, 251 programs; B = 64: 4096). The
-    threshold passes split each row into as many chunks as give the same occupancy, in tiles of 256 columns
-    ([NC, 256] compares per tile stay in registers with 4 warps). Pending measurements on a GPU
-    (``bench/bench_logits.py``).
+    threshold passes split each row into as many chunks as give the same occupancy, in tiles of 128 columns: their
+    three [NC, 128] accumulators (48 registers a thread with 4 warps) live across the chunk's loop. Pending
+    measurements on a GPU (``bench/bench_logits.py``).
 
     Interpreter (``interpret=True``): each program costs milliseconds, so the fewest programs: up to 64 rows and
     the whole (power-of-two padded, at most 2048) vocabulary per tile, one chunk per row.
@@ -115,7 +116,7 @@ def logits_meta(b: int, v: int, num_sms: int, interpret: bool = False) -> Logits
         )
     want = PROGRAMS_PER_SM * num_sms
     block_n = next((bn for bn in (4096, 2048, 1024) if b * triton.cdiv(v, bn) >= want), 512)
-    pass_block_n = 256
+    pass_block_n = 128
     split = max(1, min(triton.cdiv(want, b), triton.cdiv(v, pass_block_n)))
     return LogitsMeta(
         block_m=1,
@@ -600,19 +601,23 @@ def _threshold_pass_kernel(
         row_key, step = _row_noise_ids(
             rows, rows >= 0, row_ids_ptr, step_ptr, stride_step, step_val, HAS_ROW_IDS, STEP_IS_TENSOR
         )
-        best_val = tl.full((1,), NEG_INF, tl.float32)
-        best_idx = tl.zeros((1,), tl.int32)
+        # per-column running best over the chunk's tiles (elementwise), one reduction after the loop
+        best_val = tl.full((1, BLOCK_N), NEG_INF, tl.float32)
+        best_idx = tl.zeros((1, BLOCK_N), tl.int32)
         for c0 in range(c_lo, c_hi, BLOCK_N):
             cols = c0 + offs
             cm = cols < c_hi
             z = tl.load(z_row + cols[None, :], mask=cm[None, :], other=NEG_INF)
             score = z + _gumbel(seed_lo, seed_hi, row_key, step, cols)
             score = tl.where(cm[None, :] & (_ordered_key(z) >= lo), score, NEG_INF)
-            val = tl.max(score, axis=1)
-            idx = tl.argmax(score, axis=1, tie_break_left=True) + c0
-            better = val > best_val  # strictly: the earlier tile wins ties, like argmax
-            best_idx = tl.where(better, idx, best_idx)
-            best_val = tl.where(better, val, best_val)
+            better = score > best_val  # strictly: a column's earlier tile wins ties
+            best_idx = tl.where(better, cols[None, :], best_idx)
+            best_val = tl.where(better, score, best_val)
+        top = tl.max(best_val, axis=1)
+        # the smallest index among the columns holding the maximum: argmax's leftmost tie-break over the chunk
+        # (a chunk with every score -inf keeps index 0; the finalize never picks it over a finite candidate)
+        best_idx = tl.min(tl.where(best_val == top[:, None], best_idx, c_hi), axis=1)
+        best_val = top
         out = row * n_split + split + tl.arange(0, 1)
         tl.store(out_val_ptr + out, best_val)
         tl.store(out_idx_ptr + out, best_idx)
@@ -624,9 +629,11 @@ def _threshold_pass_kernel(
         # non-NaN float has that key), and every per-element compare below is int32
         cand = tl.minimum(cand64, KEY_BIG).to(tl.int32)
         upper = tl.minimum(cand64 + width - 1, hi).to(tl.int32)
-        acc_f = tl.zeros((NC,), tl.float32)
-        acc_mn = tl.full((NC,), KEY_BIG, tl.int32)
-        acc_mx = tl.full((NC,), KEY_SMALL, tl.int32)
+        # [NC, BLOCK_N] accumulators updated elementwise across the chunk's tiles, reduced once after the loop: a
+        # reduction per tile would cross warps (shared memory, barriers) three times per BLOCK_N elements
+        acc_f2 = tl.zeros((NC, BLOCK_N), tl.float32)
+        acc_mn2 = tl.full((NC, BLOCK_N), KEY_BIG, tl.int32)
+        acc_mx2 = tl.full((NC, BLOCK_N), KEY_SMALL, tl.int32)
         if lo < hi:
             for c0 in range(c_lo, c_hi, BLOCK_N):
                 cols = c0 + offs
@@ -638,10 +645,13 @@ def _threshold_pass_kernel(
                 else:
                     w = tl.exp(z - m)
                 ge = key[None, :] >= cand[:, None]
-                acc_f += tl.sum(tl.where(ge, w[None, :], 0.0), axis=1)
+                acc_f2 += tl.where(ge, w[None, :], 0.0)
                 inside = ge & (key[None, :] <= upper[:, None]) & (w > 0)[None, :]
-                acc_mn = tl.minimum(acc_mn, tl.min(tl.where(inside, key[None, :], KEY_BIG), axis=1))
-                acc_mx = tl.maximum(acc_mx, tl.max(tl.where(inside, key[None, :], KEY_SMALL), axis=1))
+                acc_mn2 = tl.minimum(acc_mn2, tl.where(inside, key[None, :], KEY_BIG))
+                acc_mx2 = tl.maximum(acc_mx2, tl.where(inside, key[None, :], KEY_SMALL))
+        acc_f = tl.sum(acc_f2, axis=1)
+        acc_mn = tl.min(acc_mn2, axis=1)
+        acc_mx = tl.max(acc_mx2, axis=1)
         part = ((cur * B + row) * n_split + split) * NC + j
         tl.store(fsum_ptr + part, acc_f)
         tl.store(fmin_ptr + part, acc_mn)

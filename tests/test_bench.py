@@ -222,3 +222,34 @@ def test_profile_script_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model_forward" in out and "host time in the model forward" in out
     assert (tmp_path / "profile_cpu_quick.json").stat().st_size > 0
+
+
+def test_logits_filter_sweep_runs(tmp_path, monkeypatch):
+    """bench/bench_logits.py --filter-sweep (a GPU session's one command) on a tiny shape through the interpreter,
+    with the timer stubbed out: every meta gives the same draws, the rule's meta is among those swept, and the
+    markdown is written."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "bench_logits.py"
+    spec = importlib.util.spec_from_file_location("bench_logits", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+
+    def fake_time(fn, graph=True, warmup=25, rep=100):
+        fn()
+        calls.append(fn)
+        return [float(len(calls))] * 3, False
+
+    monkeypatch.setattr(mod, "DEVICE", "cpu")
+    monkeypatch.setattr(mod, "_time", fake_time)
+    monkeypatch.setattr(mod, "N_ENTRIES", 40)
+    monkeypatch.setattr(mod, "FILTER_SWEEP", {"n_cand": (4, 16), "pass_block_n": (64, 128), "pass_num_warps": (4,)})
+    rows = mod.run_filter_sweep(batches=(2,), vocabs=(300,))
+    assert len(rows) == 4 and all(r["same_tokens"] for r in rows)
+    assert sum(r["is_rule"] for r in rows) == 1
+    out = tmp_path / "sweep.md"
+    mod.write_sweep_markdown(dict(device="cpu", torch="t", triton="t", commit="c", sweep=rows), out)
+    text = out.read_text()
+    assert "| 300 | 2 | 16, 128, 4 |" in text and "| True |" in text

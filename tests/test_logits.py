@@ -25,7 +25,7 @@ import triton.language as tl  # noqa: E402
 
 from fastdebias import ops  # noqa: E402
 from fastdebias.errors import BackendError, FastDebiasError, GenerationError  # noqa: E402
-from fastdebias.kernels.logits import LMHeadMeta, LogitsMeta, logits_meta  # noqa: E402
+from fastdebias.kernels.logits import LMHeadMeta, LogitsMeta, _passes, logits_meta  # noqa: E402
 from fastdebias.matcher import BAN, build_matcher  # noqa: E402
 from fastdebias.ops import logits as tl_logits  # noqa: E402
 from fastdebias.reference import logits as ref  # noqa: E402
@@ -325,6 +325,19 @@ def test_threshold_search_over_the_whole_float_range(top_k, top_p):
         for step in range(6):
             kw = dict(temperature=0.7, top_k=top_k, top_p=top_p, seed=11, step=step)
             assert_same(tl_logits.logits_step(logits, **kw), ref.logits_step(logits, **kw))
+
+
+@pytest.mark.parametrize("n_cand", [4, 8])
+def test_threshold_search_with_fewer_candidates_per_pass(n_cand):
+    """The metas ``bench_logits.py --filter-sweep`` times besides the rule's: fewer candidates per pass (more
+    passes), rows split in chunks of several tiles; the kept set, hence the draws, are the reference's."""
+    meta = SPLIT_META._replace(n_cand=n_cand, n_pass=_passes(n_cand))
+    g = torch.Generator().manual_seed(n_cand)
+    logits = (torch.randn(2, 400, generator=g) * 4).to(DEVICE)
+    logits[0, 50:90] = float("-inf")
+    for step, (top_k, top_p) in enumerate([(5, 1.0), (0, 0.7), (30, 0.9)]):
+        kw = dict(temperature=0.9, top_k=top_k, top_p=top_p, seed=5, step=step)
+        assert_same(tl_logits.logits_step(logits, meta=meta, **kw), ref.logits_step(logits, **kw))
 
 
 def test_top_k_keeps_ties_and_top_p_keeps_the_top_token():

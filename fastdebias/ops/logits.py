@@ -330,7 +330,7 @@ def _threshold_search(
             NC=nc,
             BLOCK_T=triton.next_power_of_2(tile_max.shape[1]),
             BLOCK_N=meta.pass_block_n,
-            num_warps=4,
+            num_warps=meta.pass_num_warps,
         )  # fmt: skip
         if it == meta.n_pass - 1:
             prev_phase = phase
