@@ -224,10 +224,9 @@ def test_profile_script_runs(tmp_path, capsys):
     assert (tmp_path / "profile_cpu_quick.json").stat().st_size > 0
 
 
-def test_logits_filter_sweep_runs(tmp_path, monkeypatch):
-    """bench/bench_logits.py --filter-sweep (a GPU session's one command) on a tiny shape through the interpreter,
-    with the timer stubbed out: every meta gives the same draws, the rule's meta is among those swept, and the
-    markdown is written."""
+def _bench_logits_on_cpu(monkeypatch):
+    """bench/bench_logits.py loaded as a module, on CPU through the interpreter: tiny lexicon and hidden size, the
+    timer stubbed out (it calls each function once and returns a made-up time)."""
     import importlib.util
     from pathlib import Path
 
@@ -245,6 +244,32 @@ def test_logits_filter_sweep_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "DEVICE", "cpu")
     monkeypatch.setattr(mod, "_time", fake_time)
     monkeypatch.setattr(mod, "N_ENTRIES", 40)
+    monkeypatch.setattr(mod, "HIDDEN", 64)
+    return mod
+
+
+def test_logits_bench_runs(tmp_path, monkeypatch):
+    """The GPU session's ``bench_logits.py`` (every mode of the step, the fused lm_head against the unfused one)
+    on a tiny shape: its rows have their fields and the markdown is written, so an API change fails here, not in a
+    GPU slot."""
+    mod = _bench_logits_on_cpu(monkeypatch)
+    steps = mod._step_rows(2, 300, 1000.0)
+    assert [r["mode"] for r in steps] == list(mod.MODES)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 64, generator=g, dtype=torch.float32).to(torch.float16)
+    heads = mod._lm_head_rows(2, 300, w, g)
+    assert [r["mode"] for r in heads] == ["greedy", "sample"]
+    result = dict(device="cpu", torch="t", triton="t", transformers="t", commit="c", hbm_copy_gbps=1000.0,
+                  lm_head_dtype="torch.float16", steps=steps, lm_head=heads)  # fmt: skip
+    mod.write_markdown(result, tmp_path / "logits.md")
+    text = (tmp_path / "logits.md").read_text()
+    assert "| 300 | 2 | top_k_top_p |" in text and "| 300 | 2 | sample |" in text
+
+
+def test_logits_filter_sweep_runs(tmp_path, monkeypatch):
+    """bench/bench_logits.py --filter-sweep (a GPU session's one command) on a tiny shape: every meta gives the
+    same draws, the rule's meta is among those swept, and the markdown is written."""
+    mod = _bench_logits_on_cpu(monkeypatch)
     monkeypatch.setattr(mod, "FILTER_SWEEP", {"n_cand": (4, 16), "pass_block_n": (64, 128), "pass_num_warps": (4,)})
     rows = mod.run_filter_sweep(batches=(2,), vocabs=(300,))
     assert len(rows) == 4 and all(r["same_tokens"] for r in rows)
