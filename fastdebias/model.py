@@ -31,7 +31,9 @@ class LoRALinear(nn.Module):
         # per slice: (lora_a [n_adapters, R, K], lora_b [n_adapters, N_i, R], scale [n_adapters] fp32) or None
         self.loras: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
         self.packed = None  # the backend's pre-packed form of ``loras`` (built once by ``attach``)
-        self.cpu_weight = None  # ``weight`` pre-packed for oneDNN on CPU (``LlamaDecoder.pack_cpu_weights``)
+        # ``weight`` pre-packed for oneDNN on CPU (``LlamaDecoder.pack_cpu_weights``); under the eager runtime the
+        # only copy (``weight`` is None then)
+        self.cpu_weight = None
         self.backend = backend
 
     def slice_range(self, i: int) -> tuple[int, int]:
@@ -45,7 +47,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        cpu_weight = None if ops.multiply_reduce_rows(x) else self.cpu_weight
+        cpu_weight = None if self.weight is not None and ops.multiply_reduce_rows(x) else self.cpu_weight
         y = ops.lora_linear_sliced(
             x, self.weight, self.sizes, self.loras, self.packed, rows if self.packed is not None else None,
             backend=self.backend, cpu_weight=cpu_weight,
@@ -201,7 +203,7 @@ class LlamaDecoder(nn.Module):
             if not any(p is not None for p in present):
                 continue
             r_max = max(p[0].shape[0] for p in present if p is not None)
-            w = mod.weight
+            w = mod.weight if mod.weight is not None else mod.cpu_weight
             out_f, in_f = mod.sizes[i], w.shape[1]
             lora_a = torch.zeros(n, r_max, in_f, dtype=w.dtype, device=w.device)
             lora_b = torch.zeros(n, out_f, r_max, dtype=w.dtype, device=w.device)
@@ -218,20 +220,45 @@ class LlamaDecoder(nn.Module):
         """Every fused projection, once each (the decoder layers' and the lm_head)."""
         return list({id(m): m for m, _ in self.lora_targets().values()}.values())
 
-    def pack_cpu_weights(self) -> int:
-        """Keep a oneDNN-packed copy of each fp32 CPU projection weight beside it (``ops.pack_cpu_weight``), if the
-        copies fit ``ops.cpu_pack_fits``. Returns the bytes added (0: nothing packed). Call after any merge."""
-        mods = [m for m in self.projections() if ops.cpu_packable(m.weight)]
-        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in mods)
-        if not mods or not ops.cpu_pack_fits(nbytes):
+    def pack_cpu_weights(self, keep_plain: bool = True) -> int:
+        """Pack each fp32 CPU projection weight for oneDNN (``ops.pack_cpu_weight``). Call after any merge.
+
+        ``keep_plain=True`` (the compiled runtime, whose 1-2-row multiply-reduce reads the plain weights): the
+        packed copies sit beside them, if they fit ``ops.cpu_pack_fits``. ``keep_plain=False`` (the eager runtime,
+        which reads only the packed ones): each packed copy replaces its plain weight, one projection at a time, so
+        nothing is added, except for an lm_head tied to the input embedding (the embedding lookup reads the plain
+        one). Returns the bytes the packed copies add (0: nothing packed, or nothing added)."""
+        mods = [m for m in self.projections() if m.weight is not None and ops.cpu_packable(m.weight)]
+        added = [m for m in mods if keep_plain or m.weight is self.embed_tokens]
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in added)
+        if not mods or (keep_plain and not ops.cpu_pack_fits(nbytes)):
             return 0
         for m in mods:
             m.cpu_weight = ops.pack_cpu_weight(m.weight)
+            if m not in added:
+                m.weight = None
+        if not keep_plain:
+            self._copy_out_remaining()
         return nbytes
+
+    def _copy_out_remaining(self) -> None:
+        """Copy the plain tensors left (the embedding, the norms) into memory of their own. Loaded from a
+        safetensors file without a conversion they are views of its memory map, and one view keeps the whole map
+        (every page packing read, the dropped weights' included) resident: SmolLM2 in fp32, 513 MiB of it, where
+        the embedding is 108 MiB."""
+        emb = self.embed_tokens.clone()
+        if self.lm_head.weight is self.embed_tokens:
+            self.lm_head.weight = emb
+        self.embed_tokens = emb
+        for norm in [self.norm] + [n for layer in self.layers for n in (layer.input_layernorm,
+                                                                        layer.post_attention_layernorm)]:
+            norm.weight = norm.weight.clone()
 
     def merge_adapter(self, adapter: AdapterWeights) -> None:
         """Fold W ← W + s·B@A (computed in fp32) into the base weights; lossy for QLoRA-trained adapters."""
         for mod in self.projections():
+            if mod.weight is None:  # packed only: back to the plain layout
+                mod.weight = mod.cpu_weight.to_dense()
             mod.cpu_weight = None  # a packed copy would be stale (pack again after the merge)
         for name, (mod, i) in self.lora_targets().items():
             if name in adapter.modules:

@@ -192,7 +192,8 @@ def load(
     elif adapters:
         decoder.attach_adapters(adapters)
     if dev.type == "cpu" and resolved_backend == "torch":
-        decoder.pack_cpu_weights()  # fp32 on x86-64 only; a no-op elsewhere
+        # fp32 on x86-64 only, a no-op elsewhere; the eager runtime keeps the packed weights alone
+        decoder.pack_cpu_weights(keep_plain=resolved_runtime != "eager")
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
         backend=resolved_backend, merged_adapter=merged, eos_token_ids=_eos_ids(model_dir, config, tokenizer),

@@ -8,8 +8,10 @@ On CPU the static-shape logic is exercised through the ``"cuda_graph"`` runner l
 from __future__ import annotations
 
 import collections
+import gc
 import importlib
 import inspect
+import os
 import traceback
 
 import pytest
@@ -321,23 +323,59 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
     assert ops.pack_cpu_weight(w) is None
 
 
-def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, monkeypatch):
-    """On CPU, fp32, x86-64: every projection keeps a oneDNN-packed copy (the step's projections read it); not
-    when the copies would not fit the RAM rule, nor in bf16; same tokens without the copies."""
+def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_dir, tmp_path_factory, monkeypatch):
+    """On CPU, fp32, x86-64: every projection has a oneDNN-packed weight (the step's projections read it). The
+    eager runtime keeps it alone (no second copy), except a tied lm_head's (the embedding reads the plain one);
+    the compiled runtime keeps both, within the RAM rule. Same tokens as the plain weights; not in bf16."""
+    from pathlib import Path
+
     from fastdebias import ops
+    from fastdebias.loader import AdapterWeights
+
+    from .conftest import make_llama
 
     model = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
+    assert model.runtime == "eager"
     mods = model.decoder.projections()
     assert len(mods) == 4 * model.config.num_hidden_layers + 1
     assert all((m.cpu_weight is not None) == ops._ONEDNN for m in mods)
+    assert all((m.weight is None) == ops._ONEDNN for m in mods)  # untied lm_head: nothing keeps a plain copy
     want = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
-    for m in mods:
+    plain = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
+    for m in plain.decoder.projections():  # the plain layout back, exactly (to_dense), and no packed copy
+        if m.weight is None:
+            m.weight = m.cpu_weight.to_dense()
         m.cpu_weight = None
-    assert tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW)) == want
+    assert tokens(fastdebias.generate(plain, PROMPTS, max_new_tokens=NEW)) == want
+    # the compiled runtime's rule: copies beside the plain weights, only within the RAM fraction
+    decoder = plain.decoder
+    nbytes = sum(m.weight.numel() * 4 for m in decoder.projections())
     monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", 0.0)
-    assert model.decoder.pack_cpu_weights() == 0 and all(m.cpu_weight is None for m in mods)
+    assert decoder.pack_cpu_weights(keep_plain=True) == 0 and all(m.cpu_weight is None for m in decoder.projections())
+    monkeypatch.undo()
+    assert decoder.pack_cpu_weights(keep_plain=True) == (nbytes if ops._ONEDNN else 0)
+    assert all(m.weight is not None for m in decoder.projections())
+    # a tied lm_head keeps the plain weight the embedding reads, and a merge restores the plain layout
+    tied = make_llama(tmp_path_factory.mktemp("tied") / "m", tie=True, tokenizer_dir=tiny_tokenizer_dir)
+    tied_model = fastdebias.load(tied, device="cpu", progress=False)
+    head = tied_model.decoder.lm_head
+    assert head.weight is tied_model.decoder.embed_tokens and (head.cpu_weight is not None) == ops._ONEDNN
+    # packed alone, nothing of the (live) model keeps the checkpoint's memory map, and its pages, resident; with the
+    # plain weights kept, the map stays
+    if ops._ONEDNN and os.path.exists("/proc/self/maps"):
+        gc.collect()
+        ckpt = str(tied / "model.safetensors")
+        assert ckpt not in Path("/proc/self/maps").read_text()
+        kept = fastdebias.load(tied, device="cpu", runtime="compile", progress=False)
+        assert ckpt in Path("/proc/self/maps").read_text() and kept.decoder.lm_head.weight is not None
+    if ops._ONEDNN:
+        q = tied_model.decoder.layers[0].self_attn.qkv_proj
+        assert q.weight is None
+        dense = q.cpu_weight.to_dense()
+        tied_model.decoder.merge_adapter(AdapterWeights("none", Path("."), {}))
+        assert torch.equal(q.weight, dense) and q.cpu_weight is None
     bf16 = fastdebias.load(llama_dir, device="cpu", dtype="bfloat16", progress=False)
-    assert all(m.cpu_weight is None for m in bf16.decoder.projections())
+    assert all(m.cpu_weight is None and m.weight is not None for m in bf16.decoder.projections())
 
 
 class _SyncSpy(TorchDispatchMode):

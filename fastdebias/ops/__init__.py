@@ -84,8 +84,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in
 # called with 1-512 rows it measured as fast as packing for the exact count or faster than the plain weight,
 # ``bench/results/cpu_gemm_cpu.md``).
 CPU_PACK_ROWS = 8
-# The packed copies sit beside the plain weights (the compiled 1-2-row multiply-reduce reads those): pack only when
-# the copies take at most this fraction of the machine's RAM.
+# Under the compiled runtime the packed copies sit beside the plain weights (its 1-2-row multiply-reduce reads
+# those): pack only when the copies take at most this fraction of the machine's RAM. (The eager runtime keeps the
+# packed weights alone: nothing to add, no limit.)
 CPU_PACK_MAX_RAM_FRACTION = 0.25
 
 
@@ -134,20 +135,26 @@ def multiply_reduce_rows(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS
 
 
-def _base_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x·Wᵀ, the torch backend's projection (``packed``: ``pack_cpu_weight(weight)``, if the model keeps one). On CPU:
+def _base_linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ, the torch backend's projection (``packed``: ``pack_cpu_weight(weight)``, if the model keeps one;
+    ``weight`` may then be None, where the model keeps the packed one alone). On CPU:
 
     - inside ``torch.compile``, a decode GEMV of up to ``CPU_GEMV_MAX_ROWS`` rows is a multiply-reduce: inductor
       turns it into one vectorised pass that streams W from memory at about twice oneDNN's rate and three times
       MKL's (it would materialise [M, N, K] eagerly, so only there);
     - other fp32 projections (eager, prefill, larger batches) are oneDNN's matmul, on the packed weight if given.
     Everything else is ``F.linear``."""
-    if x.device.type == "cpu" and x.dim() == 2:
-        if multiply_reduce_rows(x):
+    w = packed if packed is not None else weight
+    if x.device.type == "cpu" and x.dim() == 2 and w is not None:
+        if weight is not None and multiply_reduce_rows(x):
             return _multiply_reduce(x, weight)
-        if _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32:
-            w = packed if packed is not None else weight
+        if _ONEDNN and x.dtype == torch.float32 and w.dtype == torch.float32:
             return _cpu_linear(x.contiguous(), w) if torch.compiler.is_compiling() else _onednn(x, w)
+    if weight is None:
+        raise BackendError(
+            f"a projection keeps only its oneDNN-packed CPU weight, which takes fp32 [M, K] inputs on CPU; got "
+            f"{x.dtype} {tuple(x.shape)} on {x.device}: load the model with runtime='compile' to keep plain weights"
+        )
     return torch.nn.functional.linear(x, weight)
 
 
