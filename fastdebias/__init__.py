@@ -11,6 +11,7 @@ from fastdebias.errors import (
     EmbeddedModelError,
     FastDebiasError,
     GenerationError,
+    LexiconError,
     TokenizerError,
 )
 from fastdebias.generate import FIRST_ADAPTER, GenerationResult, debias, generate
@@ -30,6 +31,7 @@ __all__ = [
     "GenerationError",
     "GenerationResult",
     "Intervention",
+    "LexiconError",
     "Lexicon",
     "TokenizerError",
     "debias",

@@ -8,6 +8,7 @@ the length limit). Token choice and the finished flags stay on the device; the h
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -42,18 +43,61 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------- validation
 
 
+def _is_int(x) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    """A real number (int, float, numpy's), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_model(model) -> None:
+    from fastdebias.pipeline import FastDebiasModel
+
+    if not isinstance(model, FastDebiasModel):
+        raise GenerationError(
+            f"model: expected a model from fastdebias.load(), got {type(model).__name__}; load it first: "
+            "model = fastdebias.load(model_path, adapter)"
+        )
+
+
 def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if not _is_int(top_k) or top_k < 0:
         raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+    if not _is_real(top_p) or not (0.0 < top_p <= 1.0):
         raise GenerationError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
     rp = repetition_penalty
-    if not isinstance(rp, (int, float)) or not (rp > 0 and math.isfinite(rp)):
+    if not _is_real(rp) or not (rp > 0 and math.isfinite(rp)):
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+
+
+def _check_text(text: str, where: str) -> None:
+    """Text the tokenizer can take: no lone surrogates (what bytes that are not UTF-8 become when decoded with
+    ``errors="surrogateescape"``, as Python decodes stdin and file names under some locales)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(
+            f"{where} holds a character that is not valid Unicode text at position {e.start} ({text[e.start]!r}, "
+            "from bytes that are not UTF-8): decode the input as UTF-8"
+        ) from None
+
+
+def _normalize_stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is None:
+        return []
+    if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in stops):
+        raise GenerationError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
+    for i, s in enumerate(stops):
+        _check_text(s, f"stop[{i}]")
+    return list(stops)
 
 
 def encode_prompts(model, prompts) -> list[list[int]]:
@@ -70,8 +114,25 @@ def encode_prompts(model, prompts) -> list[list[int]]:
                 raise GenerationError(f"prompts[{i}] is an empty string; give at least one character")
             if model.tokenizer is None:
                 raise TokenizerError(f"prompts[{i}] is text but {model.path} has no tokenizer; pass token ids")
+            _check_text(p, f"prompts[{i}]")
             ids = model.tokenizer(p)["input_ids"]
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise TokenizerError(
+                    f"prompts[{i}]: the tokenizer gave id(s) {bad[:5]}, outside the model's vocabulary [0, {vocab}) "
+                    f"(config.json vocab_size): the tokenizer files in {model.path} do not belong to these weights"
+                )
         elif isinstance(p, (list, tuple)) or (isinstance(p, torch.Tensor) and p.dim() == 1):
+            if isinstance(p, torch.Tensor):
+                if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+                    raise GenerationError(f"prompts[{i}]: a tensor of token ids must hold integers, got {p.dtype}")
+                p = p.tolist()
+            wrong = [t for t in p if not _is_int(t)]
+            if wrong:
+                raise GenerationError(
+                    f"prompts[{i}]: token ids must be integers, got {wrong[0]!r} ({type(wrong[0]).__name__}); "
+                    "pass text as a str, or a list of int ids"
+                )
             ids = [int(t) for t in p]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -118,9 +179,13 @@ def resolve_adapter_rows(model, adapter, n: int) -> list[int]:
 def _normalize_eos(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         eos_token_id = model.eos_token_ids
-    if isinstance(eos_token_id, int):
+    if isinstance(eos_token_id, torch.Tensor) and not (eos_token_id.is_floating_point() or eos_token_id.is_complex()):
+        eos_token_id = eos_token_id.tolist()
+    if _is_int(eos_token_id):
         eos_token_id = [eos_token_id]
-    ids = [int(e) for e in (eos_token_id or [])]
+    if not isinstance(eos_token_id, (list, tuple)) or not all(_is_int(e) for e in eos_token_id):
+        raise GenerationError(f"eos_token_id: expected an int token id or a list of them, got {eos_token_id!r}")
+    ids = [int(e) for e in eos_token_id]
     bad = [e for e in ids if not 0 <= e < model.config.vocab_size]
     if bad:
         raise GenerationError(f"eos_token_id {bad} is outside the vocabulary [0, {model.config.vocab_size})")
@@ -525,13 +590,14 @@ def generate(
     -------
     list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``), one per prompt, in order.
     """
+    _check_model(model)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if seed is not None and not _is_int(seed):
+        raise GenerationError(f"seed: expected an integer or None, got {seed!r}")
     ids = encode_prompts(model, prompts)
     rows = resolve_adapter_rows(model, adapter, len(ids))
     eos = _normalize_eos(model, eos_token_id)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or s == "" for s in stops):
-        raise GenerationError(f"stop: expected non-empty strings, got {stop!r}")
+    stops = _normalize_stops(stop)
     if (stops or stream is not None) and model.tokenizer is None:
         raise TokenizerError(f"stop/stream need a tokenizer, and {model.path} has none")
     if stream is not None and not callable(stream):
@@ -543,7 +609,7 @@ def generate(
                 f"prompts[{i}] has {len(x)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
                 f"context of {ctx} tokens: shorten the prompt or lower max_new_tokens"
             )
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if lexicon_mode not in ("backtrack", "hf"):
         raise GenerationError(f"lexicon_mode must be 'backtrack' or 'hf', got {lexicon_mode!r}")
@@ -560,7 +626,8 @@ def generate(
     bs = batch_size or len(ids)
     generator = None
     if seed is not None and temperature > 0:
-        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+        # (modulo 2**64: what manual_seed does itself with the negative seeds it takes, for any integer)
+        generator = torch.Generator(device=model.device).manual_seed(int(seed) % 2**64)
     chunks = range(0, len(ids), bs)
     show = progress if progress is not None else len(chunks) > 1
     results: list[GenerationResult] = []
@@ -612,12 +679,19 @@ def debias_prompt_format(model, prompt_format: str = "auto") -> str:
 def debias_prompts(model, texts: Sequence[str], *, prompt_format: str = "auto", template: str | None = None):
     """Token ids of the debiasing prompt for each text, and the stop strings its format needs."""
     tok = model.tokenizer
+    fmt = debias_prompt_format(model, prompt_format)  # validated even where a template overrides it
     if template is not None:
-        if "{text}" not in template:
-            raise GenerationError("template: must contain the placeholder {text}")
+        if not isinstance(template, str) or "{text}" not in template:
+            raise GenerationError(f"template: expected a str containing the placeholder {{text}}, got {template!r}")
+        _check_text(template, "template")
         return [tok(template.replace("{text}", t))["input_ids"] for t in texts], []
-    if debias_prompt_format(model, prompt_format) == "srllm":
+    if fmt == "srllm":
         return [tok(srllm_prompt(t))["input_ids"] for t in texts], [SRLLM_END]
+    if not getattr(tok, "chat_template", None):
+        raise TokenizerError(
+            f"prompt_format='chat' needs a chat template, and the tokenizer of {model.path} has none: use "
+            "prompt_format='srllm' or a template='...{text}...'"
+        )
     chats = [
         tok.apply_chat_template(
             [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER.format(text=t)}],
@@ -644,6 +718,7 @@ def debias(
     The SR-LLM format stops at EOS or the literal ``<s/>``; results' ``.text`` is stripped of surrounding space.
     Other keyword arguments go to ``generate``.
     """
+    _check_model(model)
     if model.tokenizer is None:
         raise TokenizerError(f"debias needs a tokenizer, and {model.path} has none")
     if isinstance(texts, str):
@@ -653,8 +728,8 @@ def debias(
     for i, t in enumerate(texts):
         if not t.strip():
             raise GenerationError(f"texts[{i}] is empty; give the text to debias")
-    stops = generate_kwargs.pop("stop", None)
-    stops = [stops] if isinstance(stops, str) else list(stops or [])
+        _check_text(t, f"texts[{i}]")
+    stops = _normalize_stops(generate_kwargs.pop("stop", None))
     prompts, extra_stops = debias_prompts(model, texts, prompt_format=prompt_format, template=template)
     stops += extra_stops
     generate_kwargs.setdefault("max_new_tokens", 128)

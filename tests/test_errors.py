@@ -210,7 +210,24 @@ def model(llama_dir):
         ([[1, 2]], {"top_k": -1}, "top_k must be"),
         ([[1, 2]], {"repetition_penalty": 0}, "repetition_penalty must be"),
         ([[1, 2]], {"adapter": "nope"}, "adapter='nope' is not a loaded adapter"),
-        ([[1, 2]], {"stop": [""]}, "stop: expected non-empty strings"),
+        ([[1, 2]], {"stop": [""]}, "stop: expected a non-empty string or a list of them"),
+        ([[1, 2]], {"stop": 5}, "stop: expected a non-empty string or a list of them"),
+        ([[1, 2]], {"temperature": True}, "temperature must be"),
+        ([[1, 2]], {"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+        ([[1, 2]], {"repetition_penalty": False}, "repetition_penalty must be"),
+        ([[1, 2]], {"batch_size": True}, "batch_size must be"),
+        ([[1, 2]], {"seed": "abc", "temperature": 1.0}, "seed: expected an integer"),
+        ([[1, 2]], {"seed": 1.5}, "seed: expected an integer"),
+        ([[1, 2]], {"eos_token_id": "21"}, "eos_token_id: expected an int token id"),
+        ([[1, 2]], {"eos_token_id": [2.9]}, "eos_token_id: expected an int token id"),
+        ([[1, 2]], {"eos_token_id": True}, "eos_token_id: expected an int token id"),
+        ([[1.7, 5.2]], {}, r"prompts\[0\]: token ids must be integers, got 1.7"),
+        ([["5", "6"]], {}, r"prompts\[0\]: token ids must be integers, got '5'"),
+        ([[[1, 2]]], {}, r"prompts\[0\]: token ids must be integers"),
+        ([[True, 5]], {}, r"prompts\[0\]: token ids must be integers, got True"),
+        ([torch.tensor([1.0, 2.0])], {}, r"prompts\[0\]: a tensor of token ids must hold integers"),
+        (["old \udcff people"], {}, r"prompts\[0\] holds a character that is not valid Unicode.*position 4"),
+        ([[1, 2]], {"stop": ["a\udcff"]}, r"stop\[0\] holds a character that is not valid Unicode"),
     ],
 )
 def test_generate_argument_errors(model, prompts, kwargs, msg):
@@ -218,9 +235,60 @@ def test_generate_argument_errors(model, prompts, kwargs, msg):
         fastdebias.generate(model, prompts, **kwargs)
 
 
+def test_generate_accepts_what_it_should(model):
+    """The other side of the checks above: numpy and tensor integers, a seed of any size, an int tensor of EOS ids."""
+    import numpy as np
+
+    def ids(prompts, **kw):
+        return fastdebias.generate(model, prompts, max_new_tokens=4, **kw)[0].token_ids
+
+    want = ids([[1, 2, 3]])
+    assert ids([torch.tensor([1, 2, 3])]) == want and ids([[np.int64(1), 2, 3]]) == want
+    assert ids([[1, 2, 3]], eos_token_id=torch.tensor([want[1]])) == want[:2]
+    for seed in (2**70, -5, np.int32(7)):  # any integer seeds the sampler; the same one gives the same tokens
+        assert ids([[1, 2]], temperature=1.0, seed=seed) == ids([[1, 2]], temperature=1.0, seed=seed)
+
+
+def test_generate_and_debias_need_a_loaded_model(llama_dir):
+    for bad in (None, str(llama_dir)):
+        with pytest.raises(GenerationError, match=r"model: expected a model from fastdebias\.load\(\)"):
+            fastdebias.generate(bad, "hello")
+        with pytest.raises(GenerationError, match=r"model: expected a model from fastdebias\.load\(\)"):
+            fastdebias.debias(bad, "hello")
+
+
+def test_tokenizer_beyond_the_vocabulary(tmp_path, tiny_tokenizer_dir):
+    """Tokenizer files of a larger vocabulary than the weights' (251 tokens, vocab_size 100): text prompts fail with
+    a TokenizerError, not an index error inside the embedding."""
+    m = fastdebias.load(make_llama(tmp_path / "m", vocab_size=100, tokenizer_dir=tiny_tokenizer_dir), progress=False)
+    with pytest.raises(fastdebias.TokenizerError, match=r"prompts\[0\]: the tokenizer gave id\(s\).*\[0, 100\)"):
+        fastdebias.generate(m, "The quick brown fox jumps", max_new_tokens=2)
+
+
+def test_debias_argument_errors(model):
+    """stop, template and prompt_format are checked before anything is tokenized; the SR-LLM end marker the format
+    adds is not blamed on the user; a tokenizer without a chat template refuses prompt_format='chat'."""
+    assert not getattr(model.tokenizer, "chat_template", None)
+    cases = [
+        (dict(stop=5), GenerationError, "stop: expected a non-empty string or a list of them, got 5$"),
+        (dict(stop=[5]), GenerationError, r"got \[5\]$"),
+        (dict(template=5), GenerationError, "template: expected a str containing the placeholder"),
+        (dict(template="x {text}", prompt_format="bogus"), GenerationError, "prompt_format must be"),
+        (dict(template="x \udcff {text}"), GenerationError, "template holds a character that is not valid"),
+        (dict(prompt_format="chat"), fastdebias.TokenizerError, "prompt_format='chat' needs a chat template"),
+    ]
+    for kwargs, cls, msg in cases:
+        with pytest.raises(cls, match=msg):
+            fastdebias.debias(model, ["some text"], max_new_tokens=2, **kwargs)
+    with pytest.raises(GenerationError, match=r"texts\[1\] holds a character that is not valid Unicode"):
+        fastdebias.debias(model, ["fine", "not \udcff fine"], max_new_tokens=2)
+
+
 def test_errors_are_one_hierarchy():
-    for cls in (CheckpointError, AdapterError, GenerationError, fastdebias.TokenizerError, fastdebias.BackendError):
-        assert issubclass(cls, fastdebias.FastDebiasError)
+    names = ("CheckpointError", "AdapterError", "GenerationError", "TokenizerError", "BackendError",
+             "EmbeddedModelError", "LexiconError")  # fmt: skip
+    for name in names:  # each exported, and each a FastDebiasError
+        assert name in fastdebias.__all__ and issubclass(getattr(fastdebias, name), fastdebias.FastDebiasError)
 
 
 def test_backend_errors(llama_dir):
