@@ -46,6 +46,7 @@ def embedded_model_dir(progress: bool = True) -> Path:
     target = cache_root() / MODEL_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    _make_cache_dir(target.parent)  # before the GGUF is read: a bad cache path should not cost a conversion
     src = gguf_path()
     try:
         import gguf  # noqa: F401
@@ -55,15 +56,45 @@ def embedded_model_dir(progress: bool = True) -> Path:
     return target
 
 
+def _cache_hint() -> str:
+    """Which setting chose ``path``, so the message says what to change."""
+    if os.environ.get("FASTDEBIAS_CACHE"):
+        return f"FASTDEBIAS_CACHE={os.environ['FASTDEBIAS_CACHE']!r}"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return f"XDG_CACHE_HOME={os.environ['XDG_CACHE_HOME']!r}"
+    return "the default ~/.cache/fastdebias"
+
+
+def _make_cache_dir(path: Path) -> None:
+    """Create the cache directory the converted model goes into, or say which setting points somewhere unusable."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as e:  # an existing file, a path under a file, a read-only or permission-denied location
+        raise EmbeddedModelError(
+            f"cache directory {path} (from {_cache_hint()}) cannot hold the converted embedded model: {e}; point "
+            "FASTDEBIAS_CACHE at a writable directory"
+        ) from e
+
+
 def convert_gguf(src: Path, target: Path, progress: bool = True) -> None:
     """De-quantise ``src`` into an HF safetensors dir at ``target``; written to a temp dir, then renamed."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_cache_dir(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
+    except OSError as e:
+        raise EmbeddedModelError(
+            f"cannot create a temporary directory in {target.parent} (from {_cache_hint()}): {e}; "
+            "point FASTDEBIAS_CACHE at a writable directory"
+        ) from e
     steps = tqdm(total=3, desc=f"Converting embedded {MODEL_NAME} (once)", disable=not progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         steps.update(1)

@@ -59,11 +59,17 @@ def load_config(model_dir: Path):
             f"{model_dir / 'config.json'}: architectures={archs} / model_type={model_type!r} is not supported; "
             f"fastdebias loads {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
         )
+    where = model_dir / "config.json"
+    # Sizes first, on the raw file: transformers would fail on some of them with an unrelated message (a modulo by
+    # zero) and accept others (a negative layer count builds a model with no layers that decodes garbage).
+    _check_sizes(raw, where)
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many types for malformed configs
         raise CheckpointError(f"{model_dir / 'config.json'}: transformers cannot parse it: {e}") from e
-    where = model_dir / "config.json"
+    _check_sizes({f: getattr(config, f, None) for f in _POSITIVE_INT_FIELDS if getattr(config, f, None) is not None},
+                 where)  # transformers' defaults for fields the file leaves out
+    _check_rope(raw, config, where)
     for field, ok in (
         ("hidden_act", getattr(config, "hidden_act", "silu") == "silu"),
         ("attention_bias", not getattr(config, "attention_bias", False)),
@@ -84,6 +90,51 @@ def load_config(model_dir: Path):
     if getattr(config, "num_key_value_heads", None) is None:
         config.num_key_value_heads = config.num_attention_heads
     return config
+
+
+# config.json fields that size the model: each must be a positive integer when present (num_key_value_heads and
+# head_dim may be absent or null; then they derive from num_attention_heads and hidden_size).
+_POSITIVE_INT_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings",
+)
+_OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim")
+
+
+def _is_number(v) -> bool:
+    """A finite JSON number (bool is an int subclass in Python but not a number in a config)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_sizes(values: dict, where: Path) -> None:
+    for field in _POSITIVE_INT_FIELDS:
+        if field not in values or (values[field] is None and field in _OPTIONAL_FIELDS):
+            continue
+        v = values[field]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CheckpointError(
+                f"{where}: field {field!r} = {json.dumps(v)} must be a positive integer; the config is corrupt, "
+                "restore it from the original checkpoint"
+            )
+
+
+def _check_rope(raw: dict, config, where: Path) -> None:
+    """rope_theta and the scaling factor must be positive: transformers accepts any number, and a zero or negative
+    one yields NaN or meaningless positions that only show as garbage text. Checked as the file spells them (older
+    configs keep rope_theta at the top level, newer ones inside rope_parameters) and as transformers resolved them."""
+    found = [("rope_theta", raw["rope_theta"])] if "rope_theta" in raw else []
+    for key in ("rope_parameters", "rope_scaling"):
+        if isinstance(raw.get(key), dict):
+            found += [(f"{key}.{sub}", raw[key][sub]) for sub in ("rope_theta", "factor") if sub in raw[key]]
+    params = getattr(config, "rope_parameters", None) or {}
+    found += [(f"rope_parameters.{sub}", params[sub]) for sub in ("rope_theta", "factor") if sub in params]
+    for field, v in found:
+        if not (_is_number(v) and v > 0):
+            raise CheckpointError(f"{where}: field {field!r} = {json.dumps(v)} must be a positive number; the config "
+                                  "is corrupt, restore it from the original checkpoint")
+    eps = getattr(config, "rms_norm_eps", 1e-6)
+    if not (_is_number(eps) and eps >= 0):
+        raise CheckpointError(f"{where}: field 'rms_norm_eps' = {json.dumps(eps)} must be a non-negative number")
 
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -124,6 +175,12 @@ def _weight_files(model_dir: Path) -> list[Path]:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: field 'weight_map' is missing or empty")
+            for tensor_name, shard in weight_map.items():
+                if not isinstance(shard, str) or not shard:
+                    raise CheckpointError(
+                        f"{index_path}: weight_map[{tensor_name!r}] = {json.dumps(shard)} is not a shard file name; "
+                        "restore the index from the original checkpoint"
+                    )
             files = list(dict.fromkeys(weight_map.values()))
             missing = [f for f in files if not (model_dir / f).is_file()]
             if missing:
@@ -261,9 +318,12 @@ def _lora_config(adapter_dir: Path):
     from peft import LoraConfig
 
     cfg_path = adapter_dir / "adapter_config.json"
-    raw = read_json(cfg_path, "adapter config (adapter_config.json)") if cfg_path.is_file() else None
-    if raw is None:
+    if not cfg_path.is_file():
         raise AdapterError(f"{cfg_path}: adapter config not found; is {adapter_dir} a PEFT LoRA adapter directory?")
+    try:
+        raw = read_json(cfg_path, "adapter config (adapter_config.json)")
+    except CheckpointError as e:  # the adapter's file, so the adapter's error type
+        raise AdapterError(str(e)) from e
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type={raw.get('peft_type')!r}; only LoRA adapters are supported")
     for field, what in _UNSUPPORTED_LORA_FIELDS.items():
@@ -276,6 +336,7 @@ def _lora_config(adapter_dir: Path):
         raise AdapterError(f"{cfg_path}: bias={raw['bias']!r} is not supported (only 'none')")
     if raw.get("fan_in_fan_out", False):
         raise AdapterError(f"{cfg_path}: fan_in_fan_out=true is not supported (it is for GPT-2 Conv1D layers)")
+    _check_lora_fields(raw, cfg_path)
     known = set(LoraConfig.__dataclass_fields__)
     kwargs = {k: v for k, v in raw.items() if k in known}
     try:
@@ -285,6 +346,59 @@ def _lora_config(adapter_dir: Path):
     if not isinstance(cfg.r, int) or cfg.r < 1:
         raise AdapterError(f"{cfg_path}: field 'r' must be a positive integer, got {cfg.r!r}")
     return cfg, cfg_path
+
+
+def _check_lora_fields(raw: dict, cfg_path: Path) -> None:
+    """Type-check the fields the loader reads, before peft sees them: peft's config dataclass does not check types,
+    so a string lora_alpha or a null rank_pattern would otherwise surface as a TypeError deep in the scale maths.
+    Absent fields keep peft's defaults; present ones must have the type peft writes."""
+
+    def bad(field: str, want: str):
+        raise AdapterError(
+            f"{cfg_path}: field {field!r} = {json.dumps(raw[field])}: {want}; fix the field to match the values the "
+            "adapter was trained with"
+        )
+
+    def is_pos_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def is_str_list(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+    def is_index(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if "r" in raw and not is_pos_int(raw["r"]):
+        bad("r", "must be a positive integer (the LoRA rank)")
+    if "lora_alpha" in raw and not _is_number(raw["lora_alpha"]):
+        bad("lora_alpha", "must be a number (the LoRA scale is lora_alpha / r)")
+    if "use_rslora" in raw and not isinstance(raw["use_rslora"], bool):
+        bad("use_rslora", "must be true or false")
+    for field, ok, want in (
+        ("rank_pattern", is_pos_int, "must be an object mapping module-name patterns to positive integer ranks"),
+        ("alpha_pattern", _is_number, "must be an object mapping module-name patterns to numbers"),
+    ):
+        if field in raw:  # null is not {}: peft itself fails on it, and the adapter was not saved by peft as is
+            v = raw[field]
+            if not isinstance(v, dict) or not all(isinstance(k, str) and ok(x) for k, x in v.items()):
+                bad(field, want + " ({} for none)")
+    tm = raw.get("target_modules")
+    if not (isinstance(tm, str) and tm) and not (is_str_list(tm) and tm):
+        if "target_modules" not in raw:
+            raise AdapterError(
+                f"{cfg_path}: field 'target_modules' is missing; set it to the modules the adapter was trained on, "
+                'e.g. ["q_proj", "v_proj"]'
+            )
+        bad("target_modules", 'must be a list of module names (e.g. ["q_proj", "v_proj"]) or a regex string')
+    em = raw.get("exclude_modules")
+    if em is not None and not isinstance(em, str) and not is_str_list(em):
+        bad("exclude_modules", "must be null, a list of module names or a regex string")
+    lt = raw.get("layers_to_transform")
+    if lt is not None and not is_index(lt) and not (isinstance(lt, list) and all(map(is_index, lt))):
+        bad("layers_to_transform", "must be null, a layer index or a list of layer indices")
+    lp = raw.get("layers_pattern")
+    if lp is not None and not isinstance(lp, str) and not is_str_list(lp):
+        bad("layers_pattern", "must be null, a string or a list of strings")
 
 
 # peft's names for the base-layer copies it saves with an adapter that targets lm_head / embed_tokens
@@ -338,6 +452,7 @@ def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, 
         raise AdapterError(str(e)) from e
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, str] = {}  # module → one of its tensor names, for messages
     saved_base: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         parsed = _strip_key(key)
@@ -349,41 +464,70 @@ def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, 
             if "lora_embedding" in key or "embed_tokens" in key:
                 raise AdapterError(f"{wpath}: tensor {key!r}: LoRA on embeddings is not supported")
             raise AdapterError(f"{wpath}: tensor {key!r} is not a LoRA A/B weight; unsupported adapter content")
+        # Adapters are small, so checking every value is cheap; an integer or non-finite factor would load and then
+        # silently turn every output of its layer into garbage or NaN.
+        if not t.is_floating_point():
+            raise AdapterError(
+                f"{wpath}: tensor {key!r} has dtype {t.dtype}; LoRA weights must be floating point: re-save the "
+                "adapter with peft"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(
+                f"{wpath}: tensor {key!r} contains NaN or inf values; the adapter is corrupt or its training "
+                "diverged: export it again from a good checkpoint"
+            )
         module, kind = parsed
+        pairs.setdefault(module, {})[kind] = t
+        keys.setdefault(module, key)
+
+    # Shapes before anything else: an adapter trained for another base model is told most clearly by a module both
+    # models have whose shape differs, not by the modules one of them lacks.
+    for module, ab in pairs.items():
+        if module not in module_shapes:
+            continue
+        out_f, in_f = module_shapes[module]
+        a, b = ab.get("A"), ab.get("B")
+        if (a is not None and (a.dim() != 2 or a.shape[1] != in_f)) or (
+            b is not None and (b.dim() != 2 or b.shape[0] != out_f)
+        ):
+            got = " / ".join(f"lora_{k} {tuple(t.shape)}" for k, t in sorted(ab.items()))
+            raise AdapterError(
+                f"{wpath}: module {module!r}: {got} do not fit the base layer [out={out_f}, in={in_f}]; the adapter "
+                "was trained for a different base model"
+            )
+    for module in pairs:
         if module not in module_shapes:
             raise AdapterError(
-                f"{wpath}: tensor {key!r} targets module {module!r}, which does not exist in the base model "
+                f"{wpath}: tensor {keys[module]!r} targets module {module!r}, which does not exist in the base model "
                 f"(check target_modules and that the adapter was trained on this architecture)"
             )
-        pairs.setdefault(module, {})[kind] = t
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{wpath}: module {module!r} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
 
-    if cfg.target_modules == "all-linear":  # PEFT's shorthand: every linear layer except the output head
-        targeted = [m for m in module_shapes if m != "lm_head"]
-    else:
-        targeted = [m for m in module_shapes if check_target_module_exists(cfg, m)]
+    try:
+        if cfg.target_modules == "all-linear":  # PEFT's shorthand: every linear layer except the output head
+            targeted = [m for m in module_shapes if m != "lm_head"]
+        else:
+            targeted = [m for m in module_shapes if check_target_module_exists(cfg, m)]
+    except Exception as e:  # e.g. a target_modules / exclude_modules regex that does not compile
+        raise AdapterError(f"{cfg_path}: peft cannot match target_modules={cfg.target_modules!r}: {e}") from e
     if not targeted:
         raise AdapterError(
             f"{cfg_path}: target_modules={cfg.target_modules!r} matches no module of the base model "
             f"(LoRA-capable modules: {', '.join(LORA_MODULES)}, lm_head)"
         )
+    missing = [m for m in targeted if m not in pairs]
+    if missing:
+        raise AdapterError(
+            f"{wpath}: no LoRA weights for targeted module {missing[0]!r}{_more(missing)}: the adapter file is "
+            f"incomplete, or it was trained for a different base model{_layer_hint(pairs, config)}"
+        )
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for module in targeted:
-        if module not in pairs:
-            raise AdapterError(
-                f"{wpath}: no LoRA weights for targeted module {module!r}; the adapter file is incomplete"
-            )
     for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{wpath}: module {module!r} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
         a, b = ab["A"], ab["B"]
-        out_f, in_f = module_shapes[module]
         rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), module), cfg.r)
         alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), module), cfg.lora_alpha)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f:
-            raise AdapterError(
-                f"{wpath}: module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-                f"layer [out={out_f}, in={in_f}]; the adapter was trained for a different base model"
-            )
         if a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterError(
                 f"{wpath}: module {module!r}: tensors have rank {a.shape[0]}/{b.shape[1]} but {cfg_path.name} says "
@@ -394,19 +538,59 @@ def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, 
     return AdapterWeights(name=name, path=adapter_dir, modules=modules, saved_base=saved_base)
 
 
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _layer_hint(pairs: dict, config) -> str:
+    """' (its weights cover layers 0-1; this model has 4)' when the adapter's layers are fewer than the model's."""
+    layers = {int(m.split(".")[2]) for m in pairs if m.startswith("model.layers.") and m.split(".")[2].isdigit()}
+    if not layers or max(layers) + 1 >= config.num_hidden_layers:
+        return ""
+    return f" (its weights cover layers {min(layers)}-{max(layers)}; this model has {config.num_hidden_layers})"
+
+
 def normalize_adapters(adapter) -> list[tuple[str, Path]]:
     """None | path | list of paths | {name: path} → [(name, dir)], names unique."""
     if adapter is None:
         return []
+
+    def as_dir(value, where: str) -> Path:
+        if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
+            raise AdapterError(f"{where}: expected an adapter directory path (str or os.PathLike), got {value!r}")
+        if not os.fspath(value):
+            raise AdapterError(f"{where}: empty path; pass the adapter's directory")
+        return Path(value)
+
+    def dir_name(path: Path) -> str:  # "." or "adapters/x/" still get a name: the directory's own
+        return path.name or path.resolve().name
+
     if isinstance(adapter, (str, os.PathLike)):
-        items = [(Path(adapter).name, Path(adapter))]
+        path = as_dir(adapter, "adapter")
+        items = [(dir_name(path), path)]
     elif isinstance(adapter, dict):
-        items = [(str(k), Path(v)) for k, v in adapter.items()]
+        items = []
+        for k, v in adapter.items():
+            if not isinstance(k, str) or not k:
+                raise AdapterError(
+                    f"adapter: dict key {k!r} is not a valid adapter name; names must be non-empty str (they are "
+                    "what generate(adapter=...) selects by)"
+                )
+            items.append((k, as_dir(v, f"adapter[{k!r}]")))
     elif isinstance(adapter, (list, tuple)):
-        items = [(Path(a).name, Path(a)) for a in adapter]
+        items = []
+        for i, a in enumerate(adapter):
+            path = as_dir(a, f"adapter[{i}]")
+            items.append((dir_name(path), path))
     else:
         raise AdapterError(f"adapter: expected a directory, a list of directories or a dict name→dir, got {adapter!r}")
+    unnamed = [p for n, p in items if not n]  # only a root directory has no name
+    if unnamed:
+        raise AdapterError(f"adapter: cannot name the adapter at {unnamed[0]}; pass a dict name → directory")
     names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        raise AdapterError(f"adapter: duplicate adapter names {names}; pass a dict to name them explicitly")
+    if len(set(names)) != len(names):  # only from directory names: a dict's str keys are unique
+        raise AdapterError(
+            f"adapter: duplicate adapter names {names} (named by directory name); pass a dict name → directory "
+            "to name them explicitly"
+        )
     return items

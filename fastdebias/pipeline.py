@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from fastdebias import ops
-from fastdebias.errors import AdapterError, CheckpointError, FastDebiasError, TokenizerError
+from fastdebias.errors import AdapterError, BackendError, CheckpointError, TokenizerError
 from fastdebias.loader import (
     check_saved_base_layers,
     expected_shapes,
@@ -15,6 +16,7 @@ from fastdebias.loader import (
     load_base_weights,
     load_config,
     normalize_adapters,
+    read_json,
 )
 from fastdebias.model import LlamaDecoder
 from fastdebias.runtime import DecodeRunner, resolve_runtime
@@ -75,7 +77,7 @@ def _resolve_dtype(dtype, config, device: torch.device) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
         return _DTYPES[dtype.replace("torch.", "")]
-    raise FastDebiasError(f"dtype={dtype!r} is not supported; use float32, float16 or bfloat16")
+    raise BackendError(f"dtype={dtype!r} is not supported; use float32, float16 or bfloat16")
 
 
 def _resolve_device(device) -> torch.device:
@@ -84,11 +86,11 @@ def _resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise FastDebiasError(f"device={device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1')") from e
+        raise BackendError(f"device={device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1')") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FastDebiasError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
+        raise BackendError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
     if dev.type not in ("cpu", "cuda"):
-        raise FastDebiasError(f"device={device!r}: only cpu and cuda devices are supported")
+        raise BackendError(f"device={device!r}: only cpu and cuda devices are supported")
     return dev
 
 
@@ -106,22 +108,23 @@ def _load_tokenizer(model_dir: Path):
 
 def _eos_ids(model_dir: Path, config, tokenizer) -> list[int]:
     """generation_config.json's eos_token_id, else config.json's, else the tokenizer's."""
-    import json
-
-    eos = None
+    eos, source = None, None
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        try:
-            eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{gen}: not valid JSON ({e})") from e
+        eos, source = read_json(gen, "generation config").get("eos_token_id"), gen
     if eos is None:
-        eos = getattr(config, "eos_token_id", None)
+        eos, source = getattr(config, "eos_token_id", None), model_dir / "config.json"
     if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
+        eos, source = tokenizer.eos_token_id, None
     if eos is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if source is not None and not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise CheckpointError(
+            f"{source}: field 'eos_token_id' = {eos!r} must be a token id (a non-negative integer) or a list of "
+            "them; fix it to the tokenizer's end-of-sequence id"
+        )
+    return [int(e) for e in ids]
 
 
 def load(
@@ -153,11 +156,20 @@ def load(
         ``fastdebias.runtime``.
     progress : show tqdm progress bars.
     """
+    if model_path is not None and (isinstance(model_path, bytes) or not isinstance(model_path, (str, os.PathLike))):
+        raise CheckpointError(
+            f"model_path={model_path!r}: must be a directory path (str or os.PathLike), or None for the embedded model"
+        )
+    if model_path is not None and not os.fspath(model_path):
+        raise CheckpointError("model_path='': empty path; pass the model directory, or None for the embedded model")
+    specs = normalize_adapters(adapter)  # argument checks before any file is read or the embedded model converted
+    if merge and len(specs) != 1:
+        raise AdapterError(f"merge=True needs exactly one adapter, got {len(specs)}")
     dev = _resolve_device(device)
     resolved_backend = ops.resolve_backend(backend, dev)
     resolved_runtime = resolve_runtime(runtime, dev)
     if resolved_runtime == "compile" and resolved_backend == "triton" and dev.type != "cuda":
-        raise FastDebiasError(
+        raise BackendError(
             "runtime='compile' with backend='triton' needs a CUDA device: on CPU the Triton kernels run in the "
             "interpreter, which torch.compile cannot trace; use backend='torch' (the CPU path) or runtime='eager'"
         )
@@ -171,15 +183,13 @@ def load(
             raise CheckpointError(f"{model_dir}: model directory not found")
     config = load_config(model_dir)
     dt = _resolve_dtype(dtype, config, dev)
-    specs = normalize_adapters(adapter)
-    if merge and len(specs) != 1:
-        raise AdapterError(f"merge=True needs exactly one adapter, got {len(specs)}")
     # Adapters are checked against the shapes config.json implies before any base weight is read: fail fast.
     shapes = {k[: -len(".weight")]: s for k, s in expected_shapes(config).items() if len(s) == 2}
     shapes.pop("model.embed_tokens", None)
     shapes["lm_head"] = (config.vocab_size, config.hidden_size)
     adapters = [load_adapter(path, name, config, shapes) for name, path in specs]
     tokenizer = _load_tokenizer(model_dir)
+    eos_token_ids = _eos_ids(model_dir, config, tokenizer)  # before the weights: a bad file should fail fast
     weights = load_base_weights(model_dir, config, dt, dev, progress=progress)
     for a in adapters:
         check_saved_base_layers(a, weights, tied=config.tie_word_embeddings)
@@ -196,6 +206,6 @@ def load(
         decoder.pack_cpu_weights(keep_plain=resolved_runtime != "eager")
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
-        backend=resolved_backend, merged_adapter=merged, eos_token_ids=_eos_ids(model_dir, config, tokenizer),
+        backend=resolved_backend, merged_adapter=merged, eos_token_ids=eos_token_ids,
         runtime=resolved_runtime,
     )

@@ -51,7 +51,7 @@ import warnings
 import torch
 from torch.fx.experimental import _config as fx_config
 
-from fastdebias.errors import FastDebiasError
+from fastdebias.errors import BackendError
 from fastdebias.model import KVCache, LlamaDecoder, run_layer
 
 KV_BUCKET = 256  # slots: the attention read grows in steps of this (a new graph per step of growth)
@@ -77,11 +77,11 @@ def _compiling_config():
 def resolve_runtime(runtime: str, device: torch.device) -> str:
     """``"auto"``: CUDA graphs on CUDA, eager on CPU (a cold compile costs tens of seconds on CPU)."""
     if runtime not in RUNTIMES:
-        raise FastDebiasError(f"runtime={runtime!r} is not one of {RUNTIMES}")
+        raise BackendError(f"runtime={runtime!r} is not one of {RUNTIMES}")
     if runtime == "auto":
         return "cuda_graph" if device.type == "cuda" else "eager"
     if runtime == "cuda_graph" and device.type != "cuda":
-        raise FastDebiasError("runtime='cuda_graph' needs a CUDA device; on CPU use 'eager' or 'compile'")
+        raise BackendError("runtime='cuda_graph' needs a CUDA device; on CPU use 'eager' or 'compile'")
     return runtime
 
 
