@@ -1252,9 +1252,51 @@ def write_outputs(result: dict, *, json_path=None, md_path=None, plot_path=None,
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(x.replace("_", "").replace("k", "000")) for x in text.split(",") if x.strip()]
+        values = [int(x.replace("_", "").replace("k", "000")) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 1,8,32 or 0,1k,10k), got {text!r}")
+    if not values:  # "" or ",": an empty sweep would fail much later, or silently measure nothing
+        raise argparse.ArgumentTypeError(f"no integer given in {text!r}; e.g. 1,8,32 or 0,1k,10k")
+    return values
+
+
+def _one_int(text: str) -> int:
+    values = _int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one integer (e.g. 10k), got {text!r}")
+    return values[0]
+
+
+def _system_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:  # "" or ",": would otherwise fall back to the default systems without a word
+        raise argparse.ArgumentTypeError(f"no system named in {text!r}; choose from {','.join(ALL_SYSTEMS)}")
+    return names
+
+
+def check_output_paths(*, json_path=None, md_path=None, plot_path=None, out_dir=None) -> None:
+    """Make sure every output location can be written before the benchmark runs (it takes minutes to hours, and a
+    bad path would otherwise only fail at the first write): creates the directories, then writes and removes a
+    probe file in each. Raises ``FastDebiasError`` naming the flag."""
+    targets = [("--out", Path(out_dir), None)] if out_dir is not None else []
+    for flag, path in (("--json", json_path), ("--md", md_path), ("--plot", plot_path)):
+        if path is not None:
+            targets.append((flag, Path(path).parent, Path(path)))
+    for flag, directory, file in targets:
+        shown = file if file is not None else directory
+        if file is not None and file.is_dir():
+            raise FastDebiasError(f"{flag} {file}: is a directory; give a file path")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".fastdebias-bench-probe-"):
+                pass
+            if file is not None and file.exists():
+                with open(file, "ab"):  # appends nothing: only checks the existing file may be rewritten
+                    pass
+        except OSError as e:
+            raise FastDebiasError(
+                f"{flag} {shown}: cannot write there ({e.strerror or e}); choose a writable location"
+            ) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1270,7 +1312,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="default 1,8,32 (CPU) / 1,8,32,64 (GPU)")
     p.add_argument("--lexicon-sizes", type=_int_list, default=None,
                    help="lexicon sweep at the smallest batch; default 0,1k,10k (CPU) / 0,1k,10k,100k (GPU)")
-    p.add_argument("--lexicon-size", type=lambda s: _int_list(s)[0], default=None,
+    p.add_argument("--lexicon-size", type=_one_int, default=None,
                    help="lexicon of the batch sweep (default 10k)")
     p.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per row (default 64 CPU, 128 GPU)")
@@ -1289,7 +1331,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="load every system at once and take turns at each point (default on CPU; on GPU each "
                         "system runs alone so its peak memory is its own)")
     p.add_argument("--lexicon-mode", default="backtrack", choices=["backtrack", "hf"], help="fastdebias' mode")
-    p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+    p.add_argument("--systems", type=_system_list, default=None,
                    help=f"subset of {','.join(ALL_SYSTEMS)} (default: all but {','.join(EXTRA_SYSTEMS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the results as JSON")
@@ -1308,13 +1350,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         lexicon_size=args.lexicon_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
         warmup=args.warmup, compile=args.compile, compile_timeout=args.compile_timeout, runtime=args.runtime,
         compile_step=args.compile_step,
-        lexicon_mode=args.lexicon_mode, interleave=args.interleave, systems=args.systems or list(SYSTEMS),
+        lexicon_mode=args.lexicon_mode, interleave=args.interleave,
+        systems=list(SYSTEMS) if args.systems is None else args.systems,
         seed=args.seed, progress=not args.quiet,
     )
 
 
 __all__ = [
-    "BenchConfig", "POINT_FIELDS", "SYNTHETIC", "SYSTEMS", "add_arguments", "config_from_args", "copy_bandwidth_gbs",
+    "BenchConfig", "POINT_FIELDS", "SYNTHETIC", "SYSTEMS", "add_arguments", "check_output_paths", "config_from_args",
+    "copy_bandwidth_gbs",
     "evaluate_goals", "format_markdown", "make_prompts", "make_synthetic", "mismatch_lines", "plot", "run",
     "synthetic_lexicon", "write_outputs",
 ]

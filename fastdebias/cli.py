@@ -15,7 +15,20 @@ def _adapter_arg(values: list[str] | None):
     if not values:
         return None
     if all("=" in v for v in values):
-        return dict(v.split("=", 1) for v in values)
+        named: dict[str, str] = {}
+        for v in values:
+            name, path = v.split("=", 1)
+            if not name.strip():
+                raise FastDebiasError(f"--adapter {v}: empty adapter name; write NAME=DIR, or DIR alone")
+            if not path.strip():
+                raise FastDebiasError(f"--adapter {v}: no directory after '='; write NAME=DIR")
+            if name in named:  # a dict would keep the last one and silently drop the other
+                raise FastDebiasError(
+                    f"--adapter: the name {name!r} is given twice ({named[name]} and {path}); give each adapter "
+                    "its own name"
+                )
+            named[name] = path
+        return named
     if any("=" in v for v in values):
         raise FastDebiasError("--adapter: use either DIR or NAME=DIR for every adapter, not a mix")
     return values if len(values) > 1 else values[0]
@@ -72,17 +85,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_utf8(texts: list[str], where: str, unit: str) -> None:
+    """Refuse lone surrogates: bytes that are not UTF-8 on stdin or in argv, decoded with ``surrogateescape`` (as
+    Python does under some locales), which the tokenizer cannot encode and would fail on with a traceback."""
+    for n, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FastDebiasError(
+                f"{where}, {unit} {n}: not UTF-8 text ({text[e.start]!r} at position {e.start}, from bytes that are "
+                "not UTF-8); give the input as UTF-8"
+            ) from None
+
+
 def _read_inputs(args) -> list[str]:
     if args.texts:
+        _check_utf8(args.texts, "input texts", "argument")
         return list(args.texts)
     if args.file and args.file != "-":
         try:
-            with open(args.file, encoding="utf-8") as f:
+            # utf-8-sig: a byte-order mark (Notepad writes one) is not part of the first text
+            with open(args.file, encoding="utf-8-sig") as f:
                 lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise FastDebiasError(
+                f"--file {args.file}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+            ) from None
         except OSError as e:
             raise FastDebiasError(f"--file {args.file}: cannot read it ({e.strerror})") from e
     elif args.file == "-" or not sys.stdin.isatty():
-        lines = sys.stdin.read().splitlines()
+        try:
+            lines = sys.stdin.read().splitlines()
+        except UnicodeDecodeError as e:  # a strict stdin encoding; other locales give lone surrogates (below)
+            raise FastDebiasError(
+                f"stdin: not {e.encoding} text ({e.reason} at byte {e.start}); pipe in UTF-8 text"
+            ) from None
+        _check_utf8(lines, "stdin", "line")
     else:
         raise FastDebiasError("no input: give texts as arguments, --file PATH, or pipe them on stdin")
     lines = [ln for ln in lines if ln.strip()]
@@ -103,11 +141,22 @@ def _bench(args) -> int:
                             with_plot=False)
 
     try:
-        result = bench.run(bench.config_from_args(args), log=log, checkpoint=checkpoint)
+        cfg = bench.config_from_args(args).resolve()  # bad arguments are reported before any directory is made
+        bench.check_output_paths(json_path=args.json_path, md_path=args.md_path, plot_path=args.plot_path,
+                                 out_dir=args.out_dir)
+        result = bench.run(cfg, log=log, checkpoint=checkpoint)
     except FastDebiasError as e:
         print(f"fastdebias: error: {e}", file=sys.stderr)
         return 2
     print(bench.format_markdown(result))
+    if not any(p["status"] == "ok" for p in result["points"]):
+        # nothing measured: no files either (an empty table would overwrite earlier results under --out)
+        info = result["systems"]
+        culprit = next((n for n, i in info.items() if i["status"] == "failed"), None) or next(
+            (n for n, i in info.items() if i["reason"]), None)
+        why = f"{culprit}: {' '.join(str(info[culprit]['reason']).split())}" if culprit else "nothing was planned"
+        print(f"fastdebias: error: no system could be measured ({why}); nothing written", file=sys.stderr)
+        return 1
     for line in bench.mismatch_lines(result):
         print(line)
         print(line, file=sys.stderr)
@@ -124,8 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import fastdebias
 
     try:
+        adapter = _adapter_arg(args.adapter)  # before reading stdin: a usage error should not wait for input
         inputs = _read_inputs(args)
-        model = fastdebias.load(args.model, _adapter_arg(args.adapter), dtype=args.dtype, device=args.device,
+        model = fastdebias.load(args.model, adapter, dtype=args.dtype, device=args.device,
                                 merge=args.merge, backend=args.backend, runtime=args.runtime,
                                 progress=not args.quiet)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -7,6 +7,7 @@ without a leading space; as given, lower, Capitalized and UPPER case), or a tupl
 Sources::
 
     Lexicon.from_phrases(["old people", ("bossy", -5.0), ("thug", "ban", "race")])   # str alone = ban
+    Lexicon.from_phrases({"old people": "ban", "bossy": -5.0})   # phrase → action
     Lexicon.load("lexicon.jsonl")   # {"phrase": ..., "action": "ban" | float, "category": ...} per line
     Lexicon.load("lexicon.csv")     # header with a phrase column; action and category columns optional
     Lexicon.load("lexicon.txt")     # one phrase per line, all bans; blank lines and '#' comments skipped
@@ -33,7 +34,7 @@ from typing import Any, Union
 
 import torch
 
-from fastdebias.errors import LexiconError
+from fastdebias.errors import BackendError, LexiconError
 from fastdebias.matcher import PhraseMatcher, build_matcher
 
 DEFAULT_LEXICON_PATH = Path(__file__).parent / "data" / "default_lexicon.jsonl"
@@ -66,6 +67,7 @@ class Entry:
         if isinstance(self.phrase, str):
             if not self.phrase.strip():
                 raise LexiconError(f"empty phrase {self.phrase!r}: give at least one non-space character")
+            _check_text(self.phrase, f"phrase {self.phrase!r}")
         elif isinstance(self.phrase, (tuple, list)):
             ids = tuple(self.phrase)
             if not ids:
@@ -80,6 +82,7 @@ class Entry:
             )
         if not isinstance(self.category, str):
             raise LexiconError(f"phrase {self.phrase!r}: category {self.category!r} is not a string")
+        _check_text(self.category, f"phrase {self.phrase!r}: category {self.category!r}")
         object.__setattr__(self, "bias", _parse_action(self.bias, self.phrase))
 
     @property
@@ -110,6 +113,19 @@ class Intervention:
     category: str
     action: str
     token_id: int
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse lone surrogates: what bytes that are not UTF-8 become when decoded with ``errors="surrogateescape"``
+    (stdin, argv and file names under some locales). Tokenizers cannot encode them, and they would fail much later,
+    at compile time, without naming the entry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LexiconError(
+            f"{what} holds a character that is not valid Unicode text at position {e.start} ({text[e.start]!r}, "
+            "from bytes that are not UTF-8): decode the text as UTF-8"
+        ) from None
 
 
 def _parse_action(value: Any, phrase: Any) -> float:
@@ -181,16 +197,29 @@ class Lexicon:
     @classmethod
     def from_phrases(
         cls,
-        items: Iterable[str | Sequence[Any] | Entry],
+        items: Iterable[str | Sequence[Any] | Entry] | Mapping[str, Action],
         *,
         category: str = DEFAULT_CATEGORY,
         space_variants: bool = True,
         case_variants: bool = True,
     ) -> Lexicon:
-        """From Python items: ``"phrase"`` (a ban), ``(phrase, action)`` or ``(phrase, action, category)``.
+        """From Python items: ``"phrase"`` (a ban), ``(phrase, action)`` or ``(phrase, action, category)``; or a
+        dict ``{phrase: action}``, read as the ``(phrase, action)`` pairs of its items.
 
         ``action`` is ``"ban"``, ``-inf`` or a finite float; ``category`` defaults to ``category``.
         """
+        if isinstance(items, (str, bytes)):  # iterating it would ban each character
+            raise LexiconError(
+                f"from_phrases: items={items!r} is a single {type(items).__name__}; pass a list of phrases, "
+                f"e.g. [{items!r}]"
+            )
+        if isinstance(items, Mapping):  # {phrase: action}: the values are actions, not dropped
+            items = list(items.items())
+        elif not isinstance(items, Iterable):
+            raise LexiconError(
+                f"from_phrases: items={items!r} is a {type(items).__name__}; pass a list of phrases, "
+                '"phrase" or (phrase, action[, category]), or a dict {phrase: action}'
+            )
         entries = []
         for i, item in enumerate(items):
             try:
@@ -271,12 +300,19 @@ class Lexicon:
         TXT: one phrase per line, all bans. Blank lines are skipped everywhere, and lines starting with ``#`` in
         ``.txt`` files.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise LexiconError(
+                f"Lexicon.load: path={path!r} is a {type(path).__name__}; give the path of a .jsonl, .csv or .txt "
+                "lexicon file"
+            )
         p = Path(path)
         suffix = p.suffix.lower()
         if suffix not in (".jsonl", ".csv", ".txt"):
             raise LexiconError(f"{p}: unsupported lexicon file type {p.suffix!r}; use .jsonl, .csv or .txt")
         try:
-            text = p.read_text(encoding="utf-8")
+            # utf-8-sig: a byte-order mark (Excel and Notepad write one) is dropped instead of becoming part of the
+            # CSV header's first column name or the first JSONL line
+            text = p.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise LexiconError(f"{p}: no such lexicon file; check the path") from None
         except UnicodeDecodeError as err:
@@ -443,17 +479,11 @@ class Lexicon:
         PhraseMatcher, the same object on every call with the same arguments.
         """
         v = _vocab_size(tokenizer, vocab_size)
+        what = "eos_token_id"
         if eos_token_id is None:
-            eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        if eos_token_id is None:
-            eos: tuple[int, ...] = ()
-        elif isinstance(eos_token_id, torch.Tensor):
-            eos = tuple(int(i) for i in eos_token_id.reshape(-1).tolist())
-        elif isinstance(eos_token_id, int):
-            eos = (eos_token_id,)
-        else:
-            eos = tuple(int(i) for i in eos_token_id)
-        dev = torch.device(device if device is not None else "cpu")
+            eos_token_id, what = getattr(tokenizer, "eos_token_id", None), "eos_token_id (the tokenizer's)"
+        eos = _eos_ids(eos_token_id, v, what)
+        dev = _matcher_device(device)
         if tokenizer is None:
             cache = self._cache_no_tokenizer
         else:
@@ -528,6 +558,51 @@ def interventions_from_log(
     return out
 
 
+def _eos_ids(value: Any, vocab_size: int, what: str) -> tuple[int, ...]:
+    """EOS ids as a tuple of ints in ``[0, vocab_size)``; ``None`` → ``()``. Strings, floats and bools are refused
+    rather than converted (``int("21")`` would read a typo as an id)."""
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise LexiconError(f"{what}: a {value.dtype} tensor; give integer token ids")
+        value = value.reshape(-1).tolist()
+    items = [value] if isinstance(value, numbers.Integral) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise LexiconError(f"{what}={value!r}: expected an int token id or a list of them (or () for none)")
+    items = list(items)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
+        raise LexiconError(f"{what}={value!r}: expected an int token id or a list of them (or () for none)")
+    bad = [int(i) for i in items if not 0 <= i < vocab_size]
+    if bad:
+        raise LexiconError(f"{what}: ids {bad} are outside the vocabulary [0, {vocab_size}); check the model's EOS id")
+    return tuple(int(i) for i in items)
+
+
+def _matcher_device(device: Any) -> torch.device:
+    """``device`` parsed and checked here, so that a typo or a missing GPU is a ``BackendError`` naming it rather
+    than torch's error from deep inside ``PhraseMatcher.to``."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackendError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BackendError(f"device={device!r}: MPS is not available on this machine; use device='cpu'")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise BackendError(f"device={device!r}: lexicon matchers run on 'cpu' or 'cuda' devices")
+    return dev
+
+
 def _vocab_size(tokenizer: Any, vocab_size: int | None) -> int:
     if vocab_size is not None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
@@ -570,8 +645,24 @@ def _read_jsonl(path: Path, text: str) -> Iterable[tuple[int, Any, Any, Any]]:
 
 
 def _read_csv(path: Path, text: str) -> Iterable[tuple[int, Any, Any, Any]]:
-    reader = csv.DictReader(text.splitlines())
+    # strict: an unclosed quote is an error, not the rest of the file read as one phrase
+    reader = csv.DictReader(text.splitlines(), strict=True)
+    try:
+        yield from _csv_rows(path, reader)
+    except csv.Error as err:  # reader.line_num: the last row read whole; the bad one starts after it
+        raise LexiconError(
+            f"{path}, line {reader.line_num + 1}: not valid CSV ({err}); check the quotes from this line on"
+        ) from None
+
+
+def _csv_rows(path: Path, reader: csv.DictReader) -> Iterable[tuple[int, Any, Any, Any]]:
     fields = [f.strip().lower() for f in reader.fieldnames or []]
+    dup = sorted({f for f in fields if f and fields.count(f) > 1})
+    if dup:  # DictReader would keep the last column of each name and silently drop the others
+        raise LexiconError(
+            f"{path}, line 1: the header {reader.fieldnames} names the column {dup[0]!r} twice; give each column "
+            "once (phrase,action,category)"
+        )
     if "phrase" not in fields:
         raise LexiconError(
             f"{path}, line 1: the header {reader.fieldnames} has no 'phrase' column; the first line must name "
