@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from fastdebias.errors import FastDebiasError
+from fastdebias.generate import check_text
 
 
 def _adapter_arg(values: list[str] | None):
@@ -89,13 +90,7 @@ def _check_utf8(texts: list[str], where: str, unit: str) -> None:
     """Refuse lone surrogates: bytes that are not UTF-8 on stdin or in argv, decoded with ``surrogateescape`` (as
     Python does under some locales), which the tokenizer cannot encode and would fail on with a traceback."""
     for n, text in enumerate(texts, start=1):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise FastDebiasError(
-                f"{where}, {unit} {n}: not UTF-8 text ({text[e.start]!r} at position {e.start}, from bytes that are "
-                "not UTF-8); give the input as UTF-8"
-            ) from None
+        check_text(text, f"{where}, {unit} {n}")
 
 
 def _read_inputs(args) -> list[str]:

@@ -77,7 +77,7 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
 
 
-def _check_text(text: str, where: str) -> None:
+def check_text(text: str, where: str) -> None:
     """Text the tokenizer can take: no lone surrogates (what bytes that are not UTF-8 become when decoded with
     ``errors="surrogateescape"``, as Python decodes stdin and file names under some locales)."""
     try:
@@ -96,7 +96,7 @@ def _normalize_stops(stop) -> list[str]:
     if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in stops):
         raise GenerationError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
     for i, s in enumerate(stops):
-        _check_text(s, f"stop[{i}]")
+        check_text(s, f"stop[{i}]")
     return list(stops)
 
 
@@ -114,7 +114,7 @@ def encode_prompts(model, prompts) -> list[list[int]]:
                 raise GenerationError(f"prompts[{i}] is an empty string; give at least one character")
             if model.tokenizer is None:
                 raise TokenizerError(f"prompts[{i}] is text but {model.path} has no tokenizer; pass token ids")
-            _check_text(p, f"prompts[{i}]")
+            check_text(p, f"prompts[{i}]")
             ids = model.tokenizer(p)["input_ids"]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -683,7 +683,7 @@ def debias_prompts(model, texts: Sequence[str], *, prompt_format: str = "auto", 
     if template is not None:
         if not isinstance(template, str) or "{text}" not in template:
             raise GenerationError(f"template: expected a str containing the placeholder {{text}}, got {template!r}")
-        _check_text(template, "template")
+        check_text(template, "template")
         return [tok(template.replace("{text}", t))["input_ids"] for t in texts], []
     if fmt == "srllm":
         return [tok(srllm_prompt(t))["input_ids"] for t in texts], [SRLLM_END]
@@ -728,7 +728,7 @@ def debias(
     for i, t in enumerate(texts):
         if not t.strip():
             raise GenerationError(f"texts[{i}] is empty; give the text to debias")
-        _check_text(t, f"texts[{i}]")
+        check_text(t, f"texts[{i}]")
     stops = _normalize_stops(generate_kwargs.pop("stop", None))
     prompts, extra_stops = debias_prompts(model, texts, prompt_format=prompt_format, template=template)
     stops += extra_stops

@@ -41,12 +41,12 @@ def test_stdin_lone_surrogates_exit_2_naming_the_line(tmp_path, capsys, monkeypa
     monkeypatch.setattr(sys, "stdin", io.StringIO("fine\n\nbad \udcff here\n"))
     assert main(["generate", "--model", str(tmp_path / "missing"), "-q", "--file", "-"]) == 2
     err = capsys.readouterr().err
-    assert "stdin, line 3: not UTF-8 text" in err and "Traceback" not in err
+    assert "stdin, line 3 holds a character that is not valid Unicode text" in err and "Traceback" not in err
 
 
 def test_argument_lone_surrogates_exit_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "-q", "ok", "bad \udcff"]) == 2
-    assert "input texts, argument 2: not UTF-8 text" in capsys.readouterr().err
+    assert "input texts, argument 2 holds a character that is not valid Unicode text" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
