@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdebias import ops
-from fastdebias.errors import GenerationError, TokenizerError
+from fastdebias.errors import GenerationError, TokenizerError, check_unicode, token_id_list
 from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens
 
 
@@ -78,15 +78,8 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
 
 
 def check_text(text: str, where: str) -> None:
-    """Text the tokenizer can take: no lone surrogates (what bytes that are not UTF-8 become when decoded with
-    ``errors="surrogateescape"``, as Python decodes stdin and file names under some locales)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise GenerationError(
-            f"{where} holds a character that is not valid Unicode text at position {e.start} ({text[e.start]!r}, "
-            "from bytes that are not UTF-8): decode the input as UTF-8"
-        ) from None
+    """Text the tokenizer can take (``errors.check_unicode``), or a GenerationError naming ``where``."""
+    check_unicode(text, where, GenerationError)
 
 
 def _normalize_stops(stop) -> list[str]:
@@ -179,17 +172,7 @@ def resolve_adapter_rows(model, adapter, n: int) -> list[int]:
 def _normalize_eos(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         eos_token_id = model.eos_token_ids
-    if isinstance(eos_token_id, torch.Tensor) and not (eos_token_id.is_floating_point() or eos_token_id.is_complex()):
-        eos_token_id = eos_token_id.tolist()
-    if _is_int(eos_token_id):
-        eos_token_id = [eos_token_id]
-    if not isinstance(eos_token_id, (list, tuple)) or not all(_is_int(e) for e in eos_token_id):
-        raise GenerationError(f"eos_token_id: expected an int token id or a list of them, got {eos_token_id!r}")
-    ids = [int(e) for e in eos_token_id]
-    bad = [e for e in ids if not 0 <= e < model.config.vocab_size]
-    if bad:
-        raise GenerationError(f"eos_token_id {bad} is outside the vocabulary [0, {model.config.vocab_size})")
-    return ids
+    return token_id_list(eos_token_id, model.config.vocab_size, "eos_token_id", GenerationError)
 
 
 # ------------------------------------------------------------------------------------------- decoding

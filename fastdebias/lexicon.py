@@ -34,8 +34,9 @@ from typing import Any, Union
 
 import torch
 
-from fastdebias.errors import BackendError, LexiconError
+from fastdebias.errors import LexiconError, check_unicode, token_id_list
 from fastdebias.matcher import PhraseMatcher, build_matcher
+from fastdebias.ops import resolve_device
 
 DEFAULT_LEXICON_PATH = Path(__file__).parent / "data" / "default_lexicon.jsonl"
 DEFAULT_CATEGORY = "uncategorised"
@@ -116,16 +117,7 @@ class Intervention:
 
 
 def _check_text(text: str, what: str) -> None:
-    """Refuse lone surrogates: what bytes that are not UTF-8 become when decoded with ``errors="surrogateescape"``
-    (stdin, argv and file names under some locales). Tokenizers cannot encode them, and they would fail much later,
-    at compile time, without naming the entry."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise LexiconError(
-            f"{what} holds a character that is not valid Unicode text at position {e.start} ({text[e.start]!r}, "
-            "from bytes that are not UTF-8): decode the text as UTF-8"
-        ) from None
+    check_unicode(text, what, LexiconError)
 
 
 def _parse_action(value: Any, phrase: Any) -> float:
@@ -482,8 +474,8 @@ class Lexicon:
         what = "eos_token_id"
         if eos_token_id is None:
             eos_token_id, what = getattr(tokenizer, "eos_token_id", None), "eos_token_id (the tokenizer's)"
-        eos = _eos_ids(eos_token_id, v, what)
-        dev = _matcher_device(device)
+        eos = () if eos_token_id is None else tuple(token_id_list(eos_token_id, v, what, LexiconError))
+        dev = torch.device("cpu") if device is None else resolve_device(device)
         if tokenizer is None:
             cache = self._cache_no_tokenizer
         else:
@@ -556,51 +548,6 @@ def interventions_from_log(
             )
         )
     return out
-
-
-def _eos_ids(value: Any, vocab_size: int, what: str) -> tuple[int, ...]:
-    """EOS ids as a tuple of ints in ``[0, vocab_size)``; ``None`` → ``()``. Strings, floats and bools are refused
-    rather than converted (``int("21")`` would read a typo as an id)."""
-    if value is None:
-        return ()
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise LexiconError(f"{what}: a {value.dtype} tensor; give integer token ids")
-        value = value.reshape(-1).tolist()
-    items = [value] if isinstance(value, numbers.Integral) else value
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise LexiconError(f"{what}={value!r}: expected an int token id or a list of them (or () for none)")
-    items = list(items)
-    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
-        raise LexiconError(f"{what}={value!r}: expected an int token id or a list of them (or () for none)")
-    bad = [int(i) for i in items if not 0 <= i < vocab_size]
-    if bad:
-        raise LexiconError(f"{what}: ids {bad} are outside the vocabulary [0, {vocab_size}); check the model's EOS id")
-    return tuple(int(i) for i in items)
-
-
-def _matcher_device(device: Any) -> torch.device:
-    """``device`` parsed and checked here, so that a typo or a missing GPU is a ``BackendError`` naming it rather
-    than torch's error from deep inside ``PhraseMatcher.to``."""
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise BackendError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BackendError(
-                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
-                f"cuda:{torch.cuda.device_count() - 1}"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise BackendError(f"device={device!r}: MPS is not available on this machine; use device='cpu'")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise BackendError(f"device={device!r}: lexicon matchers run on 'cpu' or 'cuda' devices")
-    return dev
 
 
 def _vocab_size(tokenizer: Any, vocab_size: int | None) -> int:

@@ -80,20 +80,6 @@ def _resolve_dtype(dtype, config, device: torch.device) -> torch.dtype:
     raise BackendError(f"dtype={dtype!r} is not supported; use float32, float16 or bfloat16")
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise BackendError(f"device={device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1')") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise BackendError(f"device={device!r}: only cpu and cuda devices are supported")
-    return dev
-
-
 def _load_tokenizer(model_dir: Path):
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if not any((model_dir / n).is_file() for n in names):
@@ -165,7 +151,7 @@ def load(
     specs = normalize_adapters(adapter)  # argument checks before any file is read or the embedded model converted
     if merge and len(specs) != 1:
         raise AdapterError(f"merge=True needs exactly one adapter, got {len(specs)}")
-    dev = _resolve_device(device)
+    dev = ops.resolve_device(device)
     resolved_backend = ops.resolve_backend(backend, dev)
     resolved_runtime = resolve_runtime(runtime, dev)
     if resolved_runtime == "compile" and resolved_backend == "triton" and dev.type != "cuda":

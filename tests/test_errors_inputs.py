@@ -150,10 +150,10 @@ def test_compile_eos_token_id_forms_accepted():
 
 def test_compile_device_checked():
     lex = Lexicon.from_token_sequences([[1]])
-    with pytest.raises(BackendError, match=r"device='bogus' is not a torch device"):
+    with pytest.raises(BackendError, match=r"device='bogus' is not a valid torch device"):
         lex.compile(vocab_size=10, device="bogus")
     if not torch.cuda.is_available():
-        with pytest.raises(BackendError, match=r"device='cuda': CUDA is not available"):
+        with pytest.raises(BackendError, match=r"device='cuda' requested but CUDA is not available"):
             lex.compile(vocab_size=10, device="cuda")
 
 

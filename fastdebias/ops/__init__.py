@@ -26,6 +26,26 @@ def triton_available() -> bool:
     return True
 
 
+def resolve_device(device) -> torch.device:
+    """A user's device choice (None: CUDA if available, else CPU) → a torch.device this machine has, or
+    BackendError naming it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise BackendError(f"device={device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1')") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendError(f"device={device!r}: only cpu and cuda devices are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device={device!r} requested but CUDA is not available; use device='cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise BackendError(f"device={device!r}: this machine has {n} CUDA device(s); use cuda:0 .. cuda:{n - 1}")
+    return dev
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a user's backend choice into the concrete one used for ``device``, or raise BackendError."""
     if backend not in BACKENDS:
