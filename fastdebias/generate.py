@@ -266,12 +266,23 @@ class _LexiconState:
         keep = (mask & (entry >= 0)).view(1, -1, 1)
         self.log[:, :, it, slot] = torch.where(keep, vals, self.log[:, :, it, slot])
 
-    def results(self, row: int):
+    def results(self, rows: list[int]) -> list[list]:
+        """The interventions of each of ``rows``, from one read of the log."""
         from fastdebias.lexicon import interventions_from_log
 
-        pos, entry, action, token = (x[row].reshape(-1) for x in self.log.cpu())
-        keep = entry >= 0
-        return interventions_from_log(self.m, pos[keep], entry[keep], action[keep], token[keep])
+        log = self.log[:, rows].cpu()
+        out = []
+        for j in range(len(rows)):
+            pos, entry, action, token = (x[j].reshape(-1) for x in log)
+            keep = entry >= 0
+            out.append(interventions_from_log(self.m, pos[keep], entry[keep], action[keep], token[keep]))
+        return out
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` (indices): see ``_Loop.select``."""
+        for name in ("state", "hist", "rewinds", "ban_pos", "ban_tok"):
+            setattr(self, name, getattr(self, name).index_select(0, keep))
+        self.log = self.log.index_select(1, keep)
 
 
 class _Loop:
@@ -309,6 +320,18 @@ class _Loop:
         # the step, on the device (the Triton step's noise counter, the log's index); [1], not [], since a 0-d
         # index tensor would be read back by the host as an int
         self.it = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` (a [B'] index tensor, in order) of every per-row tensor: retiring finished
+        rows. The step-wide state (step counter, seed, prompt length) is shared and stays."""
+        for name in ("out", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, keep))
+        self.b = keep.numel()
+        self.ar = torch.arange(self.b, device=keep.device)
+        if self.lex is not None:
+            self.lex.select(keep)
 
 
 @torch.compiler.disable
@@ -463,45 +486,56 @@ def _generate_batch(
     # the torch backend's sampling: it draws from a torch generator, host state that a graph would not advance
     # (the Triton step's noise is keyed by the device step counter instead)
     advance = model.runner.step_function(_advance) if fused_step or temperature == 0 else _advance
+    # rows still in the batch, by their index in ``ids``; finished rows leave it (``_retire_rows``), and what they
+    # produced waits in ``finished`` until the end
+    live = list(range(b))
+    finished: dict[int, tuple[list[int], bool, list]] = {}
+    min_rows = model.runner.min_rows_after_retiring()
     x, hidden = logits, False
-    done, out = s.done, s.out
     for it in range(n_iter):
         feed, slots = advance(s, x, hidden)
+        done = s.done
         if host_each_step:
             done_host, cur_host = done.tolist(), s.cur.tolist()
-            gen = out.tolist()
-            for i in range(b):
-                if stop_hit[i]:
+            gen = s.out.tolist()
+            for i, row in enumerate(live):
+                if stop_hit[row]:
                     continue
                 stable = cur_host[i] if done_host[i] else max(cur_host[i] - hold_tokens, 0)
                 text = tok.decode(gen[i][:stable], skip_special_tokens=True)
                 cut, hit = _cut_at_stop(text, stop)
                 if hit:
-                    stop_hit[i] = True
+                    stop_hit[row] = True
                     done[i] = True
                 if stream is not None:
                     final = hit or done_host[i]
                     ready = cut if final else cut[: len(cut) - _stop_holdback(cut, stop)]
                     if not final:
                         ready = ready.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
-                    if len(ready) > len(emitted[i]) and ready.startswith(emitted[i]):
-                        stream(index_offset + i, ready[len(emitted[i]):])
-                        emitted[i] = ready
+                    if len(ready) > len(emitted[row]) and ready.startswith(emitted[row]):
+                        stream(index_offset + row, ready[len(emitted[row]):])
+                        emitted[row] = ready
         # check at every N-th step, and at the step where rows that never rewound reach max_new_tokens
         check = (it + 1) % check_every == 0 or it + 1 == max_new_tokens
-        if it == n_iter - 1 or (check and bool(done.all())):
+        if it == n_iter - 1 or (check and min_rows is None and bool(done.all())):
             break
+        if check and min_rows is not None:  # one read of the flags: the completion check and the retiring
+            flags = done.tolist()
+            if all(flags):
+                break
+            keep = _retire_rows(s, live, finished, min_rows, flags)
+            if keep is not None:
+                feed, slots, start = (z.index_select(0, keep) for z in (feed, slots, start))
+                cache = model.runner.select_rows(cache, keep)
         kv_len = min(t + it + 1, t + max_new_tokens)
         hidden = fused_head
-        x = decode_one_token(model, feed, slots, kv_len, start, cache, adapter_idx, head=not fused_head)
-    lengths = s.cur.tolist()
-    gen = out.tolist()
-    banned_rows = s.all_banned.tolist()
+        x = decode_one_token(model, feed, slots, kv_len, start, cache, s.adapter_idx, head=not fused_head)
+    _retire_rows(s, live, finished, None)
     results = []
     eos_set = set(eos)
     for i in range(b):
-        seq = gen[i][: lengths[i]]
-        reason = "banned" if banned_rows[i] else "length"
+        seq, banned, interventions = finished[i]
+        reason = "banned" if banned else "length"
         for j, x in enumerate(seq):
             if x in eos_set:
                 seq, reason = seq[: j + 1], "eos"
@@ -518,9 +552,45 @@ def _generate_batch(
                         break
         res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]))
         if lex is not None:
-            res.interventions = lex.results(i)
+            res.interventions = interventions
         results.append(res)
     return results
+
+
+def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None,
+                 done: list[bool] | None = None) -> torch.Tensor | None:  # fmt: skip
+    """Move finished rows out of the batch, so that later steps compute only the rows still generating.
+
+    What each leaving row produced (ids, whether every token was banned, its interventions) goes into
+    ``finished`` under its index in the batch's prompts; ``s`` keeps only the other rows, and ``live`` lists the
+    prompts they belong to. ``done``: the rows' done flags, as read by the host. ``min_rows=None``: every row
+    leaves (the end of decoding). Otherwise rows leave when at
+    least a quarter of the batch (and at least one row) has finished, keeping at least ``min_rows`` rows (finished
+    ones, if need be): each retirement copies the remaining rows' cache, so it is done in a few large steps rather
+    than one row at a time. Returns the kept rows' indices in the old batch, or None when nothing changed.
+    """
+    if min_rows is None:
+        leaving = list(range(s.b))
+    else:
+        n_done = sum(done)
+        if n_done < max(1, s.b // 4) or s.b <= min_rows:
+            return None
+        kept = [i for i in range(s.b) if not done[i]]
+        kept = sorted(kept + [i for i in range(s.b) if done[i]][: max(min_rows - len(kept), 0)])
+        leaving = [i for i in range(s.b) if i not in set(kept)]
+    gen = s.out[leaving].tolist()
+    lengths = s.cur[leaving].tolist()
+    banned = s.all_banned[leaving].tolist()
+    logs = s.lex.results(leaving) if s.lex is not None else [[] for _ in leaving]
+    for j, i in enumerate(leaving):
+        finished[live[i]] = (gen[j][: lengths[j]], banned[j], logs[j])
+    if min_rows is None:
+        live.clear()
+        return None
+    keep = torch.tensor(kept, dtype=torch.long, device=s.cur.device)
+    s.select(keep)
+    live[:] = [live[i] for i in kept]
+    return keep
 
 
 @torch.inference_mode()

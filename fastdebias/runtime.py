@@ -152,6 +152,23 @@ class DecodeRunner:
             buf.fill_(-1 if name == "adapter_idx" else 0)
         return self.cache
 
+    def min_rows_after_retiring(self) -> int | None:
+        """How few rows a batch may shrink to when finished rows leave it (``generate._retire_rows``), or None: the
+        batch keeps its rows to the end. Under ``"cuda_graph"`` it keeps them: its cache, buffers and step graphs
+        are bound to the batch's addresses and bucket. Under ``"compile"`` it keeps at least 3: batches of 1 and 2
+        rows are compiled graphs of their own (seconds each on first use), 3 and more share one."""
+        if self.static:
+            return None
+        return 3 if self.runtime == "compile" else 1
+
+    def select_rows(self, cache: KVCache, keep: torch.Tensor) -> KVCache:
+        """The cache of the rows ``keep`` only (a copy), for a batch that finished rows have left."""
+        cache = KVCache([k.index_select(0, keep) for k in cache.k], [v.index_select(0, keep) for v in cache.v])
+        if self.runtime == "compile":
+            for t in cache.k + cache.v:
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+        return cache
+
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, adapter_idx,
                 padded: bool = True) -> torch.Tensor:  # fmt: skip
         """tokens [B, T] (left-padded) into slots 0..T-1, in chunks of ``PREFILL_CHUNK`` → last logits [B, V].

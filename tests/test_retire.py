@@ -1,0 +1,130 @@
+"""Finished rows leave the batch (``generate._retire_rows``): the later steps compute only the rows still
+generating, and nothing any row produces changes — tokens, finish reasons, text, streamed pieces, interventions."""
+
+from __future__ import annotations
+
+import pytest
+
+import fastdebias
+from fastdebias.lexicon import Lexicon
+
+PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3], [1, 8, 9, 10, 11, 12], [1, 77], [1, 30, 31], [1, 150, 151, 152, 153]]
+NEW = 14
+
+
+def outputs(results):
+    return [(r.token_ids, r.finish_reason, r.text, r.interventions) for r in results]
+
+
+def batch_sizes(model, monkeypatch):
+    """Record the number of rows of every decode step of ``model``."""
+    seen: list[int] = []
+    decode = model.runner.decode
+
+    def spy(token, *args, **kw):
+        seen.append(token.shape[0])
+        return decode(token, *args, **kw)
+
+    monkeypatch.setattr(model.runner, "decode", spy)
+    return seen
+
+
+def no_retiring(model, monkeypatch):
+    monkeypatch.setattr(model.runner, "min_rows_after_retiring", lambda: None)
+
+
+def staggered_eos(model, prompts, **kw):
+    """EOS ids that end the rows of ``prompts`` at different steps (each row's token at a different position)."""
+    free = [r.token_ids for r in fastdebias.generate(model, prompts, max_new_tokens=NEW, eos_token_id=[], **kw)]
+    eos = sorted({row[min(2 + 2 * i, NEW - 1)] for i, row in enumerate(free[::2])})
+    ends = [min((j for j, x in enumerate(row) if x in eos), default=NEW) for row in free]
+    assert len(set(ends)) >= 3, ends  # the rows end at several different steps
+    return eos, free
+
+
+@pytest.fixture(scope="module")
+def model(llama_dir, adapter_qv):
+    return fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="eager", progress=False)
+
+
+def test_retired_rows_change_no_output(model, monkeypatch):
+    """Mixed adapters, a lexicon that rewinds and penalises, a repetition penalty: the batch shrinks as rows end,
+    and every row's result equals the one from the batch kept whole and from the prompt decoded alone."""
+    names = ["qv", None, "qv", None, "qv", "qv"]
+    eos, free = staggered_eos(model, PROMPTS, adapter=names)
+    lex = Lexicon.from_token_sequences({tuple(free[1][3:5]): float("-inf"), (free[2][1],): -1.0,
+                                        tuple(free[4][2:4]): float("-inf")})  # fmt: skip
+    kw = dict(adapter=names, max_new_tokens=NEW, eos_token_id=eos, lexicon=lex, repetition_penalty=1.2)
+    seen = batch_sizes(model, monkeypatch)
+    got = fastdebias.generate(model, PROMPTS, **kw)
+    assert seen[0] == len(PROMPTS) and min(seen) < len(PROMPTS), seen  # rows did leave
+    assert seen == sorted(seen, reverse=True)
+    assert {r.finish_reason for r in got} == {"eos", "length"}
+    assert any(i.action == "rewound" for r in got for i in r.interventions)
+    assert any(i.action == "penalised" for r in got for i in r.interventions)
+    alone = [fastdebias.generate(model, [p], **dict(kw, adapter=[a]))[0] for p, a in zip(PROMPTS, names)]
+    assert outputs(got) == outputs(alone)
+    no_retiring(model, monkeypatch)
+    seen.clear()
+    whole = fastdebias.generate(model, PROMPTS, **kw)
+    assert set(seen) == {len(PROMPTS)}
+    assert outputs(got) == outputs(whole)
+
+
+def test_retired_rows_keep_their_stream_and_stop(model, monkeypatch):
+    """Streamed pieces go to the right prompt index after rows have left, and a stop string still ends its row."""
+    eos, free = staggered_eos(model, PROMPTS)
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in free]
+    stop = texts[3][2:5]  # ends row 3 early (and any other row whose text holds it)
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(PROMPTS))}
+    seen = batch_sizes(model, monkeypatch)
+    got = fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=eos, stop=stop,
+                              stream=lambda i, s: pieces[i].append(s))  # fmt: skip
+    assert min(seen) < len(PROMPTS)
+    assert got[3].finish_reason == "stop"
+    for i, r in enumerate(got):
+        assert "".join(pieces[i]) == r.text
+    no_retiring(model, monkeypatch)
+    assert outputs(got) == outputs(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=eos,
+                                                       stop=stop))  # fmt: skip
+
+
+def test_all_rows_finishing_together_retire_nothing(model, monkeypatch):
+    seen = batch_sizes(model, monkeypatch)
+    got = fastdebias.generate(model, PROMPTS, max_new_tokens=6, eos_token_id=[])
+    assert set(seen) == {len(PROMPTS)} and all(len(r.token_ids) == 6 for r in got)
+
+
+def test_runtimes_say_how_far_a_batch_may_shrink(llama_dir, model):
+    assert model.runner.min_rows_after_retiring() == 1
+    comp = fastdebias.load(llama_dir, runtime="compile", progress=False)
+    assert comp.runner.min_rows_after_retiring() == 3  # batches of 1 and 2 rows would each compile a graph
+    comp.runner.runtime = "cuda_graph"  # (its static buffers and graphs are bound to the batch: no retiring)
+    assert comp.runner.min_rows_after_retiring() is None
+
+
+def test_compiled_runtime_retires_down_to_three_rows(llama_dir, adapter_qv, model, monkeypatch):
+    comp = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="compile", progress=False)
+    names = ["qv", None, "qv", None, "qv", "qv"]
+    eos, _ = staggered_eos(model, PROMPTS, adapter=names)
+    kw = dict(adapter=names, max_new_tokens=NEW, eos_token_id=eos)
+    seen = batch_sizes(comp, monkeypatch)
+    got = fastdebias.generate(comp, PROMPTS, **kw)
+    assert min(seen) == 3 and max(seen) == len(PROMPTS), seen
+    assert outputs(got) == outputs(fastdebias.generate(model, PROMPTS, **kw))
+
+
+def test_triton_sampling_unchanged_by_retiring(llama_dir, adapter_qv, model, monkeypatch):
+    """The Triton step's noise is keyed by (seed, prompt row, step), so sampled tokens do not depend on which
+    rows are still in the batch."""
+    tri = fastdebias.load(llama_dir, {"qv": adapter_qv}, backend="triton", device=model.device, dtype=model.dtype,
+                          progress=False)  # fmt: skip
+    prompts = PROMPTS[:4]
+    sampling = dict(temperature=0.9, top_k=50, seed=11)
+    eos, _ = staggered_eos(tri, prompts, **sampling)  # (ends its own sampled rows at different steps)
+    kw = dict(max_new_tokens=NEW, eos_token_id=eos, **sampling)
+    seen = batch_sizes(tri, monkeypatch)
+    got = fastdebias.generate(tri, prompts, **kw)
+    assert min(seen) < len(prompts), seen
+    no_retiring(tri, monkeypatch)
+    assert outputs(got) == outputs(fastdebias.generate(tri, prompts, **kw))
