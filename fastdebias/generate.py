@@ -2,7 +2,9 @@
 
 A batch of prompts is left-padded into one static KV cache; rows finish independently (EOS, a stop string, or
 the length limit). Token choice and the finished flags stay on the device; the host reads them only every
-``check_every`` steps (every step when it must decode text: stop strings or streaming).
+``check_every`` steps (every step when it must decode text: stop strings or streaming). Where the runtime allows
+it (eager and compile, not CUDA graphs), finished rows then leave the batch (``_retire_rows``), so that a batch
+whose outputs end at different lengths stops paying for the rows that are done.
 """
 
 from __future__ import annotations

@@ -278,3 +278,28 @@ def test_logits_filter_sweep_runs(tmp_path, monkeypatch):
     mod.write_sweep_markdown(dict(device="cpu", torch="t", triton="t", commit="c", sweep=rows), out)
     text = out.read_text()
     assert "| 300 | 2 | 16, 128, 4 |" in text and "| True |" in text
+
+
+def test_jobs_bench_runs(tmp_path, llama_dir):
+    """bench/bench_jobs.py end to end on the tiny model: its three systems, their ratios and token checks, and the
+    JSON, markdown and PNG it writes."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_jobs", Path(__file__).parents[1] / "bench" / "bench_jobs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "res"
+    assert mod.main(["--model", str(llama_dir), "--texts", "3,5", "--reps", "1", "--max-new-tokens", "6",
+                     "--runtime", "eager", "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads((out / "jobs_cpu.json").read_text())
+    pts = result["points"]
+    assert [(p["system"], p["texts"]) for p in pts] == [(s, n) for n in (3, 5) for s in mod.SYSTEMS]
+    for p in pts:
+        assert p["wall_s"] > 0 and len(p["times_s"]) == 1 and p["generated_tokens"] > 0
+        assert math.isclose(p["texts_per_s"], p["texts"] / p["wall_s"])
+        assert p["same_tokens_as_hf"] is True  # greedy, no lexicon: all three must agree
+    assert all(p["x_hf_eager"] == 1.0 for p in pts if p["system"] == "hf-eager")
+    assert result["header"]["runtime"] == "eager" and result["header"]["max_new_tokens"] == 6
+    assert "| 5 | fastdebias-whole-batch |" in (out / "jobs_cpu.md").read_text()
+    assert (out / "jobs_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
