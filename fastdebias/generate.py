@@ -9,6 +9,7 @@ whose outputs end at different lengths stops paying for the rows that are done.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -77,6 +78,21 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
     rp = repetition_penalty
     if not _is_real(rp) or not (rp > 0 and math.isfinite(rp)):
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+
+
+def _check_stream(stream) -> None:
+    """``stream`` must be callable as ``stream(prompt_index, new_text)`` (checked before decoding, not by a
+    TypeError from inside the loop)."""
+    if not callable(stream):
+        raise GenerationError(f"stream: expected a callable stream(prompt_index, new_text), got {stream!r}")
+    try:
+        inspect.signature(stream).bind(0, "")
+    except TypeError:
+        raise GenerationError(
+            f"stream: {stream!r} cannot be called as stream(prompt_index, new_text); give it two parameters"
+        ) from None
+    except ValueError:  # no signature to read (some builtins): it will be called as it is
+        pass
 
 
 def check_text(text: str, where: str) -> None:
@@ -452,7 +468,7 @@ def _generate_batch(
     eos: list[int],
     stop: list[str],
     stream: Callable[[int, str], None] | None,
-    index_offset: int,
+    index: list[int],
     matcher=None,
     lexicon_mode: str = "backtrack",
     max_rewinds: int = 8,
@@ -480,7 +496,7 @@ def _generate_batch(
     row_ids = None
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        row_ids = torch.arange(index_offset, index_offset + b, device=dev)
+        row_ids = torch.tensor(index, dtype=torch.long, device=dev)
     s = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, seed=seed,
               row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step)  # fmt: skip
@@ -515,7 +531,7 @@ def _generate_batch(
                     if not final:
                         ready = ready.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
                     if len(ready) > len(emitted[row]) and ready.startswith(emitted[row]):
-                        stream(index_offset + row, ready[len(emitted[row]):])
+                        stream(index[row], ready[len(emitted[row]):])
                         emitted[row] = ready
         # check at every N-th step, and at the step where rows that never rewound reach max_new_tokens
         check = (it + 1) % check_every == 0 or it + 1 == max_new_tokens
@@ -633,7 +649,10 @@ def generate(
     stop : strings that end a sequence; they are excluded from ``.text``.
     stream : callback ``stream(prompt_index, new_text)`` called as each prompt's text grows (a callback, not
         an iterator). Text that might still become a stop string is held back until it cannot.
-    batch_size : prompts decoded together (default: all at once).
+    batch_size : prompts decoded together. Default: all at once if that batch fits half the memory free at the
+        call (its KV cache, prefill activations and logits: ``runtime.bytes_per_row``), else as many as fit, in
+        batches as even as they can be. With several batches, prompts of similar lengths go together; results
+        come back in the order given.
     progress : tqdm bar across batches (default: when there is more than one batch).
     lexicon : a ``fastdebias.Lexicon``, a lexicon file path, ``"default"`` (the shipped one) or ``None``.
     lexicon_mode : ``"backtrack"`` (default): when a banned phrase would complete, rewind the row to where the
@@ -655,8 +674,8 @@ def generate(
     stops = _normalize_stops(stop)
     if (stops or stream is not None) and model.tokenizer is None:
         raise TokenizerError(f"stop/stream need a tokenizer, and {model.path} has none")
-    if stream is not None and not callable(stream):
-        raise GenerationError("stream: expected a callable stream(prompt_index, new_text)")
+    if stream is not None:
+        _check_stream(stream)
     ctx = model.max_context
     for i, x in enumerate(ids):
         if len(x) + max_new_tokens > ctx:
@@ -678,22 +697,28 @@ def generate(
         if lex is not None and len(lex):
             matcher = lex.compile(model.tokenizer, vocab_size=model.config.vocab_size, eos_token_id=eos,
                                   device=model.device)
-    bs = batch_size or len(ids)
+    n = len(ids)
+    bs = batch_size or model.runner.default_batch_size(n, max(len(x) for x in ids), max_new_tokens, model.dtype,
+                                                       model.device)  # fmt: skip
     generator = None
     if seed is not None and temperature > 0:
         # (modulo 2**64: what manual_seed does itself with the negative seeds it takes, for any integer)
         generator = torch.Generator(device=model.device).manual_seed(int(seed) % 2**64)
-    chunks = range(0, len(ids), bs)
+    # several batches: prompts of similar lengths together (less left padding), results back in the given order
+    order = sorted(range(n), key=lambda i: len(ids[i])) if bs < n else list(range(n))
+    chunks = [order[lo:lo + bs] for lo in range(0, n, bs)]
     show = progress if progress is not None else len(chunks) > 1
-    results: list[GenerationResult] = []
-    for lo in tqdm(chunks, desc="Generating", unit="batch", disable=not show):
-        results += _generate_batch(
-            model, ids[lo:lo + bs], rows[lo:lo + bs], max_new_tokens=max_new_tokens, temperature=float(temperature),
-            top_k=top_k, top_p=float(top_p), repetition_penalty=float(repetition_penalty), generator=generator,
-            seed=None if seed is None else int(seed) % 2**62,
-            eos=eos, stop=stops, stream=stream, index_offset=lo, matcher=matcher, lexicon_mode=lexicon_mode,
-            max_rewinds=max_rewinds,
+    results: list[GenerationResult | None] = [None] * n
+    for chunk in tqdm(chunks, desc="Generating", unit="batch", disable=not show):
+        outs = _generate_batch(
+            model, [ids[i] for i in chunk], [rows[i] for i in chunk], max_new_tokens=max_new_tokens,
+            temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty), generator=generator,
+            seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, index=chunk,
+            matcher=matcher, lexicon_mode=lexicon_mode, max_rewinds=max_rewinds,
         )
+        for i, out in zip(chunk, outs):
+            results[i] = out
     return results
 
 

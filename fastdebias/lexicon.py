@@ -603,7 +603,12 @@ def _read_csv(path: Path, text: str) -> Iterable[tuple[int, Any, Any, Any]]:
 
 
 def _csv_rows(path: Path, reader: csv.DictReader) -> Iterable[tuple[int, Any, Any, Any]]:
-    fields = [f.strip().lower() for f in reader.fieldnames or []]
+    if not reader.fieldnames:
+        raise LexiconError(
+            f"{path}: the file is empty; a CSV lexicon starts with a header line naming its columns, e.g. "
+            "phrase,action,category, then one entry per line"
+        )
+    fields = [f.strip().lower() for f in reader.fieldnames]
     dup = sorted({f for f in fields if f and fields.count(f) > 1})
     if dup:  # DictReader would keep the last column of each name and silently drop the others
         raise LexiconError(

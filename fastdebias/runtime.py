@@ -46,6 +46,7 @@ batch bucket and per 256-slot cache size.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -60,6 +61,41 @@ RUNTIMES = ("auto", "eager", "cuda_graph", "compile")
 COMPILE_ENTRIES = 256  # compiled variants kept per compiled function and process (models x batch kinds x settings)
 # the name of dynamo's per-code-object entry limit (renamed in torch 2.6)
 _DYNAMO_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+# Share of the memory that is free when a generate call starts that its batches may take by default (KV cache,
+# prefill activations, per-step logits): the rest is left to the allocator's slack, the host and other processes.
+BATCH_MEMORY_FRACTION = 0.5
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new allocations on ``device``: the CUDA driver's free memory, or the host's available memory
+    (``MemAvailable`` on Linux, else the free physical pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def bytes_per_row(config, dtype: torch.dtype, prompt_len: int, max_new: int) -> int:
+    """What one more row of a batch costs at its peak: its KV cache (every layer's K and V over prompt + new
+    tokens, and the compile runtime's spare slot), the prefill's activations of one chunk (the hidden state,
+    q/k/v, the MLP's gate/up and its product, attention scores over the chunk's keys, in the model's dtype or
+    fp32, whichever is wider) and the step's fp32 logits with a few temporaries of their size."""
+    item = torch.empty((), dtype=dtype).element_size()
+    head_dim = config.head_dim
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * item * (prompt_len + max_new + 1)
+    t = min(prompt_len, PREFILL_CHUNK)
+    width = 4 * config.hidden_size + (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    width += 3 * config.intermediate_size + config.num_attention_heads * prompt_len
+    act = t * width * max(item, 4)
+    return kv + act + 4 * 4 * config.vocab_size
 
 
 def _compiling_config():
@@ -160,6 +196,20 @@ class DecodeRunner:
         if self.static:
             return None
         return 3 if self.runtime == "compile" else 1
+
+    def default_batch_size(self, n: int, prompt_len: int, max_new: int, dtype: torch.dtype,
+                           device: torch.device) -> int:  # fmt: skip
+        """Rows per batch when ``generate`` is not told: all ``n`` prompts if their batch fits
+        ``BATCH_MEMORY_FRACTION`` of the free memory (``bytes_per_row``), else as many as fit (at least 1), or fewer
+        where the same number of batches can each be smaller (10 prompts, 8 fit: 5 + 5, not 8 + 2); under CUDA
+        graphs a power of two (the batch bucket the graphs are captured for)."""
+        per_row = bytes_per_row(self.decoder.config, dtype, prompt_len, max_new)
+        fit = max(1, min(n, int(available_memory(device) * BATCH_MEMORY_FRACTION) // per_row))
+        if fit >= n:
+            return n
+        if self.static:
+            return 1 << (fit.bit_length() - 1)
+        return -(-n // -(-n // fit))  # the same number of batches, as even as they can be
 
     def select_rows(self, cache: KVCache, keep: torch.Tensor) -> KVCache:
         """The cache of the rows ``keep`` only (a copy), for a batch that finished rows have left."""

@@ -228,6 +228,9 @@ def model(llama_dir):
         ([torch.tensor([1.0, 2.0])], {}, r"prompts\[0\]: a tensor of token ids must hold integers"),
         (["old \udcff people"], {}, r"prompts\[0\] holds a character that is not valid Unicode.*position 4"),
         ([[1, 2]], {"stop": ["a\udcff"]}, r"stop\[0\] holds a character that is not valid Unicode"),
+        ([[1, 2]], {"stream": "print"}, "stream: expected a callable stream"),
+        ([[1, 2]], {"stream": lambda text: None}, r"stream: .* cannot be called as stream\(prompt_index, new_text\)"),
+        ([[1, 2]], {"stream": lambda i, s, extra: None}, "give it two parameters"),
     ],
 )
 def test_generate_argument_errors(model, prompts, kwargs, msg):
@@ -240,13 +243,23 @@ def test_generate_accepts_what_it_should(model):
     import numpy as np
 
     def ids(prompts, **kw):
-        return fastdebias.generate(model, prompts, max_new_tokens=4, **kw)[0].token_ids
+        return fastdebias.generate(model, prompts, **{"max_new_tokens": 4, **kw})[0].token_ids
 
     want = ids([[1, 2, 3]])
     assert ids([torch.tensor([1, 2, 3])]) == want and ids([[np.int64(1), 2, 3]]) == want
     assert ids([[1, 2, 3]], eos_token_id=torch.tensor([want[1]])) == want[:2]
     for seed in (2**70, -5, np.int32(7)):  # any integer seeds the sampler; the same one gives the same tokens
         assert ids([[1, 2]], temperature=1.0, seed=seed) == ids([[1, 2]], temperature=1.0, seed=seed)
+    calls = []  # any callable that takes (prompt_index, new_text) streams: *args, a default, a bound method
+
+    class Sink:
+        def write(self, i, text):
+            calls.append((i, text))
+
+    for stream in (lambda *a: calls.append(a), lambda i, s, sep="": calls.append((i, s)), Sink().write):
+        before = len(calls)
+        ids([[1, 2, 3]], max_new_tokens=8, stream=stream)
+        assert len(calls) > before
 
 
 def test_generate_and_debias_need_a_loaded_model(llama_dir):
