@@ -582,10 +582,10 @@ def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None
     What each leaving row produced (ids, whether every token was banned, its interventions) goes into
     ``finished`` under its index in the batch's prompts; ``s`` keeps only the other rows, and ``live`` lists the
     prompts they belong to. ``done``: the rows' done flags, as read by the host. ``min_rows=None``: every row
-    leaves (the end of decoding). Otherwise rows leave when at
-    least a quarter of the batch (and at least one row) has finished, keeping at least ``min_rows`` rows (finished
-    ones, if need be): each retirement copies the remaining rows' cache, so it is done in a few large steps rather
-    than one row at a time. Returns the kept rows' indices in the old batch, or None when nothing changed.
+    leaves (the end of decoding). Otherwise rows leave when at least a quarter of the batch (and at least one row)
+    has finished, keeping at least ``min_rows`` rows (finished ones, if need be): each retirement copies the
+    remaining rows' cache, so it is done in a few large steps rather than one row at a time. Returns the kept rows'
+    indices in the old batch, or None when nothing changed.
     """
     if min_rows is None:
         leaving = list(range(s.b))
@@ -595,7 +595,8 @@ def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None
             return None
         kept = [i for i in range(s.b) if not done[i]]
         kept = sorted(kept + [i for i in range(s.b) if done[i]][: max(min_rows - len(kept), 0)])
-        leaving = [i for i in range(s.b) if i not in set(kept)]
+        stay = set(kept)
+        leaving = [i for i in range(s.b) if i not in stay]
     gen = s.out[leaving].tolist()
     lengths = s.cur[leaving].tolist()
     banned = s.all_banned[leaving].tolist()
