@@ -4,6 +4,7 @@ generating, and nothing any row produces changes — tokens, finish reasons, tex
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fastdebias
 from fastdebias.lexicon import Lexicon
@@ -112,6 +113,16 @@ def test_compiled_runtime_retires_down_to_three_rows(llama_dir, adapter_qv, mode
     got = fastdebias.generate(comp, PROMPTS, **kw)
     assert min(seen) == 3 and max(seen) == len(PROMPTS), seen
     assert outputs(got) == outputs(fastdebias.generate(model, PROMPTS, **kw))
+    # other prompts, other departures: the batch sizes they pass through compile nothing new (dynamic batch)
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    other = [p[:1] + p[:0:-1] for p in PROMPTS[::-1]] + [[1, 9, 9]]
+    names = names[::-1] + [None]
+    eos, _ = staggered_eos(model, other, adapter=names)
+    seen.clear()
+    got = fastdebias.generate(comp, other, **dict(kw, adapter=names, eos_token_id=eos))
+    assert len(set(seen)) >= 3 and min(seen) >= 3, seen
+    assert outputs(got) == outputs(fastdebias.generate(model, other, **dict(kw, adapter=names, eos_token_id=eos)))
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 
 
 def test_triton_sampling_unchanged_by_retiring(llama_dir, adapter_qv, model, monkeypatch):
