@@ -1081,6 +1081,11 @@ def _f(x, fmt: str = ".1f", none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _cell(text) -> str:
+    """``text`` as one markdown table cell: on one line (an exception's message may span several), pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def format_markdown(result: dict) -> str:
     """The header, the head-to-head table, LoRA and lexicon overheads, token identity and the goals."""
     h = result["header"]
@@ -1121,7 +1126,7 @@ def format_markdown(result: dict) -> str:
     for p in sorted(result["points"], key=lambda p: (p["lexicon_size"] != h["lexicon_size"], p["lexicon_size"],
                                                       p["batch"], order[p["system"]])):
         if p["status"] != "ok":
-            lines.append(f"| {p['system']} | {p['batch']} | {p['lexicon_size']} | skipped: {p['reason']} "
+            lines.append(f"| {p['system']} | {p['batch']} | {p['lexicon_size']} | skipped: {_cell(p['reason'])} "
                          "| | | | | | | | | |")
             continue
         ident = {True: "yes", False: "**MISMATCH**", None: ""}[p["tokens_identical"]]
@@ -1162,7 +1167,7 @@ def format_markdown(result: dict) -> str:
                      f"| {'yes' if g['applies'] else 'no (figure for information)'} |")
     skipped = {s: i["reason"] for s, i in result["systems"].items() if i["status"] != "ok"}
     if skipped:
-        lines += ["", "Not measured: " + "; ".join(f"{s}: {r}" for s, r in skipped.items())]
+        lines += ["", "Not measured: " + "; ".join(f"{s}: {' '.join(str(r).split())}" for s, r in skipped.items())]
     lines.append("")
     return "\n".join(lines)
 

@@ -182,6 +182,13 @@ def _weight_files(model_dir: Path) -> list[Path]:
                         "restore the index from the original checkpoint"
                     )
             files = list(dict.fromkeys(weight_map.values()))
+            root = model_dir.resolve()
+            outside = [f for f in files if not (model_dir / f).resolve().is_relative_to(root)]
+            if outside:
+                raise CheckpointError(
+                    f"{index_path}: lists shard(s) {outside} outside {model_dir}; an index names shard files inside "
+                    "the model directory: restore it from the original checkpoint"
+                )
             missing = [f for f in files if not (model_dir / f).is_file()]
             if missing:
                 raise CheckpointError(

@@ -303,3 +303,8 @@ def test_jobs_bench_runs(tmp_path, llama_dir):
     assert result["header"]["runtime"] == "eager" and result["header"]["max_new_tokens"] == 6
     assert "| 5 | fastdebias-whole-batch |" in (out / "jobs_cpu.md").read_text()
     assert (out / "jobs_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_reasons_stay_in_their_cell():
+    """A reason with line breaks and pipes (an exception's message) keeps the table one row per point."""
+    assert bench._cell("load: AdapterError: x\n  y | z") == "load: AdapterError: x y \\| z"

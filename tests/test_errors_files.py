@@ -89,6 +89,18 @@ def test_generation_config_not_an_object(tmp_path, llama_dir):
     assert fastdebias.load(d, progress=False).eos_token_ids == [2]
 
 
+def test_weight_index_shard_outside_the_model_dir(tmp_path):
+    d = make_llama(tmp_path / "m", max_shard_size="60KB")
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = next(iter(data["weight_map"].values()))
+    (tmp_path / shard).write_bytes((d / shard).read_bytes())  # a real shard, but beside the directory
+    data["weight_map"] = {k: "../" + v if v == shard else v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"lists shard\(s\) \['\.\./{shard}'\] outside"):
+        fastdebias.load(d, progress=False)
+
+
 def test_weight_index_value_not_a_file_name(tmp_path):
     d = make_llama(tmp_path / "m", max_shard_size="60KB")
     index = d / "model.safetensors.index.json"
