@@ -125,13 +125,6 @@ def test_csv_duplicate_column(tmp_path):
         Lexicon.load(f)
 
 
-def test_csv_empty_file(tmp_path):
-    f = tmp_path / "empty.csv"
-    f.write_text("")
-    with pytest.raises(LexiconError, match=r"empty.csv: the file is empty; a CSV lexicon starts with a header"):
-        Lexicon.load(f)
-
-
 def test_csv_unclosed_quote(tmp_path):
     """Read without strict, the rest of the file became one phrase, 'x,bany,ban'."""
     f = tmp_path / "q.csv"

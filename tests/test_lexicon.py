@@ -165,7 +165,7 @@ def test_load_txt(tmp_path):
         ("a.jsonl", '{"phrase": "x", "action": true}\n', r"line 1: .*action True"),
         ("a.jsonl", '{"phrase": "x", "category": ["age"]}\n', r"line 1: .*category \['age'\] is not a string"),
         ("a.csv", "word,action\nx,ban\n", r"a.csv, line 1: the header \['word', 'action'\] has no 'phrase' column"),
-        ("a.csv", "", r"line 1: the header None has no 'phrase' column"),
+        ("a.csv", "", r"a.csv: the file is empty; a CSV lexicon starts with a header line"),
         ("a.csv", "phrase,action\nx,ban\ny,-1\nz,often\n", r"a.csv, line 4: phrase 'z': action 'often'"),
         ("a.csv", "phrase,action\nx,ban\n ,-1\n", r"line 3: empty phrase"),
         ("a.csv", "phrase,action\nx,ban,extra\n", r"line 2: more cells than header columns"),
