@@ -70,7 +70,7 @@ BATCH_MEMORY_FRACTION = 0.5
 
 def available_memory(device: torch.device) -> int:
     """Bytes free for new allocations on ``device``: the CUDA driver's free memory, or the host's available memory
-    (``MemAvailable`` on Linux, else the free physical pages)."""
+    (``MemAvailable`` on Linux, else the free physical pages; where neither can be read, no limit)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -80,7 +80,10 @@ def available_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not there (macOS has no SC_AVPHYS_PAGES; Windows no sysconf)
+        return 1 << 62
 
 
 def bytes_per_row(config, dtype: torch.dtype, prompt_len: int, max_new: int) -> int:

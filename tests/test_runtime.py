@@ -553,3 +553,12 @@ def test_cuda_graph_backtracking_equals_eager(llama_dir, backend, step_captures)
     assert any(i.action == "rewound" for r in b for i in r.interventions)
     assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
     assert step_captures[0] > 0
+
+
+def test_available_memory_reads_the_host_or_sets_no_limit(monkeypatch):
+    cpu = torch.device("cpu")
+    assert 0 < runtime.available_memory(cpu) < 1 << 50  # /proc/meminfo here
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert 0 < runtime.available_memory(cpu) < 1 << 50  # free physical pages
+    monkeypatch.setattr(os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))  # e.g. macOS
+    assert runtime.available_memory(cpu) == 1 << 62  # unknown: no limit (one batch, as before)
