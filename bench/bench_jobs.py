@@ -2,17 +2,19 @@
 different lengths (EOS), against the same model's batch kept whole to the end and against transformers.
 
     python bench/bench_jobs.py --out bench/results                    # embedded SmolLM2, 16 and 64 texts
+    python bench/bench_jobs.py --batch-size 16 --texts 64 --out bench/results  # 16 rows at a time
     python bench/bench_jobs.py --texts 8 --reps 1 --max-new-tokens 16 # a quick look
 
 Systems, in one process, interleaved repetition by repetition, on the same prompt ids (the debias prompts of the
-texts below, every text of a job in one batch, greedy, stopping at the model's EOS, no lexicon so that all three
-must produce the same tokens):
+texts below, greedy, stopping at the model's EOS, no lexicon so that all three must produce the same tokens),
+every text of a job in one batch, or with ``--batch-size N`` N rows at a time:
 
-- ``fastdebias``: ``fastdebias.generate`` as it is: rows that finish leave the batch (``generate._retire_rows``);
+- ``fastdebias``: ``fastdebias.generate`` as it is: rows that finish leave the batch (``generate._retire_rows``)
+  and, with ``--batch-size``, the next prompts join it (continuous batching);
 - ``fastdebias-whole-batch``: the same model with that switched off (``runner.min_rows_after_retiring``): every
-  row is computed until the last one ends, as before;
+  row of a batch is computed until its last one ends, and batches of N run one after another;
 - ``hf-eager``: transformers ``generate`` (eager, left-padded batch, attention mask), which also computes every
-  row until the last one ends.
+  row until the last one ends, on batches of N (prompts of similar lengths together, as fastdebias groups them).
 
 Reports the wall time of the whole job (prefill included), texts/s, generated tokens/s (the tokens each row kept)
 and the ratio to ``hf-eager``, plus whether each system's tokens equal ``hf-eager``'s. Writes
@@ -73,10 +75,18 @@ def run(args) -> dict:
     retiring = model.runner.min_rows_after_retiring
 
     def call(system: str, ids: list[list[int]]) -> list[list[int]]:
+        bs = args.batch_size or len(ids)
         if system == "hf-eager":
-            return hf_generate(hf, ids, args.max_new_tokens, eos, pad)
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if bs < len(ids) else list(range(len(ids)))
+            out: list[list[int]] = [[] for _ in ids]
+            for lo in range(0, len(ids), bs):
+                chunk = order[lo:lo + bs]
+                for i, row in zip(chunk, hf_generate(hf, [ids[i] for i in chunk], args.max_new_tokens, eos, pad)):
+                    out[i] = row
+            return out
         model.runner.min_rows_after_retiring = retiring if system == "fastdebias" else (lambda: None)
-        outs = fastdebias.generate(model, ids, max_new_tokens=args.max_new_tokens, lexicon=None)
+        outs = fastdebias.generate(model, ids, max_new_tokens=args.max_new_tokens, lexicon=None, batch_size=bs,
+                                   progress=False)  # fmt: skip
         return [o.token_ids for o in outs]
 
     points = []
@@ -105,7 +115,8 @@ def run(args) -> dict:
     commit, dirty = git_commit()
     header = dict(device=device_name(dev), tag=device_tag(dev), model=Path(model.path).name,
                   dtype=str(model.dtype).replace("torch.", ""), runtime=model.runtime,
-                  max_new_tokens=args.max_new_tokens, reps=args.reps, threads=torch.get_num_threads(),
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, reps=args.reps,
+                  threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=__import__("transformers").__version__,
                   commit=commit, dirty=dirty, command=" ".join(["python", "bench/bench_jobs.py", *sys.argv[1:]]))
     return dict(header=header, points=points)
@@ -116,9 +127,10 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Batch debias jobs ({h['device']}, {h['model']} {h['dtype']}, runtime {h['runtime']})", "",
         f"`{h['command']}` at {h['commit']}{'+dirty' if h['dirty'] else ''}; torch {h['torch']}, transformers "
-        f"{h['transformers']}, {h['threads']} threads. Every text of a job in one batch, greedy, EOS, at most "
-        f"{h['max_new_tokens']} new tokens, no lexicon; medians of {h['reps']} interleaved repetitions, prefill "
-        "included.", "",
+        f"{h['transformers']}, {h['threads']} threads. "
+        + (f"{h['batch_size']} rows at a time" if h.get("batch_size") else "Every text of a job in one batch")
+        + f", greedy, EOS, at most {h['max_new_tokens']} new tokens, no lexicon; medians of {h['reps']} interleaved "
+        "repetitions, prefill included.", "",
         "| texts | system | wall s | texts/s | tokens/s | x hf-eager | tokens = hf-eager |",
         "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]  # fmt: skip
@@ -130,7 +142,7 @@ def markdown(result: dict) -> str:
         if "lengths" in p:
             ls = p["lengths"]
             lines.append(f"\n{p['texts']} texts: generated lengths {min(ls)}-{max(ls)} tokens, mean "
-                         f"{statistics.mean(ls):.1f}: a whole batch computes {max(ls)} steps for every row.")
+                         f"{statistics.mean(ls):.1f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +158,9 @@ def plot(result: dict, path: Path) -> None:
                 for n in sizes]  # fmt: skip
         ax.bar([i + k * width for i in range(len(sizes))], vals, width, label=s)
     ax.set_xticks([i + width for i in range(len(sizes))], [f"{n} texts" for n in sizes])
-    ax.set(ylabel="texts/s (whole job)", title=f"debias jobs, {result['header']['device']}")
+    h = result["header"]
+    rows = f"{h['batch_size']} rows at a time" if h.get("batch_size") else "each job in one batch"
+    ax.set(ylabel="texts/s (whole job)", title=f"debias jobs, {rows}, {h['device']}")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(str(path), dpi=110)
@@ -158,18 +172,19 @@ def main(argv=None) -> int:
     p.add_argument("--texts", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64],
                    help="job sizes, comma-separated (default 16,64)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="rows at a time (default: each job in one batch)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--runtime", default="auto", choices=("auto", "eager", "compile", "cuda_graph"))
     p.add_argument("--out", type=Path, default=None, help="write jobs_<device>.json/.md/.png here")
     args = p.parse_args(argv)
-    if any(n < 1 for n in args.texts) or args.reps < 1 or args.max_new_tokens < 1:
-        p.error("--texts, --reps and --max-new-tokens must be >= 1")
+    if any(n < 1 for n in args.texts) or args.reps < 1 or args.max_new_tokens < 1 or (args.batch_size or 1) < 1:
+        p.error("--texts, --reps, --max-new-tokens and --batch-size must be >= 1")
     result = run(args)
     md = markdown(result)
     print(md)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"jobs_{result['header']['tag']}"
+        stem = args.out / (f"jobs_{result['header']['tag']}" + (f"_bs{args.batch_size}" if args.batch_size else ""))
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
         stem.with_suffix(".md").write_text(md)
         plot(result, stem.with_suffix(".png"))

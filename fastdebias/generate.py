@@ -196,8 +196,10 @@ def _normalize_eos(model, eos_token_id) -> list[int]:
 # ------------------------------------------------------------------------------------------- decoding
 
 
-def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None):
-    """Left-pad ``ids`` into [B, T], get the static cache from the model's runner, run the prompt (chunked).
+def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None,
+            length: int | None = None):  # fmt: skip
+    """Left-pad ``ids`` into [B, T], get the static cache from the model's runner (``length`` slots, default
+    T + ``max_new_tokens``), run the prompt (chunked).
 
     Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
     """
@@ -207,7 +209,7 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     for i, x in enumerate(ids):
         tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
     start = torch.tensor([t - len(x) for x in ids], dtype=torch.long, device=dev)
-    cache = model.runner.allocate(b, t + max_new_tokens, model.dtype, dev)
+    cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
     tokens = tokens.to(dev)
     logits = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids))
     return logits, cache, start, tokens
@@ -276,13 +278,16 @@ class _LexiconState:
             x = x.masked_fill(banned > 0, float("-inf"))
         return x
 
-    def record(self, it: torch.Tensor, slot: int, mask, pos, entry, action: int | torch.Tensor, token) -> None:
-        """Log (pos, entry, action, token) at step ``it`` (a [1] device tensor: an index the host never reads)."""
+    def record(self, ar: torch.Tensor, it: torch.Tensor, slot: int, mask, pos, entry, action: int | torch.Tensor,
+               token) -> None:  # fmt: skip
+        """Log (pos, entry, action, token) at each row's step ``it`` ([B] device tensor: indices the host never
+        reads; ``ar``: the rows' indices)."""
         # one stacked write (a handful of launches per record, not four of each): this runs every step on the device
         action = action if isinstance(action, torch.Tensor) else torch.full_like(pos, action)
-        vals = torch.stack((pos, entry, action, token)).unsqueeze(-1)  # [4, B, 1]
-        keep = (mask & (entry >= 0)).view(1, -1, 1)
-        self.log[:, :, it, slot] = torch.where(keep, vals, self.log[:, :, it, slot])
+        vals = torch.stack((pos, entry, action, token))  # [4, B]
+        keep = (mask & (entry >= 0)).view(1, -1)
+        it = it.clamp(max=self.log.shape[2] - 1)  # (a finished row's step may run past the log; it writes nothing)
+        self.log[:, ar, it, slot] = torch.where(keep, vals, self.log[:, ar, it, slot])
 
     def results(self, rows: list[int]) -> list[list]:
         """The interventions of each of ``rows``, from one read of the log."""
@@ -296,25 +301,36 @@ class _LexiconState:
             out.append(interventions_from_log(self.m, pos[keep], entry[keep], action[keep], token[keep]))
         return out
 
+    ROWS = ("state", "hist", "rewinds", "ban_pos", "ban_tok")
+
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` (indices): see ``_Loop.select``."""
-        for name in ("state", "hist", "rewinds", "ban_pos", "ban_tok"):
+        for name in self.ROWS:
             setattr(self, name, getattr(self, name).index_select(0, keep))
         self.log = self.log.index_select(1, keep)
+
+    def extend(self, other: _LexiconState) -> None:
+        """Append the rows of ``other``: see ``_Loop.extend``."""
+        for name in self.ROWS:
+            setattr(self, name, torch.cat((getattr(self, name), getattr(other, name))))
+        self.log = torch.cat((self.log, other.log), dim=1)
 
 
 class _Loop:
     """What the decode loop carries from step to step: device tensors, updated in place by ``_advance`` (so that a
     compiled or captured step reads and writes the same addresses at every step), and the step's settings."""
 
+    # the per-row tensors (first dimension: the batch's rows)
+    ROWS = ("t", "it", "out", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids")
+
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p,
-                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_step) -> None:  # fmt: skip
+                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_step, n_iter) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
-        self.b, self.max_new = b, max_new_tokens
-        # the prompt length, on the device: a compiled step would otherwise specialise on it (a recompile for
-        # every new prompt length)
-        self.t = torch.full((1,), t, dtype=torch.long, device=dev)
+        self.b, self.max_new, self.n_iter = b, max_new_tokens, n_iter
+        # each row's padded prompt length, on the device: a compiled step would otherwise specialise on it (a
+        # recompile for every new prompt length); per row, since rows that join a running batch bring their own
+        self.t = torch.full((b,), t, dtype=torch.long, device=dev)
         self.temperature, self.top_k, self.top_p, self.penalty = temperature, top_k, top_p, repetition_penalty
         self.generator, self.seed, self.row_ids = generator, seed, row_ids
         self.fused_step = fused_step
@@ -335,14 +351,14 @@ class _Loop:
         self.cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
         self.all_banned = torch.zeros(b, dtype=torch.bool, device=dev)
-        # the step, on the device (the Triton step's noise counter, the log's index); [1], not [], since a 0-d
-        # index tensor would be read back by the host as an int
-        self.it = torch.zeros(1, dtype=torch.long, device=dev)
+        # each row's step, on the device (the Triton step's noise counter, the log's index): rows that join a
+        # running batch start from 0, so a row's tokens do not depend on when it joined
+        self.it = torch.zeros(b, dtype=torch.long, device=dev)
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` (a [B'] index tensor, in order) of every per-row tensor: retiring finished
-        rows. The step-wide state (step counter, seed, prompt length) is shared and stays."""
-        for name in ("out", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids"):
+        rows. The call-wide settings (seed, EOS ids, sizes) stay."""
+        for name in self.ROWS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, keep))
@@ -350,6 +366,17 @@ class _Loop:
         self.ar = torch.arange(self.b, device=keep.device)
         if self.lex is not None:
             self.lex.select(keep)
+
+    def extend(self, other: _Loop) -> None:
+        """Append the rows of ``other`` (the same call's settings, for prompts that join the batch)."""
+        for name in self.ROWS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, torch.cat((t, getattr(other, name))))
+        self.b += other.b
+        self.ar = torch.arange(self.b, device=self.cur.device)
+        if self.lex is not None:
+            self.lex.extend(other.lex)
 
 
 @torch.compiler.disable
@@ -403,7 +430,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     ar, out = s.ar, s.out
     if lex is not None:
         penalised = commit & torch.isfinite(bias) & (bias != 0)
-        lex.record(s.it, 0, penalised, cur, entry, 0, nxt)
+        lex.record(ar, s.it, 0, penalised, cur, entry, 0, nxt)
         # The model's own first choice, when the lexicon displaced it: banned, or penalised out of first place.
         if s.fused_step:  # the step kernel looked the model's first choice up too
             top, top_bias, top_len, top_entry = r.top, r.top_bias, r.top_ban_len, r.top_entry
@@ -441,7 +468,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
             lex.hist[ar, new_cur.clamp(max=s.max_new)] = lex.state
         else:
             new_cur = cur + commit.long()
-        lex.record(s.it, 1, *slot1)  # slot1 may hold this step's positions (cur): written before cur moves on
+        lex.record(ar, s.it, 1, *slot1)  # slot1 may hold this step's positions (cur): written before cur moves on
     else:
         new_cur = cur + commit.long()
     cur.copy_(new_cur)
@@ -449,6 +476,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     is_eos = (nxt.view(b, 1) == s.eos.view(1, -1)).any(dim=-1)
     done |= (commit & is_eos) | (cur >= s.max_new) | dead
     s.it += 1
+    done |= s.it >= s.n_iter  # the row's last step (its rewinds included)
     feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], s.prompt_last)
     return feed, s.t + cur - 1
 
@@ -472,45 +500,70 @@ def _generate_batch(
     matcher=None,
     lexicon_mode: str = "backtrack",
     max_rewinds: int = 8,
+    max_rows: int | None = None,
+    on_finished: Callable[[int], None] | None = None,
 ) -> list[GenerationResult]:
+    """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
+
+    ``max_rows`` (default: all): rows decoded at once. The first ``max_rows`` prompts start together; where the
+    runtime lets finished rows leave the batch (``runner.min_rows_after_retiring``), the next prompts join it as
+    rows leave (prefilled, then decoded with the others: continuous batching), else ``max_rows`` must be all.
+    ``on_finished(k)``: told each time ``k`` more prompts are done.
+    """
     dev = model.device
-    b, v = len(ids), model.config.vocab_size
-    adapter_idx = torch.tensor(rows, dtype=torch.int32, device=dev) if any(r >= 0 for r in rows) else None
-    logits, cache, start, prompt = prefill(model, ids, max_new_tokens, adapter_idx)
-    t = prompt.shape[1]
+    n, v = len(ids), model.config.vocab_size
+    max_rows = min(max_rows or n, n)
+    min_rows = model.runner.min_rows_after_retiring()
+    if min_rows is None and max_rows < n:
+        raise ValueError("prompts can join a running batch only where finished rows leave it")
+    has_adapter = any(r >= 0 for r in rows)
+    # one cache length for the whole call: a joining row's cache rows must match the running batch's
+    cache_len = max(len(x) for x in ids) + max_new_tokens
     n_iter = max_new_tokens
-    lex = None
-    if matcher is not None:
-        if lexicon_mode == "backtrack":  # each rewind costs one step plus the positions it gives back
-            n_iter += max_rewinds * (matcher.max_depth + 1)
-        lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
-    stop_hit = [False] * b
-    emitted = [""] * b
+    if matcher is not None and lexicon_mode == "backtrack":  # each rewind costs one step plus the positions it gives
+        n_iter += max_rewinds * (matcher.max_depth + 1)  # back
+    stop_hit = [False] * n
+    emitted = [""] * n
     host_each_step = bool(stop) or stream is not None
     check_every = 1 if (host_each_step or dev.type == "cpu") else 8
     tok = model.tokenizer
-    hold_tokens = matcher.max_depth if (lex is not None and lex.backtrack) else 0
+    hold_tokens = matcher.max_depth if (matcher is not None and lexicon_mode == "backtrack") else 0
     fused_step = model.backend == "triton"
     # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p need the logits: unfused
-    fused_head = fused_step and b <= FUSED_HEAD_MAX_ROWS and (temperature == 0 or (not 0 < top_k < v and top_p >= 1.0))
-    row_ids = None
+    fused_head = fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and (
+        temperature == 0 or (not 0 < top_k < v and top_p >= 1.0))  # fmt: skip
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        row_ids = torch.tensor(index, dtype=torch.long, device=dev)
-    s = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
-              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, seed=seed,
-              row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step)  # fmt: skip
+
+    def start_rows(members: list[int]):
+        """Prefill the prompts ``members`` (positions in ``ids``) → their loop state, first logits, cache, start."""
+        adapter_idx = (torch.tensor([rows[i] for i in members], dtype=torch.int32, device=dev)
+                       if has_adapter else None)  # fmt: skip
+        logits, cache, start, prompt = prefill(model, [ids[i] for i in members], max_new_tokens, adapter_idx,
+                                               length=cache_len)  # fmt: skip
+        lex = None
+        if matcher is not None:
+            lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
+        row_ids = torch.tensor([index[i] for i in members], dtype=torch.long, device=dev) if fused_step else None
+        loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
+                     seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter)  # fmt: skip
+        return loop, logits, cache, start, prompt.shape[1]
+
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
     # the torch backend's sampling: it draws from a torch generator, host state that a graph would not advance
     # (the Triton step's noise is keyed by the device step counter instead)
     advance = model.runner.step_function(_advance) if fused_step or temperature == 0 else _advance
-    # rows still in the batch, by their index in ``ids``; finished rows leave it (``_retire_rows``), and what they
-    # produced waits in ``finished`` until the end
-    live = list(range(b))
+    # rows in the batch, by their position in ``ids``; finished rows leave it (``_retire_rows``) and what they
+    # produced waits in ``finished``; ``pending`` prompts join as rows leave
+    live = list(range(max_rows))
+    pending = list(range(max_rows, n))[::-1]  # (popped from the end)
     finished: dict[int, tuple[list[int], bool, list]] = {}
-    min_rows = model.runner.min_rows_after_retiring()
-    x, hidden = logits, False
-    for it in range(n_iter):
+    s, x, cache, start, t = start_rows(live)
+    prompt_len, joined = [t] * max_rows, [0] * max_rows  # host copies: each row's padded prompt and first step
+    hidden = False
+    it = 0
+    while True:
         feed, slots = advance(s, x, hidden)
         done = s.done
         if host_each_step:
@@ -535,23 +588,52 @@ def _generate_batch(
                         emitted[row] = ready
         # check at every N-th step, and at the step where rows that never rewound reach max_new_tokens
         check = (it + 1) % check_every == 0 or it + 1 == max_new_tokens
-        if it == n_iter - 1 or (check and min_rows is None and bool(done.all())):
+        last = not pending and it == max(joined) + n_iter - 1  # every row's last step
+        if last or (check and min_rows is None and bool(done.all())):
             break
         if check and min_rows is not None:  # one read of the flags: the completion check and the retiring
             flags = done.tolist()
-            if all(flags):
+            if all(flags) and not pending:
                 break
-            keep = _retire_rows(s, live, finished, min_rows, flags)
+            n_before = len(finished)
+            # (prompts that join count towards the batch's floor, which is at most the batch: while prompts wait,
+            # the batch is full, and at least one finished row can leave)
+            keep = _retire_rows(s, live, finished, max(min(min_rows, max_rows) - len(pending), 0), flags)
+            if on_finished is not None and len(finished) > n_before:
+                on_finished(len(finished) - n_before)
             if keep is not None:
-                feed, slots, start = (z.index_select(0, keep) for z in (feed, slots, start))
-                cache = model.runner.select_rows(cache, keep)
-        kv_len = min(t + it + 1, t + max_new_tokens)
+                kept = torch.tensor(keep, dtype=torch.long, device=dev)
+                feed, slots, start = (z.index_select(0, kept) for z in (feed, slots, start))
+                cache = model.runner.select_rows(cache, kept)
+                prompt_len, joined = [prompt_len[i] for i in keep], [joined[i] for i in keep]
+            free = max_rows - s.b
+            if pending and free > 0 and (keep is not None or s.b == 0):
+                members = [pending.pop() for _ in range(min(free, len(pending)))]
+                s2, x2, cache2, start2, t2 = start_rows(members)
+                feed2, slots2 = advance(s2, x2, False)  # their first token, from the prefill's logits
+                if s.b == 0:
+                    s, cache, feed, slots, start = s2, cache2, feed2, slots2, start2
+                else:
+                    s.extend(s2)
+                    feed, slots, start = (torch.cat(z) for z in ((feed, feed2), (slots, slots2), (start, start2)))
+                    cache = model.runner.concat_rows(cache, cache2)
+                live += members
+                prompt_len += [t2] * len(members)
+                joined += [it] * len(members)
+        # attend up to the furthest slot any row can have written (a row's own mask stops at its own slot)
+        kv_len = max(min(tp + it - j + 1, tp + max_new_tokens) for tp, j in zip(prompt_len, joined))
         hidden = fused_head
         x = decode_one_token(model, feed, slots, kv_len, start, cache, s.adapter_idx, head=not fused_head)
+        it += 1
+        if it > n * n_iter:  # each prompt takes at most n_iter steps: a loop past that would never end
+            raise RuntimeError(f"fastdebias: the decode loop ran {it} steps for {n} prompts; please report this bug")
+    n_before = len(finished)
     _retire_rows(s, live, finished, None)
+    if on_finished is not None:
+        on_finished(len(finished) - n_before)
     results = []
     eos_set = set(eos)
-    for i in range(b):
+    for i in range(n):
         seq, banned, interventions = finished[i]
         reason = "banned" if banned else "length"
         for j, x in enumerate(seq):
@@ -569,32 +651,34 @@ def _generate_batch(
                         seq = seq[:j]
                         break
         res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]))
-        if lex is not None:
+        if matcher is not None:
             res.interventions = interventions
         results.append(res)
     return results
 
 
 def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None,
-                 done: list[bool] | None = None) -> torch.Tensor | None:  # fmt: skip
+                 done: list[bool] | None = None) -> list[int] | None:  # fmt: skip
     """Move finished rows out of the batch, so that later steps compute only the rows still generating.
 
     What each leaving row produced (ids, whether every token was banned, its interventions) goes into
     ``finished`` under its index in the batch's prompts; ``s`` keeps only the other rows, and ``live`` lists the
     prompts they belong to. ``done``: the rows' done flags, as read by the host. ``min_rows=None``: every row
     leaves (the end of decoding). Otherwise rows leave when at least a quarter of the batch (and at least one row)
-    has finished, keeping at least ``min_rows`` rows (finished ones, if need be): each retirement copies the
+    has finished, keeping at least ``min_rows`` rows (finished ones, if need be; prompts about to join count
+    towards it): each retirement copies the
     remaining rows' cache, so it is done in a few large steps rather than one row at a time. Returns the kept rows'
-    indices in the old batch, or None when nothing changed.
+    indices in the old batch (a host list), or None when nothing changed.
     """
     if min_rows is None:
         leaving = list(range(s.b))
     else:
-        n_done = sum(done)
-        if n_done < max(1, s.b // 4) or s.b <= min_rows:
+        if sum(done) < max(1, s.b // 4):
             return None
         kept = [i for i in range(s.b) if not done[i]]
         kept = sorted(kept + [i for i in range(s.b) if done[i]][: max(min_rows - len(kept), 0)])
+        if len(kept) == s.b:
+            return None
         stay = set(kept)
         leaving = [i for i in range(s.b) if i not in stay]
     gen = s.out[leaving].tolist()
@@ -606,10 +690,9 @@ def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None
     if min_rows is None:
         live.clear()
         return None
-    keep = torch.tensor(kept, dtype=torch.long, device=s.cur.device)
-    s.select(keep)
+    s.select(torch.tensor(kept, dtype=torch.long, device=s.cur.device))
     live[:] = [live[i] for i in kept]
-    return keep
+    return kept
 
 
 @torch.inference_mode()
@@ -705,19 +788,27 @@ def generate(
     if seed is not None and temperature > 0:
         # (modulo 2**64: what manual_seed does itself with the negative seeds it takes, for any integer)
         generator = torch.Generator(device=model.device).manual_seed(int(seed) % 2**64)
-    # several batches: prompts of similar lengths together (less left padding), results back in the given order
+    # more prompts than rows: prompts of similar lengths together (less left padding), results in the given order
     order = sorted(range(n), key=lambda i: len(ids[i])) if bs < n else list(range(n))
+    kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+              repetition_penalty=float(repetition_penalty), generator=generator,
+              seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
+              lexicon_mode=lexicon_mode, max_rewinds=max_rewinds)  # fmt: skip
+    results: list[GenerationResult | None] = [None] * n
+    if model.runner.min_rows_after_retiring() is not None:
+        # continuous batching: ``bs`` rows at a time, the next prompts joining as rows finish; a bar over prompts
+        show = progress if progress is not None else bs < n
+        with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:
+            outs = _generate_batch(model, [ids[i] for i in order], [rows[i] for i in order], index=order,
+                                   max_rows=bs, on_finished=bar.update, **kw)  # fmt: skip
+        for i, out in zip(order, outs):
+            results[i] = out
+        return results
+    # CUDA graphs: batches one after the other (their rows stay to the end of each)
     chunks = [order[lo:lo + bs] for lo in range(0, n, bs)]
     show = progress if progress is not None else len(chunks) > 1
-    results: list[GenerationResult | None] = [None] * n
     for chunk in tqdm(chunks, desc="Generating", unit="batch", disable=not show):
-        outs = _generate_batch(
-            model, [ids[i] for i in chunk], [rows[i] for i in chunk], max_new_tokens=max_new_tokens,
-            temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-            repetition_penalty=float(repetition_penalty), generator=generator,
-            seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, index=chunk,
-            matcher=matcher, lexicon_mode=lexicon_mode, max_rewinds=max_rewinds,
-        )
+        outs = _generate_batch(model, [ids[i] for i in chunk], [rows[i] for i in chunk], index=chunk, **kw)
         for i, out in zip(chunk, outs):
             results[i] = out
     return results

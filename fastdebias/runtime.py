@@ -202,21 +202,25 @@ class DecodeRunner:
 
     def default_batch_size(self, n: int, prompt_len: int, max_new: int, dtype: torch.dtype,
                            device: torch.device) -> int:  # fmt: skip
-        """Rows per batch when ``generate`` is not told: all ``n`` prompts if their batch fits
-        ``BATCH_MEMORY_FRACTION`` of the free memory (``bytes_per_row``), else as many as fit (at least 1), or fewer
-        where the same number of batches can each be smaller (10 prompts, 8 fit: 5 + 5, not 8 + 2); under CUDA
-        graphs a power of two (the batch bucket the graphs are captured for)."""
+        """Rows decoded at once when ``generate`` is not told: all ``n`` prompts if their batch fits
+        ``BATCH_MEMORY_FRACTION`` of the free memory (``bytes_per_row``), else as many as fit (at least 1; the other
+        prompts join as rows finish). Under CUDA graphs, where batches run one after the other, a power of two
+        (the batch bucket the graphs are captured for)."""
         per_row = bytes_per_row(self.decoder.config, dtype, prompt_len, max_new)
         fit = max(1, min(n, int(available_memory(device) * BATCH_MEMORY_FRACTION) // per_row))
-        if fit >= n:
-            return n
-        if self.static:
-            return 1 << (fit.bit_length() - 1)
-        return -(-n // -(-n // fit))  # the same number of batches, as even as they can be
+        return 1 << (fit.bit_length() - 1) if self.static and fit < n else fit
 
     def select_rows(self, cache: KVCache, keep: torch.Tensor) -> KVCache:
         """The cache of the rows ``keep`` only (a copy), for a batch that finished rows have left."""
         cache = KVCache([k.index_select(0, keep) for k in cache.k], [v.index_select(0, keep) for v in cache.v])
+        if self.runtime == "compile":
+            for t in cache.k + cache.v:
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+        return cache
+
+    def concat_rows(self, cache: KVCache, other: KVCache) -> KVCache:
+        """The rows of ``cache`` then those of ``other`` (a copy), for prompts that join a running batch."""
+        cache = KVCache([torch.cat(z) for z in zip(cache.k, other.k)], [torch.cat(z) for z in zip(cache.v, other.v)])
         if self.runtime == "compile":
             for t in cache.k + cache.v:
                 torch._dynamo.maybe_mark_dynamic(t, 2)

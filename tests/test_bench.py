@@ -303,6 +303,12 @@ def test_jobs_bench_runs(tmp_path, llama_dir):
     assert result["header"]["runtime"] == "eager" and result["header"]["max_new_tokens"] == 6
     assert "| 5 | fastdebias-whole-batch |" in (out / "jobs_cpu.md").read_text()
     assert (out / "jobs_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # two rows at a time: fastdebias joins prompts as rows finish, the others take batches in turn; same tokens
+    assert mod.main(["--model", str(llama_dir), "--texts", "5", "--reps", "1", "--max-new-tokens", "6",
+                     "--runtime", "eager", "--batch-size", "2", "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads((out / "jobs_cpu_bs2.json").read_text())
+    assert result["header"]["batch_size"] == 2 and all(p["same_tokens_as_hf"] for p in result["points"])
+    assert "2 rows at a time" in (out / "jobs_cpu_bs2.md").read_text()
 
 
 def test_markdown_reasons_stay_in_their_cell():

@@ -165,8 +165,9 @@ def test_embedded_debias_produces_a_rewrite(embedded_dir):
 
 
 def test_default_batch_size_fits_free_memory(model, monkeypatch):
-    """Without batch_size, a job whose batch would not fit half the free memory is split into batches that do
-    (as even as they can be; prompts of similar lengths together), and the results are the same, in order."""
+    """Without batch_size, a job whose batch would not fit half the free memory decodes as many rows as fit, the
+    other prompts joining as rows finish (prompts of similar lengths together); the results are the same, in
+    order."""
     from fastdebias import runtime
 
     prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 200, 3], PROMPTS[0], [1, 77], [1, 8, 9, 10, 11], [1, 30, 31, 32], [1, 4]]
@@ -177,23 +178,31 @@ def test_default_batch_size_fits_free_memory(model, monkeypatch):
     assert per_row > sum(t.numel() * t.element_size() for t in cache.k + cache.v) / 2  # at least its KV cache
     monkeypatch.setattr(runtime, "available_memory", lambda device: int(3.5 * per_row / runtime.BATCH_MEMORY_FRACTION))
     seen: list[list[int]] = []
-    prefill = model.runner.prefill
+    decoded: list[int] = []
+    prefill, decode = model.runner.prefill, model.runner.decode
 
-    def spy(tokens, start, *args, **kw):
+    def spy_prefill(tokens, start, *args, **kw):
         seen.append([tokens.shape[1] - s for s in start.tolist()])  # each row's prompt length
         return prefill(tokens, start, *args, **kw)
 
-    monkeypatch.setattr(model.runner, "prefill", spy)
+    def spy_decode(token, *args, **kw):
+        decoded.append(token.shape[0])
+        return decode(token, *args, **kw)
+
+    monkeypatch.setattr(model.runner, "prefill", spy_prefill)
+    monkeypatch.setattr(model.runner, "decode", spy_decode)
     pieces: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
     split = fastdebias.generate(model, prompts, max_new_tokens=6, stream=lambda i, s: pieces[i].append(s))
-    assert [len(b) for b in seen] == [3, 3, 1]  # 3 fit: 7 prompts in 3 batches
-    assert [n for b in seen for n in b] == sorted(len(p) for p in prompts)
+    assert max(decoded) == 3 and seen[0] == [2, 2, 3]  # 3 fit: the shortest prompts first
+    assert sorted(n for b in seen for n in b) == sorted(len(p) for p in prompts)
     assert [r.token_ids for r in split] == [r.token_ids for r in whole]
     assert all("".join(pieces[i]) == r.text for i, r in enumerate(split))
+    assert model.runner.default_batch_size(7, longest, 6, model.dtype, model.device) == 3
     monkeypatch.setattr(runtime, "available_memory", lambda device: int(5.5 * per_row / runtime.BATCH_MEMORY_FRACTION))
-    assert model.runner.default_batch_size(7, longest, 6, model.dtype, model.device) == 4  # 4 + 3, not 5 + 2
     assert model.runner.default_batch_size(10, longest, 6, model.dtype, model.device) == 5
+    assert model.runner.default_batch_size(4, longest, 6, model.dtype, model.device) == 4
     monkeypatch.setattr(model.runner, "runtime", "cuda_graph")
     assert model.runner.default_batch_size(10, longest, 6, model.dtype, model.device) == 4  # a batch bucket
+    assert model.runner.default_batch_size(5, longest, 6, model.dtype, model.device) == 5  # all fit: one batch
     monkeypatch.setattr(runtime, "available_memory", lambda device: 0)
     assert model.runner.default_batch_size(10, longest, 6, model.dtype, model.device) == 1

@@ -9,6 +9,8 @@ import torch
 import fastdebias
 from fastdebias.lexicon import Lexicon
 
+from .test_runtime import as_cuda_graph, emulated_graphs  # noqa: F401 (a fixture)
+
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3], [1, 8, 9, 10, 11, 12], [1, 77], [1, 30, 31], [1, 150, 151, 152, 153]]
 NEW = 14
 
@@ -139,3 +141,81 @@ def test_triton_sampling_unchanged_by_retiring(llama_dir, adapter_qv, model, mon
     assert min(seen) < len(prompts), seen
     no_retiring(tri, monkeypatch)
     assert outputs(got) == outputs(fastdebias.generate(tri, prompts, **kw))
+
+
+# ----------------------------------------------------------------------------------- prompts joining a batch
+
+JOB = PROMPTS + [[1, 60, 61, 62, 63, 64, 65], [1, 90], [1, 120, 121]]
+
+
+def prefill_sizes(model, monkeypatch):
+    """Record the rows of every prefill of ``model`` (the first batch, then each group of joining prompts)."""
+    seen: list[int] = []
+    prefill = model.runner.prefill
+
+    def spy(tokens, *args, **kw):
+        seen.append(tokens.shape[0])
+        return prefill(tokens, *args, **kw)
+
+    monkeypatch.setattr(model.runner, "prefill", spy)
+    return seen
+
+
+def test_prompts_join_as_rows_leave(model, monkeypatch):
+    """batch_size=3 over 9 prompts: 3 rows decode at a time and the next prompts join as rows finish (continuous
+    batching); every result equals the one from all 9 in one batch — tokens, reasons, text, interventions, streamed
+    pieces — with mixed adapters, a lexicon that rewinds and a repetition penalty."""
+    names = ["qv", None, "qv", None, "qv", "qv", None, "qv", None]
+    eos, free = staggered_eos(model, JOB, adapter=names)
+    lex = Lexicon.from_token_sequences({tuple(free[i][1:3]): float("-inf") for i in (0, 3, 6)} | {(free[2][1],): -1.0})
+    kw = dict(adapter=names, max_new_tokens=NEW, eos_token_id=eos, lexicon=lex, repetition_penalty=1.2)
+    whole = fastdebias.generate(model, JOB, **kw)
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(JOB))}
+    joins, rows = prefill_sizes(model, monkeypatch), batch_sizes(model, monkeypatch)
+    got = fastdebias.generate(model, JOB, batch_size=3, stream=lambda i, s: pieces[i].append(s), **kw)
+    assert outputs(got) == outputs(whole)
+    assert all("".join(pieces[i]) == r.text for i, r in enumerate(got))
+    assert joins[0] == 3 and sum(joins) == len(JOB) and len(joins) > 3, joins  # joined in several groups
+    assert max(rows) == 3 and rows.count(3) > NEW, rows  # kept full while prompts were waiting
+    assert any(i.action == "rewound" for r in got for i in r.interventions)
+
+
+def test_triton_sampling_unchanged_by_joining(llama_dir, adapter_qv, model, monkeypatch):
+    """Each row's step counter starts at 0 when it joins, so its sampled tokens do not depend on when it joined."""
+    tri = fastdebias.load(llama_dir, {"qv": adapter_qv}, backend="triton", device=model.device, dtype=model.dtype,
+                          progress=False)  # fmt: skip
+    job = JOB[:5]
+    sampling = dict(temperature=0.9, top_k=50, seed=5)
+    eos, _ = staggered_eos(tri, job, **sampling)
+    kw = dict(max_new_tokens=NEW, eos_token_id=eos, **sampling)
+    whole = fastdebias.generate(tri, job, **kw)
+    joins = prefill_sizes(tri, monkeypatch)
+    got = fastdebias.generate(tri, job, batch_size=2, **kw)
+    assert len(joins) > 2, joins
+    assert outputs(got) == outputs(whole)
+
+
+def test_compiled_runtime_joins_prompts(llama_dir, adapter_qv, model, monkeypatch):
+    comp = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="compile", progress=False)
+    eos, _ = staggered_eos(model, JOB)
+    kw = dict(max_new_tokens=NEW, eos_token_id=eos)
+    rows = batch_sizes(comp, monkeypatch)
+    got = fastdebias.generate(comp, JOB, batch_size=4, **kw)
+    assert outputs(got) == outputs(fastdebias.generate(model, JOB, **kw))
+    assert max(rows) == 4 and min(rows) >= 3, rows  # (at the end, 3 rows at least: the compile runtime's floor)
+    rows.clear()  # a batch below that floor: rows still leave for the prompts waiting (and all end together here)
+    kw = dict(max_new_tokens=5, eos_token_id=[])
+    assert outputs(fastdebias.generate(comp, JOB, batch_size=2, **kw)) == outputs(fastdebias.generate(model, JOB, **kw))
+    assert set(rows) == {2}, rows
+
+
+@pytest.mark.usefixtures("emulated_graphs")
+def test_cuda_graph_runtime_takes_batches_in_turn(llama_dir, model, monkeypatch):
+    """Under CUDA graphs (emulated on CPU) rows stay to the end of their batch: batch_size splits the job."""
+    static = as_cuda_graph(fastdebias.load(llama_dir, runtime="eager", progress=False))
+    eos, _ = staggered_eos(model, JOB)
+    joins = prefill_sizes(static, monkeypatch)
+    got = fastdebias.generate(static, JOB, batch_size=4, max_new_tokens=NEW, eos_token_id=eos)
+    assert joins == [4, 4, 1]
+    assert outputs(got) == outputs(fastdebias.generate(model, JOB, max_new_tokens=NEW, eos_token_id=eos,
+                                                       adapter=None))  # fmt: skip

@@ -391,7 +391,7 @@ class _SyncSpy(TorchDispatchMode):
         self.sites = collections.Counter()
         lines, first = inspect.getsourcelines(generate_module._generate_batch)
         body = "".join(lines)
-        loop = first + body[: body.index("for it in range(n_iter):")].count("\n")
+        loop = first + body[: body.index("    while True:")].count("\n")
         end = first + body[: body.index("_retire_rows(s, live, finished, None)")].count("\n")
         self.loop = (loop, end)
         for name in ("tolist", "numpy"):
@@ -445,6 +445,7 @@ def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adap
         dict(lexicon=lex, repetition_penalty=1.3),  # backtracking: rewinds happen
         dict(lexicon=lex, lexicon_mode="hf", temperature=0.8, top_k=5, top_p=0.9, seed=3),
         dict(lexicon=lex, temperature=0.7, seed=3),
+        dict(lexicon=lex, repetition_penalty=1.3, batch_size=2),  # the third prompt joins (CUDA graphs: 2 batches)
     )
     for kw in cases:
         spy = _SyncSpy(monkeypatch)
@@ -458,11 +459,11 @@ def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adap
         # not per token; here rows that rewound end later than the others)
         retiring = model.runner.min_rows_after_retiring() is not None
         check = ("flags = done.tolist()" if retiring
-                 else "if it == n_iter - 1 or (check and min_rows is None and bool(done.all())):")  # fmt: skip
-        leave = "keep = _retire_rows(s, live, finished, min_rows, flags)"
+                 else "if last or (check and min_rows is None and bool(done.all())):")  # fmt: skip
+        leave = "keep = _retire_rows(s, live, finished, max(min(min_rows, max_rows) - len(pending), 0), flags)"
         assert {line for _, line in spy.sites} - {leave} == {check}, (kw, spy.sites)
         departures = sum(n for (_, line), n in spy.sites.items() if line == leave)
-        assert departures <= (3 * len(PROMPTS) if retiring else 0), (kw, spy.sites)
+        assert departures <= (7 * len(PROMPTS) if retiring else 0), (kw, spy.sites)  # each prompt leaves once
 
 
 def test_compiled_step_with_triton_choice_under_graphs(llama_dir, adapter_qv, emulated_graphs):
