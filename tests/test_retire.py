@@ -19,17 +19,22 @@ def outputs(results):
     return [(r.token_ids, r.finish_reason, r.text, r.interventions) for r in results]
 
 
-def batch_sizes(model, monkeypatch):
-    """Record the number of rows of every decode step of ``model``."""
+def rows_of(model, monkeypatch, method: str) -> list[int]:
+    """Record the rows of every call of ``model.runner.<method>`` (its first argument's first dimension)."""
     seen: list[int] = []
-    decode = model.runner.decode
+    orig = getattr(model.runner, method)
 
-    def spy(token, *args, **kw):
-        seen.append(token.shape[0])
-        return decode(token, *args, **kw)
+    def spy(x, *args, **kw):
+        seen.append(x.shape[0])
+        return orig(x, *args, **kw)
 
-    monkeypatch.setattr(model.runner, "decode", spy)
+    monkeypatch.setattr(model.runner, method, spy)
     return seen
+
+
+def batch_sizes(model, monkeypatch):
+    """The rows of every decode step of ``model``."""
+    return rows_of(model, monkeypatch, "decode")
 
 
 def no_retiring(model, monkeypatch):
@@ -149,16 +154,8 @@ JOB = PROMPTS + [[1, 60, 61, 62, 63, 64, 65], [1, 90], [1, 120, 121]]
 
 
 def prefill_sizes(model, monkeypatch):
-    """Record the rows of every prefill of ``model`` (the first batch, then each group of joining prompts)."""
-    seen: list[int] = []
-    prefill = model.runner.prefill
-
-    def spy(tokens, *args, **kw):
-        seen.append(tokens.shape[0])
-        return prefill(tokens, *args, **kw)
-
-    monkeypatch.setattr(model.runner, "prefill", spy)
-    return seen
+    """The rows of every prefill of ``model`` (the first batch, then each group of joining prompts)."""
+    return rows_of(model, monkeypatch, "prefill")
 
 
 def test_prompts_join_as_rows_leave(model, monkeypatch):
