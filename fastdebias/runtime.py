@@ -24,6 +24,11 @@ prefill stays eager (chunked, one call per prompt batch). Manual graphs rather t
 ``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per bucket, and the Triton kernels are captured
 as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all.sh``).
 
+Under ``"eager"`` and ``"compile"`` the batch changes shape as it decodes: finished rows leave it and waiting
+prompts join it (``generate._retire_rows``, continuous batching; ``min_rows_after_retiring``, ``select_rows``,
+``concat_rows``: a new cache of the kept or appended rows each time). ``"cuda_graph"`` keeps its batches whole and
+runs them in turn: its graphs replay on fixed addresses.
+
 ``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, each decoder layer runs through one
 compiled function of the layer (``model.run_layer``; the layers' weights are its inputs, so one graph serves all of
 them), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful of
