@@ -92,6 +92,10 @@ def test_retired_rows_keep_their_stream_and_stop(model, monkeypatch):
     assert got[3].finish_reason == "stop"
     for i, r in enumerate(got):
         assert "".join(pieces[i]) == r.text
+    pieces = {i: [] for i in range(len(PROMPTS))}  # two rows at a time, the others joining: the same
+    joined = fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=eos, stop=stop, batch_size=2,
+                                 stream=lambda i, s: pieces[i].append(s))  # fmt: skip
+    assert outputs(joined) == outputs(got) and all("".join(pieces[i]) == r.text for i, r in enumerate(got))
     no_retiring(model, monkeypatch)
     assert outputs(got) == outputs(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=eos,
                                                        stop=stop))  # fmt: skip
