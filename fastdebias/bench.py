@@ -1081,9 +1081,14 @@ def _f(x, fmt: str = ".1f", none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _one_line(text) -> str:
+    """``text`` on one line (an exception's message may span several)."""
+    return " ".join(str(text).split())
+
+
 def _cell(text) -> str:
-    """``text`` as one markdown table cell: on one line (an exception's message may span several), pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """``text`` as one markdown table cell: on one line, pipes escaped."""
+    return _one_line(text).replace("|", "\\|")
 
 
 def format_markdown(result: dict) -> str:
@@ -1167,7 +1172,7 @@ def format_markdown(result: dict) -> str:
                      f"| {'yes' if g['applies'] else 'no (figure for information)'} |")
     skipped = {s: i["reason"] for s, i in result["systems"].items() if i["status"] != "ok"}
     if skipped:
-        lines += ["", "Not measured: " + "; ".join(f"{s}: {' '.join(str(r).split())}" for s, r in skipped.items())]
+        lines += ["", "Not measured: " + "; ".join(f"{s}: {_one_line(r)}" for s, r in skipped.items())]
     lines.append("")
     return "\n".join(lines)
 

@@ -246,6 +246,8 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 class _LexiconState:
     """Per-batch lexicon bookkeeping on the device: automaton states, rewinds, position bans, the log."""
 
+    ROWS = ("state", "hist", "rewinds", "ban_pos", "ban_tok")  # per-row tensors (and ``log``, rows on its dim 1)
+
     def __init__(self, matcher, mode: str, max_rewinds: int, prompt: torch.Tensor, start: torch.Tensor,
                  max_new: int, n_iter: int) -> None:
         b, t = prompt.shape
@@ -300,8 +302,6 @@ class _LexiconState:
             keep = entry >= 0
             out.append(interventions_from_log(self.m, pos[keep], entry[keep], action[keep], token[keep]))
         return out
-
-    ROWS = ("state", "hist", "rewinds", "ban_pos", "ban_tok")
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` (indices): see ``_Loop.select``."""
@@ -561,6 +561,15 @@ def _generate_batch(
     finished: dict[int, tuple[list[int], bool, list]] = {}
     s, x, cache, start, t = start_rows(live)
     prompt_len, joined = [t] * max_rows, [0] * max_rows  # host copies: each row's padded prompt and first step
+
+    def bounds() -> tuple[int, int, int]:
+        """(a, c, j) from the rows in the batch, recomputed when rows leave or join (not per token): the kv length
+        ``min(a + it + 1, c + max_new_tokens)`` covers every row's written slots (row r's are below
+        ``t_r + it - j_r + 1`` and ``t_r + max_new_tokens``; each row's mask stops at its own slot), and the last
+        step is ``j + n_iter - 1``."""
+        return max(tp - j for tp, j in zip(prompt_len, joined)), max(prompt_len), max(joined)
+
+    kv_from, kv_cap, last_join = bounds()
     hidden = False
     it = 0
     while True:
@@ -588,7 +597,7 @@ def _generate_batch(
                         emitted[row] = ready
         # check at every N-th step, and at the step where rows that never rewound reach max_new_tokens
         check = (it + 1) % check_every == 0 or it + 1 == max_new_tokens
-        last = not pending and it == max(joined) + n_iter - 1  # every row's last step
+        last = not pending and it == last_join + n_iter - 1  # every row's last step
         if last or (check and min_rows is None and bool(done.all())):
             break
         if check and min_rows is not None:  # one read of the flags: the completion check and the retiring
@@ -607,7 +616,7 @@ def _generate_batch(
                 cache = model.runner.select_rows(cache, kept)
                 prompt_len, joined = [prompt_len[i] for i in keep], [joined[i] for i in keep]
             free = max_rows - s.b
-            if pending and free > 0 and (keep is not None or s.b == 0):
+            if pending and free > 0 and keep is not None:  # (joins follow departures)
                 members = [pending.pop() for _ in range(min(free, len(pending)))]
                 s2, x2, cache2, start2, t2 = start_rows(members)
                 feed2, slots2 = advance(s2, x2, False)  # their first token, from the prefill's logits
@@ -620,8 +629,9 @@ def _generate_batch(
                 live += members
                 prompt_len += [t2] * len(members)
                 joined += [it] * len(members)
-        # attend up to the furthest slot any row can have written (a row's own mask stops at its own slot)
-        kv_len = max(min(tp + it - j + 1, tp + max_new_tokens) for tp, j in zip(prompt_len, joined))
+            if keep is not None:  # rows left (and others may have joined)
+                kv_from, kv_cap, last_join = bounds()
+        kv_len = min(kv_from + it + 1, kv_cap + max_new_tokens)
         hidden = fused_head
         x = decode_one_token(model, feed, slots, kv_len, start, cache, s.adapter_idx, head=not fused_head)
         it += 1
@@ -665,8 +675,7 @@ def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None
     ``finished`` under its index in the batch's prompts; ``s`` keeps only the other rows, and ``live`` lists the
     prompts they belong to. ``done``: the rows' done flags, as read by the host. ``min_rows=None``: every row
     leaves (the end of decoding). Otherwise rows leave when at least a quarter of the batch (and at least one row)
-    has finished, keeping at least ``min_rows`` rows (finished ones, if need be; prompts about to join count
-    towards it): each retirement copies the
+    has finished, keeping at least ``min_rows`` rows (finished ones, if need be): each retirement copies the
     remaining rows' cache, so it is done in a few large steps rather than one row at a time. Returns the kept rows'
     indices in the old batch (a host list), or None when nothing changed.
     """
@@ -733,11 +742,11 @@ def generate(
     stop : strings that end a sequence; they are excluded from ``.text``.
     stream : callback ``stream(prompt_index, new_text)`` called as each prompt's text grows (a callback, not
         an iterator). Text that might still become a stop string is held back until it cannot.
-    batch_size : prompts decoded together. Default: all at once if that batch fits half the memory free at the
-        call (its KV cache, prefill activations and logits: ``runtime.bytes_per_row``), else as many as fit, in
-        batches as even as they can be. With several batches, prompts of similar lengths go together; results
-        come back in the order given.
-    progress : tqdm bar across batches (default: when there is more than one batch).
+    batch_size : rows decoded at once. Default: all prompts if that batch fits half the memory free at the call
+        (its KV cache, prefill activations and logits: ``runtime.bytes_per_row``), else as many as fit. With more
+        prompts than rows, the next prompts join the batch as rows finish (batches in turn under CUDA graphs),
+        prompts of similar lengths together; results come back in the order given.
+    progress : tqdm bar across prompts (batches under CUDA graphs); default: when not all prompts fit one batch.
     lexicon : a ``fastdebias.Lexicon``, a lexicon file path, ``"default"`` (the shipped one) or ``None``.
     lexicon_mode : ``"backtrack"`` (default): when a banned phrase would complete, rewind the row to where the
         phrase began and ban its first token there (at most ``max_rewinds`` times per row, then ``"hf"``);

@@ -173,12 +173,8 @@ class DecodeRunner:
             if self.runtime != "compile":
                 return KVCache.allocate(cfg, b, length, dtype, device)
             # a spare slot, so that the last step's kv length never equals the cache length (a compiled layer
-            # guards on whether its attention reads the whole cache, and would recompile for that one step); the
-            # length marked dynamic, so that one compiled graph serves every cache length
-            cache = KVCache.allocate(cfg, b, length + 1, dtype, device)
-            for t in cache.k + cache.v:
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-            return cache
+            # guards on whether its attention reads the whole cache, and would recompile for that one step)
+            return self._dynamic_length(KVCache.allocate(cfg, b, length + 1, dtype, device))
         bb, lb = batch_bucket(b), min(_round_up(length, KV_BUCKET), max(length, cfg.max_position_embeddings))
         c = self.cache
         if c is None or c.k[0].shape[0] < bb or c.k[0].shape[2] < lb or c.k[0].dtype != dtype:
@@ -217,15 +213,18 @@ class DecodeRunner:
 
     def select_rows(self, cache: KVCache, keep: torch.Tensor) -> KVCache:
         """The cache of the rows ``keep`` only (a copy), for a batch that finished rows have left."""
-        cache = KVCache([k.index_select(0, keep) for k in cache.k], [v.index_select(0, keep) for v in cache.v])
-        if self.runtime == "compile":
-            for t in cache.k + cache.v:
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-        return cache
+        return self._dynamic_length(
+            KVCache([k.index_select(0, keep) for k in cache.k], [v.index_select(0, keep) for v in cache.v])
+        )
 
     def concat_rows(self, cache: KVCache, other: KVCache) -> KVCache:
         """The rows of ``cache`` then those of ``other`` (a copy), for prompts that join a running batch."""
-        cache = KVCache([torch.cat(z) for z in zip(cache.k, other.k)], [torch.cat(z) for z in zip(cache.v, other.v)])
+        return self._dynamic_length(
+            KVCache([torch.cat(z) for z in zip(cache.k, other.k)], [torch.cat(z) for z in zip(cache.v, other.v)])
+        )
+
+    def _dynamic_length(self, cache: KVCache) -> KVCache:
+        """Under ``"compile"``, the cache length marked dynamic: one compiled graph serves every cache length."""
         if self.runtime == "compile":
             for t in cache.k + cache.v:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
