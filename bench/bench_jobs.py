@@ -9,10 +9,12 @@ Systems, in one process, interleaved repetition by repetition, on the same promp
 texts below, greedy, stopping at the model's EOS, no lexicon so that all three must produce the same tokens),
 every text of a job in one batch, or with ``--batch-size N`` N rows at a time:
 
-- ``fastdebias``: ``fastdebias.generate`` as it is: rows that finish leave the batch (``generate._retire_rows``)
-  and, with ``--batch-size``, the next prompts join it (continuous batching);
-- ``fastdebias-whole-batch``: the same model with that switched off (``runner.min_rows_after_retiring``): every
-  row of a batch is computed until its last one ends, and batches of N run one after another;
+- ``fastdebias``: ``fastdebias.generate`` as it is: with ``--batch-size``, the next prompts take finished rows'
+  places (continuous batching), and once none wait, rows that finish leave the batch (``generate._retire_rows``;
+  not under CUDA graphs, where they stay);
+- ``fastdebias-whole-batch``: the same model on batches of N one after another (one ``generate`` call each, prompts
+  of similar lengths together), with rows leaving switched off (``runner.min_rows_after_retiring``): every row of a
+  batch is computed until its last one ends;
 - ``hf-eager``: transformers ``generate`` (eager, left-padded batch, attention mask), which also computes every
   row until the last one ends, on batches of N (prompts of similar lengths together, as fastdebias groups them).
 
@@ -74,20 +76,30 @@ def run(args) -> dict:
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eos[0]
     retiring = model.runner.min_rows_after_retiring
 
-    def call(system: str, ids: list[list[int]]) -> list[list[int]]:
-        bs = args.batch_size or len(ids)
-        if system == "hf-eager":
-            order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if bs < len(ids) else list(range(len(ids)))
-            out: list[list[int]] = [[] for _ in ids]
-            for lo in range(0, len(ids), bs):
-                chunk = order[lo:lo + bs]
-                for i, row in zip(chunk, hf_generate(hf, [ids[i] for i in chunk], args.max_new_tokens, eos, pad)):
-                    out[i] = row
-            return out
-        model.runner.min_rows_after_retiring = retiring if system == "fastdebias" else (lambda: None)
+    def in_turn(ids: list[list[int]], bs: int, gen) -> list[list[int]]:
+        """``gen`` on batches of ``bs`` prompts one after another, prompts of similar lengths together."""
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if bs < len(ids) else list(range(len(ids)))
+        out: list[list[int]] = [[] for _ in ids]
+        for lo in range(0, len(ids), bs):
+            chunk = order[lo:lo + bs]
+            for i, row in zip(chunk, gen([ids[i] for i in chunk])):
+                out[i] = row
+        return out
+
+    def fd_generate(ids: list[list[int]], bs: int) -> list[list[int]]:
         outs = fastdebias.generate(model, ids, max_new_tokens=args.max_new_tokens, lexicon=None, batch_size=bs,
                                    progress=False)  # fmt: skip
         return [o.token_ids for o in outs]
+
+    def call(system: str, ids: list[list[int]]) -> list[list[int]]:
+        bs = args.batch_size or len(ids)
+        if system == "hf-eager":
+            return in_turn(ids, bs, lambda chunk: hf_generate(hf, chunk, args.max_new_tokens, eos, pad))
+        if system == "fastdebias":
+            model.runner.min_rows_after_retiring = retiring
+            return fd_generate(ids, bs)
+        model.runner.min_rows_after_retiring = lambda: None
+        return in_turn(ids, bs, lambda chunk: fd_generate(chunk, bs))
 
     points = []
     for n in args.texts:

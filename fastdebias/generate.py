@@ -2,9 +2,10 @@
 
 A batch of prompts is left-padded into one static KV cache; rows finish independently (EOS, a stop string, or
 the length limit). Token choice and the finished flags stay on the device; the host reads them only every
-``check_every`` steps (every step when it must decode text: stop strings or streaming). Where the runtime allows
-it (eager and compile, not CUDA graphs), finished rows then leave the batch (``_retire_rows``), so that a batch
-whose outputs end at different lengths stops paying for the rows that are done.
+``check_every`` steps (every step when it must decode text: stop strings or streaming). There, a prompt waiting
+for a place takes a finished row's (continuous batching, in place under every runtime); once none waits, where
+the runtime allows it (eager and compile, not CUDA graphs), finished rows leave the batch (``_retire_rows``), so
+that a batch whose outputs end at different lengths stops paying for the rows that are done.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastdebias import ops
 from fastdebias.errors import GenerationError, TokenizerError, check_unicode, token_id_list
+from fastdebias.model import KVCache
 from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens
 
 
@@ -197,9 +199,10 @@ def _normalize_eos(model, eos_token_id) -> list[int]:
 
 
 def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None,
-            length: int | None = None):  # fmt: skip
+            length: int | None = None, own_cache: bool = False):  # fmt: skip
     """Left-pad ``ids`` into [B, T], get the static cache from the model's runner (``length`` slots, default
-    T + ``max_new_tokens``), run the prompt (chunked).
+    T + ``max_new_tokens``), run the prompt (chunked). ``own_cache``: a cache of T slots of their own instead
+    (prompts that join a running batch: the runner's cache is in use; ``runner.place_rows`` copies it there).
 
     Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
     """
@@ -209,7 +212,10 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     for i, x in enumerate(ids):
         tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
     start = torch.tensor([t - len(x) for x in ids], dtype=torch.long, device=dev)
-    cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
+    if own_cache:
+        cache = KVCache.allocate(model.config, b, t, model.dtype, dev)
+    else:
+        cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
     tokens = tokens.to(dev)
     logits = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids))
     return logits, cache, start, tokens
@@ -309,11 +315,11 @@ class _LexiconState:
             setattr(self, name, getattr(self, name).index_select(0, keep))
         self.log = self.log.index_select(1, keep)
 
-    def extend(self, other: _LexiconState) -> None:
-        """Append the rows of ``other``: see ``_Loop.extend``."""
+    def assign(self, rows: torch.Tensor, other: _LexiconState) -> None:
+        """Rows ``rows`` become those of ``other``, in place: see ``_Loop.assign``."""
         for name in self.ROWS:
-            setattr(self, name, torch.cat((getattr(self, name), getattr(other, name))))
-        self.log = torch.cat((self.log, other.log), dim=1)
+            getattr(self, name)[rows] = getattr(other, name)
+        self.log[:, rows] = other.log
 
 
 class _Loop:
@@ -367,16 +373,16 @@ class _Loop:
         if self.lex is not None:
             self.lex.select(keep)
 
-    def extend(self, other: _Loop) -> None:
-        """Append the rows of ``other`` (the same call's settings, for prompts that join the batch)."""
+    def assign(self, rows: torch.Tensor, other: _Loop) -> None:
+        """Rows ``rows`` (a [k] index tensor) become the rows of ``other`` (k prompts joining the batch, with the
+        same call's settings), in place: every tensor keeps its address, so a compiled or captured step goes on
+        reading and writing the same memory."""
         for name in self.ROWS:
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, torch.cat((t, getattr(other, name))))
-        self.b += other.b
-        self.ar = torch.arange(self.b, device=self.cur.device)
+                t[rows] = getattr(other, name)
         if self.lex is not None:
-            self.lex.extend(other.lex)
+            self.lex.assign(rows, other.lex)
 
 
 @torch.compiler.disable
@@ -505,17 +511,16 @@ def _generate_batch(
 ) -> list[GenerationResult]:
     """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
 
-    ``max_rows`` (default: all): rows decoded at once. The first ``max_rows`` prompts start together; where the
-    runtime lets finished rows leave the batch (``runner.min_rows_after_retiring``), the next prompts join it as
-    rows leave (prefilled, then decoded with the others: continuous batching), else ``max_rows`` must be all.
-    ``on_finished(k)``: told each time ``k`` more prompts are done.
+    ``max_rows`` (default: all): rows decoded at once. The first ``max_rows`` prompts start together, and while
+    prompts wait, each finished row's place goes to the next one (continuous batching: prefilled, then decoded
+    with the others; written into the row in place, so the batch keeps its shape and every tensor its address,
+    which CUDA graphs need). Once none wait, finished rows leave the batch where the runtime allows it
+    (``runner.min_rows_after_retiring``). ``on_finished(k)``: told each time ``k`` more prompts are done.
     """
     dev = model.device
     n, v = len(ids), model.config.vocab_size
     max_rows = min(max_rows or n, n)
     min_rows = model.runner.min_rows_after_retiring()
-    if min_rows is None and max_rows < n:
-        raise ValueError("prompts can join a running batch only where finished rows leave it")
     has_adapter = any(r >= 0 for r in rows)
     # one cache length for the whole call: a joining row's cache rows must match the running batch's
     cache_len = max(len(x) for x in ids) + max_new_tokens
@@ -535,12 +540,13 @@ def _generate_batch(
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
-    def start_rows(members: list[int]):
-        """Prefill the prompts ``members`` (positions in ``ids``) → their loop state, first logits, cache, start."""
+    def start_rows(members: list[int], join: bool = False):
+        """Prefill the prompts ``members`` (positions in ``ids``) → their loop state, first logits, cache, start.
+        ``join``: prompts joining the running batch (a cache of their own, for ``runner.place_rows``)."""
         adapter_idx = (torch.tensor([rows[i] for i in members], dtype=torch.int32, device=dev)
                        if has_adapter else None)  # fmt: skip
         logits, cache, start, prompt = prefill(model, [ids[i] for i in members], max_new_tokens, adapter_idx,
-                                               length=cache_len)  # fmt: skip
+                                               length=cache_len, own_cache=join)  # fmt: skip
         lex = None
         if matcher is not None:
             lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
@@ -554,8 +560,8 @@ def _generate_batch(
     # the torch backend's sampling: it draws from a torch generator, host state that a graph would not advance
     # (the Triton step's noise is keyed by the device step counter instead)
     advance = model.runner.step_function(_advance) if fused_step or temperature == 0 else _advance
-    # rows in the batch, by their position in ``ids``; finished rows leave it (``_retire_rows``) and what they
-    # produced waits in ``finished``; ``pending`` prompts join as rows leave
+    # rows in the batch, by their position in ``ids``; ``pending`` prompts take finished rows' places, and once
+    # none wait, finished rows leave the batch (``_retire_rows``); what each prompt produced waits in ``finished``
     live = list(range(max_rows))
     pending = list(range(max_rows, n))[::-1]  # (popped from the end)
     finished: dict[int, tuple[list[int], bool, list]] = {}
@@ -568,6 +574,21 @@ def _generate_batch(
         ``t_r + it - j_r + 1`` and ``t_r + max_new_tokens``; each row's mask stops at its own slot), and the last
         step is ``j + n_iter - 1``."""
         return max(tp - j for tp, j in zip(prompt_len, joined)), max(prompt_len), max(joined)
+
+    def join(places: list[int], members: list[int], feed, slots, start):
+        """The prompts ``members`` take the places (rows) ``places`` of finished rows, in place: prefilled in a
+        cache of their own, their first token chosen from the prefill's logits, then their loop state, cache slots
+        and step inputs written into those rows. Returns the step inputs (feed, slots, start)."""
+        s2, x2, cache2, start2, t2 = start_rows(members, join=True)
+        feed2, slots2 = advance(s2, x2, False)
+        idx = torch.tensor(places, dtype=torch.long, device=dev)
+        s.assign(idx, s2)
+        model.runner.place_rows(cache, idx, cache2)
+        feed, slots = feed.clone(), slots.clone()  # (under CUDA graphs, the captured step's output buffers)
+        feed[idx], slots[idx], start[idx] = feed2, slots2, start2
+        for p, m in zip(places, members):
+            live[p], prompt_len[p], joined[p] = m, t2, it
+        return feed, slots, start
 
     kv_from, kv_cap, last_join = bounds()
     hidden = False
@@ -598,39 +619,29 @@ def _generate_batch(
         # check at every N-th step, and at the step where rows that never rewound reach max_new_tokens
         check = (it + 1) % check_every == 0 or it + 1 == max_new_tokens
         last = not pending and it == last_join + n_iter - 1  # every row's last step
-        if last or (check and min_rows is None and bool(done.all())):
+        if last or (check and not pending and min_rows is None and bool(done.all())):
             break
-        if check and min_rows is not None:  # one read of the flags: the completion check and the retiring
+        if check and (pending or min_rows is not None):  # one read of the flags: completion, joins, retiring
             flags = done.tolist()
             if all(flags) and not pending:
                 break
             n_before = len(finished)
-            # (prompts that join count towards the batch's floor, which is at most the batch: while prompts wait,
-            # the batch is full, and at least one finished row can leave)
-            keep = _retire_rows(s, live, finished, max(min(min_rows, max_rows) - len(pending), 0), flags)
-            if on_finished is not None and len(finished) > n_before:
-                on_finished(len(finished) - n_before)
-            if keep is not None:
-                kept = torch.tensor(keep, dtype=torch.long, device=dev)
-                feed, slots, start = (z.index_select(0, kept) for z in (feed, slots, start))
-                cache = model.runner.select_rows(cache, kept)
-                prompt_len, joined = [prompt_len[i] for i in keep], [joined[i] for i in keep]
-            free = max_rows - s.b
-            if pending and free > 0 and keep is not None:  # (joins follow departures)
-                members = [pending.pop() for _ in range(min(free, len(pending)))]
-                s2, x2, cache2, start2, t2 = start_rows(members)
-                feed2, slots2 = advance(s2, x2, False)  # their first token, from the prefill's logits
-                if s.b == 0:
-                    s, cache, feed, slots, start = s2, cache2, feed2, slots2, start2
-                else:
-                    s.extend(s2)
-                    feed, slots, start = (torch.cat(z) for z in ((feed, feed2), (slots, slots2), (start, start2)))
-                    cache = model.runner.concat_rows(cache, cache2)
-                live += members
-                prompt_len += [t2] * len(members)
-                joined += [it] * len(members)
-            if keep is not None:  # rows left (and others may have joined)
+            if pending:
+                places = [i for i, f in enumerate(flags) if f][: len(pending)]
+                if places:
+                    _harvest(s, live, finished, places)
+                    feed, slots, start = join(places, [pending.pop() for _ in places], feed, slots, start)
+            else:
+                keep = _retire_rows(s, live, finished, min(min_rows, max_rows), flags)
+                if keep is not None:
+                    kept = torch.tensor(keep, dtype=torch.long, device=dev)
+                    feed, slots, start = (z.index_select(0, kept) for z in (feed, slots, start))
+                    cache = model.runner.select_rows(cache, kept)
+                    prompt_len, joined = [prompt_len[i] for i in keep], [joined[i] for i in keep]
+            if len(finished) > n_before:  # rows left, or others took their places
                 kv_from, kv_cap, last_join = bounds()
+                if on_finished is not None:
+                    on_finished(len(finished) - n_before)
         kv_len = min(kv_from + it + 1, kv_cap + max_new_tokens)
         hidden = fused_head
         x = decode_one_token(model, feed, slots, kv_len, start, cache, s.adapter_idx, head=not fused_head)
@@ -667,38 +678,40 @@ def _generate_batch(
     return results
 
 
+def _harvest(s: _Loop, live: list[int], finished: dict, rows: list[int]) -> None:
+    """Read out what the batch's rows ``rows`` produced (ids, whether every token was banned, interventions) into
+    ``finished``, under their prompts' indices (``live``): one read of each tensor for all of them."""
+    gen = s.out[rows].tolist()
+    lengths = s.cur[rows].tolist()
+    banned = s.all_banned[rows].tolist()
+    logs = s.lex.results(rows) if s.lex is not None else [[] for _ in rows]
+    for j, i in enumerate(rows):
+        finished[live[i]] = (gen[j][: lengths[j]], banned[j], logs[j])
+
+
 def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None,
                  done: list[bool] | None = None) -> list[int] | None:  # fmt: skip
     """Move finished rows out of the batch, so that later steps compute only the rows still generating.
 
-    What each leaving row produced (ids, whether every token was banned, its interventions) goes into
-    ``finished`` under its index in the batch's prompts; ``s`` keeps only the other rows, and ``live`` lists the
-    prompts they belong to. ``done``: the rows' done flags, as read by the host. ``min_rows=None``: every row
-    leaves (the end of decoding). Otherwise rows leave when at least a quarter of the batch (and at least one row)
-    has finished, keeping at least ``min_rows`` rows (finished ones, if need be): each retirement copies the
-    remaining rows' cache, so it is done in a few large steps rather than one row at a time. Returns the kept rows'
-    indices in the old batch (a host list), or None when nothing changed.
+    What each leaving row produced goes into ``finished`` (``_harvest``); ``s`` keeps only the other rows, and
+    ``live`` lists the prompts they belong to. ``done``: the rows' done flags, as read by the host.
+    ``min_rows=None``: every row leaves (the end of decoding). Otherwise rows leave when at least a quarter of the
+    batch (and at least one row) has finished, keeping at least ``min_rows`` rows (finished ones, if need be): each
+    retirement copies the remaining rows' cache, so it is done in a few large steps rather than one row at a time.
+    Returns the kept rows' indices in the old batch (a host list), or None when nothing changed.
     """
     if min_rows is None:
-        leaving = list(range(s.b))
-    else:
-        if sum(done) < max(1, s.b // 4):
-            return None
-        kept = [i for i in range(s.b) if not done[i]]
-        kept = sorted(kept + [i for i in range(s.b) if done[i]][: max(min_rows - len(kept), 0)])
-        if len(kept) == s.b:
-            return None
-        stay = set(kept)
-        leaving = [i for i in range(s.b) if i not in stay]
-    gen = s.out[leaving].tolist()
-    lengths = s.cur[leaving].tolist()
-    banned = s.all_banned[leaving].tolist()
-    logs = s.lex.results(leaving) if s.lex is not None else [[] for _ in leaving]
-    for j, i in enumerate(leaving):
-        finished[live[i]] = (gen[j][: lengths[j]], banned[j], logs[j])
-    if min_rows is None:
+        _harvest(s, live, finished, list(range(s.b)))
         live.clear()
         return None
+    if sum(done) < max(1, s.b // 4):
+        return None
+    kept = [i for i in range(s.b) if not done[i]]
+    kept = sorted(kept + [i for i in range(s.b) if done[i]][: max(min_rows - len(kept), 0)])
+    if len(kept) == s.b:
+        return None
+    stay = set(kept)
+    _harvest(s, live, finished, [i for i in range(s.b) if i not in stay])
     s.select(torch.tensor(kept, dtype=torch.long, device=s.cur.device))
     live[:] = [live[i] for i in kept]
     return kept
@@ -744,9 +757,9 @@ def generate(
         an iterator). Text that might still become a stop string is held back until it cannot.
     batch_size : rows decoded at once. Default: all prompts if that batch fits half the memory free at the call
         (its KV cache, prefill activations and logits: ``runtime.bytes_per_row``), else as many as fit. With more
-        prompts than rows, the next prompts join the batch as rows finish (batches in turn under CUDA graphs),
+        prompts than rows, the next prompts take finished rows' places (every runtime, CUDA graphs included),
         prompts of similar lengths together; results come back in the order given.
-    progress : tqdm bar across prompts (batches under CUDA graphs); default: when not all prompts fit one batch.
+    progress : tqdm bar across prompts; default: when not all prompts fit one batch.
     lexicon : a ``fastdebias.Lexicon``, a lexicon file path, ``"default"`` (the shipped one) or ``None``.
     lexicon_mode : ``"backtrack"`` (default): when a banned phrase would complete, rewind the row to where the
         phrase began and ban its first token there (at most ``max_rewinds`` times per row, then ``"hf"``);
@@ -803,23 +816,14 @@ def generate(
               repetition_penalty=float(repetition_penalty), generator=generator,
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
               lexicon_mode=lexicon_mode, max_rewinds=max_rewinds)  # fmt: skip
+    # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
+    show = progress if progress is not None else bs < n
+    with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:
+        outs = _generate_batch(model, [ids[i] for i in order], [rows[i] for i in order], index=order, max_rows=bs,
+                               on_finished=bar.update, **kw)  # fmt: skip
     results: list[GenerationResult | None] = [None] * n
-    if model.runner.min_rows_after_retiring() is not None:
-        # continuous batching: ``bs`` rows at a time, the next prompts joining as rows finish; a bar over prompts
-        show = progress if progress is not None else bs < n
-        with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:
-            outs = _generate_batch(model, [ids[i] for i in order], [rows[i] for i in order], index=order,
-                                   max_rows=bs, on_finished=bar.update, **kw)  # fmt: skip
-        for i, out in zip(order, outs):
-            results[i] = out
-        return results
-    # CUDA graphs: batches one after the other (their rows stay to the end of each)
-    chunks = [order[lo:lo + bs] for lo in range(0, n, bs)]
-    show = progress if progress is not None else len(chunks) > 1
-    for chunk in tqdm(chunks, desc="Generating", unit="batch", disable=not show):
-        outs = _generate_batch(model, [ids[i] for i in chunk], [rows[i] for i in chunk], index=chunk, **kw)
-        for i, out in zip(chunk, outs):
-            results[i] = out
+    for i, out in zip(order, outs):
+        results[i] = out
     return results
 
 

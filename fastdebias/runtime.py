@@ -24,10 +24,12 @@ prefill stays eager (chunked, one call per prompt batch). Manual graphs rather t
 ``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per bucket, and the Triton kernels are captured
 as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all.sh``).
 
-Under ``"eager"`` and ``"compile"`` the batch changes shape as it decodes: finished rows leave it and waiting
-prompts join it (``generate._retire_rows``, continuous batching; ``min_rows_after_retiring``, ``select_rows``,
-``concat_rows``: a new cache of the kept or appended rows each time). ``"cuda_graph"`` keeps its batches whole and
-runs them in turn: its graphs replay on fixed addresses.
+Continuous batching works under every runtime: a prompt waiting for a place takes a finished row's, in place
+(``place_rows`` copies its prefilled cache slots into the row; the loop's state is written into the row's entries),
+so the batch keeps its shape and every tensor its address, and the captured graphs replay on as before. Once no
+prompt waits, under ``"eager"`` and ``"compile"`` the finished rows leave the batch (``generate._retire_rows``;
+``min_rows_after_retiring``, ``select_rows``: a new cache of the kept rows each time); ``"cuda_graph"`` keeps them
+to the end (its graphs replay on fixed addresses; on a GPU a decode step streams the weights whatever the rows).
 
 ``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, each decoder layer runs through one
 compiled function of the layer (``model.run_layer``; the layers' weights are its inputs, so one graph serves all of
@@ -193,10 +195,11 @@ class DecodeRunner:
         return self.cache
 
     def min_rows_after_retiring(self) -> int | None:
-        """How few rows a batch may shrink to when finished rows leave it (``generate._retire_rows``), or None: the
-        batch keeps its rows to the end. Under ``"cuda_graph"`` it keeps them: its cache, buffers and step graphs
-        are bound to the batch's addresses and bucket. Under ``"compile"`` it keeps at least 3: batches of 1 and 2
-        rows are compiled graphs of their own (seconds each on first use), 3 and more share one."""
+        """How few rows a batch may shrink to when finished rows leave it (``generate._retire_rows``, once no
+        prompt waits for their places), or None: the batch keeps its rows to the end. Under ``"cuda_graph"`` it
+        keeps them: its cache, buffers and step graphs are bound to the batch's addresses and bucket. Under
+        ``"compile"`` it keeps at least 3: batches of 1 and 2 rows are compiled graphs of their own (seconds each on
+        first use), 3 and more share one."""
         if self.static:
             return None
         return 3 if self.runtime == "compile" else 1
@@ -217,11 +220,14 @@ class DecodeRunner:
             KVCache([k.index_select(0, keep) for k in cache.k], [v.index_select(0, keep) for v in cache.v])
         )
 
-    def concat_rows(self, cache: KVCache, other: KVCache) -> KVCache:
-        """The rows of ``cache`` then those of ``other`` (a copy), for prompts that join a running batch."""
-        return self._dynamic_length(
-            KVCache([torch.cat(z) for z in zip(cache.k, other.k)], [torch.cat(z) for z in zip(cache.v, other.v)])
-        )
+    def place_rows(self, cache: KVCache, rows: torch.Tensor, other: KVCache) -> None:
+        """Write the prefilled slots of ``other`` (prompts joining a running batch, a cache of their own) into the
+        rows ``rows`` of ``cache``, in place (the cache keeps its address: CUDA graphs replay on it). The slots past
+        them still hold the row's previous prompt: finite values that each row's mask hides (it stops at the
+        row's own slot)."""
+        t = other.k[0].shape[2]
+        for dst, src in zip(cache.k + cache.v, other.k + other.v):
+            dst[rows, :, :t] = src
 
     def _dynamic_length(self, cache: KVCache) -> KVCache:
         """Under ``"compile"``, the cache length marked dynamic: one compiled graph serves every cache length."""

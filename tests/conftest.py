@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdebias import runtime
+
 # dtype → (rtol, atol) for comparisons against references; one table for the whole suite.
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
@@ -186,3 +188,69 @@ def embedded_dir() -> Path:
     from fastdebias.embedded import embedded_model_dir
 
     return embedded_model_dir(progress=False)
+
+
+# ------------------------------------------------------------------- the cuda_graph runtime emulated on CPU
+
+
+class _ReplayGraph:
+    """Stands in for a CUDA graph on CPU: replay() recomputes into the same output buffer, as a real replay
+    overwrites its captured output, so any step that held on to an earlier step's logits would see them change."""
+
+    def __init__(self, runner, key):
+        self.runner, self.key = runner, key
+
+    def replay(self):
+        self.out.copy_(self.runner._forward(*self.key))
+
+
+class _ReplayStep:
+    """Stands in for a CUDA graph of the loop's step: replay() reruns the step on the captured arguments and writes
+    into the captured outputs. A graph replays kernels on fixed addresses, so it also checks that every state tensor
+    of the loop is still the one captured (updated in place, never rebound)."""
+
+    def __init__(self, fn, args, registry):
+        self.fn, self.args, self.replays = fn, args, 0
+        self.addresses = self._addresses()
+        b = args[0].b  # a capture runs nothing: outputs (feed, slots) are allocated, then written by each replay
+        self.outs = (torch.empty(b, dtype=torch.long), torch.empty(b, dtype=torch.long))
+        registry.append(self)
+
+    def _addresses(self):
+        loop = self.args[0]
+        objs = [loop] + ([loop.lex] if loop.lex is not None else [])
+        return {(id(o), k): v.data_ptr() for o in objs for k, v in vars(o).items() if isinstance(v, torch.Tensor)}
+
+    def replay(self):
+        assert self._addresses() == self.addresses, "a loop state tensor was rebound, not updated in place"
+        for o, new in zip(self.outs, self.fn(*self.args)):
+            o.copy_(new)
+        self.replays += 1
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """The cuda_graph runtime's logic on CPU: forward graphs and step graphs replaced by recomputation into the
+    captured output buffers (``_ReplayGraph``, ``_ReplayStep``), kv read in buckets of 8. Returns the step graphs."""
+    monkeypatch.setattr(runtime.DecodeRunner, "kv_read_len", lambda self, kv_len, n: min(-(-kv_len // 8) * 8, n))
+
+    def capture(self, *key):
+        g = _ReplayGraph(self, key)
+        g.out = self._forward(*key).clone()
+        return g, g.out
+
+    step_graphs = []
+
+    def capture_step(self, fn, args):  # only the step's: _capture is faked whole
+        g = _ReplayStep(fn, args, step_graphs)
+        return g, g.outs
+
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture", capture)
+    monkeypatch.setattr(runtime.DecodeRunner, "_capture_graph", capture_step)
+    return step_graphs
+
+
+def as_cuda_graph(model, compile_step=False):
+    """resolve_runtime refuses cuda_graph without CUDA; the runner's logic is device-free (with emulated_graphs)."""
+    model.runner.runtime, model.runner.compile_step = "cuda_graph", compile_step
+    return model

@@ -9,7 +9,7 @@ import torch
 import fastdebias
 from fastdebias.lexicon import Lexicon
 
-from .test_runtime import as_cuda_graph, emulated_graphs  # noqa: F401 (a fixture)
+from .conftest import as_cuda_graph
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3], [1, 8, 9, 10, 11, 12], [1, 77], [1, 30, 31], [1, 150, 151, 152, 153]]
 NEW = 14
@@ -210,13 +210,47 @@ def test_compiled_runtime_joins_prompts(llama_dir, adapter_qv, model, monkeypatc
     assert set(rows) == {2}, rows
 
 
-@pytest.mark.usefixtures("emulated_graphs")
-def test_cuda_graph_runtime_takes_batches_in_turn(llama_dir, model, monkeypatch):
-    """Under CUDA graphs (emulated on CPU) rows stay to the end of their batch: batch_size splits the job."""
-    static = as_cuda_graph(fastdebias.load(llama_dir, runtime="eager", progress=False))
-    eos, _ = staggered_eos(model, JOB)
+def test_cuda_graph_runtime_joins_prompts_in_place(llama_dir, adapter_qv, model, emulated_graphs, monkeypatch):
+    """Under CUDA graphs (emulated on CPU) prompts take finished rows' places in place: the batch keeps its rows
+    and every loop tensor its address (``_ReplayStep`` asserts it at each replay), the forward and step graphs go on
+    replaying across joins, and every result equals the whole job in one eager batch — with mixed adapters, a
+    lexicon that rewinds and a repetition penalty."""
+    static = as_cuda_graph(fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="eager", progress=False))
+    names = ["qv", None, "qv", None, "qv", "qv", None, "qv", None]
+    eos, free = staggered_eos(model, JOB, adapter=names)
+    lex = Lexicon.from_token_sequences({tuple(free[i][1:3]): float("-inf") for i in (0, 3, 6)} | {(free[2][1],): -1.0})
+    kw = dict(adapter=names, max_new_tokens=NEW, eos_token_id=eos, lexicon=lex, repetition_penalty=1.2)
+    whole = fastdebias.generate(model, JOB, **kw)
+    joins, rows = prefill_sizes(static, monkeypatch), batch_sizes(static, monkeypatch)
+    got = fastdebias.generate(static, JOB, batch_size=4, **kw)
+    assert outputs(got) == outputs(whole)
+    assert any(i.action == "rewound" for r in got for i in r.interventions)
+    assert joins[0] == 4 and sum(joins) == len(JOB) and len(joins) > 2, joins  # joined in several groups
+    assert set(rows) == {4}, rows  # the batch kept its rows
+    assert sum(g.replays for g in emulated_graphs) > NEW  # the step graphs replayed through the joins
+    captured = len(emulated_graphs)
+    # streaming and a stop string: each piece goes to its prompt, whichever row it decoded in
+    texts = [model.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in whole]
+    stop = texts[3][2:5]
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(JOB))}
+    got = fastdebias.generate(static, JOB, batch_size=3, stop=stop, stream=lambda i, s: pieces[i].append(s), **kw)
+    assert outputs(got) == outputs(fastdebias.generate(model, JOB, stop=stop, **kw))
+    assert got[3].finish_reason == "stop" and all("".join(pieces[i]) == r.text for i, r in enumerate(got))
+    assert len(emulated_graphs) > captured
+
+
+def test_triton_sampling_under_graphs_unchanged_by_joining(llama_dir, adapter_qv, model, emulated_graphs, monkeypatch):
+    """Triton step under (emulated) CUDA graphs, prompts joining in place: sampled tokens as in one batch."""
+    tri = fastdebias.load(llama_dir, {"qv": adapter_qv}, backend="triton", device=model.device, dtype=model.dtype,
+                          progress=False)  # fmt: skip
+    static = as_cuda_graph(fastdebias.load(llama_dir, {"qv": adapter_qv}, backend="triton", device=model.device,
+                                           dtype=model.dtype, runtime="eager", progress=False))  # fmt: skip
+    job = JOB[:5]
+    sampling = dict(temperature=0.9, top_k=50, seed=5)
+    eos, _ = staggered_eos(tri, job, **sampling)
+    kw = dict(max_new_tokens=NEW, eos_token_id=eos, **sampling)
     joins = prefill_sizes(static, monkeypatch)
-    got = fastdebias.generate(static, JOB, batch_size=4, max_new_tokens=NEW, eos_token_id=eos)
-    assert joins == [4, 4, 1]
-    assert outputs(got) == outputs(fastdebias.generate(model, JOB, max_new_tokens=NEW, eos_token_id=eos,
-                                                       adapter=None))  # fmt: skip
+    got = fastdebias.generate(static, job, batch_size=2, **kw)
+    assert len(joins) > 2, joins
+    assert outputs(got) == outputs(fastdebias.generate(tri, job, **kw))
+    assert sum(g.replays for g in emulated_graphs) > 0

@@ -24,7 +24,7 @@ from fastdebias.errors import FastDebiasError
 from fastdebias.generate import prefill
 from fastdebias.lexicon import Lexicon
 
-from .conftest import TOLERANCES
+from .conftest import TOLERANCES, as_cuda_graph
 
 generate_module = importlib.import_module("fastdebias.generate")  # the module (fastdebias.generate is the function)
 
@@ -126,69 +126,6 @@ def test_static_step_with_triton_fused_head(llama_dir, adapter_qv, emulated_grap
     names = ["qv", None, "qv"]
     want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=5))
     assert tokens(fastdebias.generate(static, PROMPTS, adapter=names, max_new_tokens=5)) == want
-
-
-class _ReplayGraph:
-    """Stands in for a CUDA graph on CPU: replay() recomputes into the same output buffer, as a real replay
-    overwrites its captured output, so any step that held on to an earlier step's logits would see them change."""
-
-    def __init__(self, runner, key):
-        self.runner, self.key = runner, key
-
-    def replay(self):
-        self.out.copy_(self.runner._forward(*self.key))
-
-
-class _ReplayStep:
-    """Stands in for a CUDA graph of the loop's step: replay() reruns the step on the captured arguments and writes
-    into the captured outputs. A graph replays kernels on fixed addresses, so it also checks that every state tensor
-    of the loop is still the one captured (updated in place, never rebound)."""
-
-    def __init__(self, fn, args, registry):
-        self.fn, self.args, self.replays = fn, args, 0
-        self.addresses = self._addresses()
-        b = args[0].b  # a capture runs nothing: outputs (feed, slots) are allocated, then written by each replay
-        self.outs = (torch.empty(b, dtype=torch.long), torch.empty(b, dtype=torch.long))
-        registry.append(self)
-
-    def _addresses(self):
-        loop = self.args[0]
-        objs = [loop] + ([loop.lex] if loop.lex is not None else [])
-        return {(id(o), k): v.data_ptr() for o in objs for k, v in vars(o).items() if isinstance(v, torch.Tensor)}
-
-    def replay(self):
-        assert self._addresses() == self.addresses, "a loop state tensor was rebound, not updated in place"
-        for o, new in zip(self.outs, self.fn(*self.args)):
-            o.copy_(new)
-        self.replays += 1
-
-
-@pytest.fixture
-def emulated_graphs(monkeypatch):
-    """The cuda_graph runtime's logic on CPU: forward graphs and step graphs replaced by recomputation into the
-    captured output buffers (``_ReplayGraph``, ``_ReplayStep``), kv read in buckets of 8. Returns the step graphs."""
-    monkeypatch.setattr(runtime.DecodeRunner, "kv_read_len", lambda self, kv_len, n: min(-(-kv_len // 8) * 8, n))
-
-    def capture(self, *key):
-        g = _ReplayGraph(self, key)
-        g.out = self._forward(*key).clone()
-        return g, g.out
-
-    step_graphs = []
-
-    def capture_step(self, fn, args):  # only the step's: _capture is faked whole
-        g = _ReplayStep(fn, args, step_graphs)
-        return g, g.outs
-
-    monkeypatch.setattr(runtime.DecodeRunner, "_capture", capture)
-    monkeypatch.setattr(runtime.DecodeRunner, "_capture_graph", capture_step)
-    return step_graphs
-
-
-def as_cuda_graph(model, compile_step=False):
-    """resolve_runtime refuses cuda_graph without CUDA; the runner's logic is device-free (with emulated_graphs)."""
-    model.runner.runtime, model.runner.compile_step = "cuda_graph", compile_step
-    return model
 
 
 def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, emulated_graphs, monkeypatch):
@@ -445,7 +382,7 @@ def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adap
         dict(lexicon=lex, repetition_penalty=1.3),  # backtracking: rewinds happen
         dict(lexicon=lex, lexicon_mode="hf", temperature=0.8, top_k=5, top_p=0.9, seed=3),
         dict(lexicon=lex, temperature=0.7, seed=3),
-        dict(lexicon=lex, repetition_penalty=1.3, batch_size=2),  # the third prompt joins (CUDA graphs: 2 batches)
+        dict(lexicon=lex, repetition_penalty=1.3, batch_size=2),  # the third prompt joins
     )
     for kw in cases:
         spy = _SyncSpy(monkeypatch)
@@ -454,16 +391,19 @@ def test_decode_loop_reads_nothing_back_but_the_completion_check(llama_dir, adap
         assert all(len(r.token_ids) == 8 for r in res)
         if "repetition_penalty" in kw:
             assert any(i.action == "rewound" for r in res for i in r.interventions)
-        # the completion check: of the flags' "all done" under CUDA graphs, of the flags themselves where finished
-        # rows may leave the batch (and then, once per departure, the leaving rows' outputs: a few reads each time,
-        # not per token; here rows that rewound end later than the others)
+        # the completion check: of the flags' "all done" under CUDA graphs once no prompt waits, of the flags
+        # themselves where prompts wait for places or finished rows may leave the batch; and per join or departure
+        # (not per token), the outputs of the rows that finished: a few reads each time (here rows that rewound end
+        # later than the others)
         retiring = model.runner.min_rows_after_retiring() is not None
-        check = ("flags = done.tolist()" if retiring
-                 else "if last or (check and min_rows is None and bool(done.all())):")  # fmt: skip
-        leave = "keep = _retire_rows(s, live, finished, max(min(min_rows, max_rows) - len(pending), 0), flags)"
-        assert {line for _, line in spy.sites} - {leave} == {check}, (kw, spy.sites)
-        departures = sum(n for (_, line), n in spy.sites.items() if line == leave)
-        assert departures <= (7 * len(PROMPTS) if retiring else 0), (kw, spy.sites)  # each prompt leaves once
+        checks = {"flags = done.tolist()"} | (
+            set() if retiring else {"if last or (check and not pending and min_rows is None and bool(done.all())):"})
+        events = {"keep = _retire_rows(s, live, finished, min(min_rows, max_rows), flags)",
+                  "_harvest(s, live, finished, places)"}  # fmt: skip
+        lines = {line for _, line in spy.sites}
+        assert lines - events <= checks and lines & checks, (kw, spy.sites)
+        per_event = sum(n for (_, line), n in spy.sites.items() if line in events)
+        assert per_event <= 7 * len(PROMPTS), (kw, spy.sites)  # each prompt leaves once
 
 
 def test_compiled_step_with_triton_choice_under_graphs(llama_dir, adapter_qv, emulated_graphs):
@@ -554,6 +494,30 @@ def test_cuda_graph_backtracking_equals_eager(llama_dir, backend, step_captures)
     assert any(i.action == "rewound" for r in b for i in r.interventions)
     assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
     assert step_captures[0] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_continuous_batching_equals_one_batch(llama_dir, adapter_qv, backend, step_captures):
+    """Two rows at a time under real CUDA graphs (the host checks every 8 steps), the next prompts taking finished
+    rows' places in place: every result as from all prompts in one eager batch, mixed adapters and a lexicon."""
+    kw = dict(device="cuda", dtype="float32", backend=backend, progress=False)
+    eager = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="eager", **kw)
+    graph = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="cuda_graph", **kw)
+    job = PROMPTS + [[1, 60, 61, 62, 63], [1, 90], [1, 120, 121], [1, 5, 6, 7, 8, 9, 10]]
+    names = ["qv", None] * (len(job) // 2) + ["qv"] * (len(job) % 2)
+    n = 3 * NEW
+    free = tokens(fastdebias.generate(eager, job, adapter=names, max_new_tokens=n, eos_token_id=[]))
+    eos = sorted({row[min(3 + 5 * i, n - 1)] for i, row in enumerate(free[::2])})  # rows end at different steps
+    lex = Lexicon.from_token_sequences({tuple(free[1][2:4]): float("-inf"), (free[2][1],): -1.0})
+    kw = dict(adapter=names, max_new_tokens=n, eos_token_id=eos, lexicon=lex)
+    want = fastdebias.generate(eager, job, **kw)
+    got = fastdebias.generate(graph, job, batch_size=2, **kw)
+    assert len({len(r.token_ids) for r in want}) >= 3
+    assert [(r.token_ids, r.finish_reason, r.interventions) for r in got] == [
+        (r.token_ids, r.finish_reason, r.interventions) for r in want]  # fmt: skip
+    assert step_captures[0] > 0 and graph.runtime == "cuda_graph"
 
 
 def test_available_memory_reads_the_host_or_sets_no_limit(monkeypatch):
