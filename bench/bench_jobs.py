@@ -6,12 +6,14 @@ different lengths (EOS), against the same model's batch kept whole to the end an
     python bench/bench_jobs.py --texts 8 --reps 1 --max-new-tokens 16 # a quick look
 
 Systems, in one process, interleaved repetition by repetition, on the same prompt ids (the debias prompts of the
-texts below, greedy, stopping at the model's EOS, no lexicon so that all three must produce the same tokens),
+texts below, greedy, stopping at the model's EOS, no lexicon so that all of them must produce the same tokens),
 every text of a job in one batch, or with ``--batch-size N`` N rows at a time:
 
 - ``fastdebias``: ``fastdebias.generate`` as it is: with ``--batch-size``, the next prompts take finished rows'
   places (continuous batching), and once none wait, rows that finish leave the batch (``generate._retire_rows``;
   not under CUDA graphs, where they stay);
+- ``fastdebias-no-shared-prefix``: the same, with the prompts' shared prefix (the debias prompt's system prompt and
+  instruction) prefilled in every row instead of once (``runner.share_prefix``);
 - ``fastdebias-whole-batch``: the same model on batches of N one after another (one ``generate`` call each, prompts
   of similar lengths together), with rows leaving switched off (``runner.min_rows_after_retiring``): every row of a
   batch is computed until its last one ends;
@@ -48,7 +50,7 @@ TEXTS = [
     "Disabled people cannot contribute to society.", "Rich people are all greedy.", "Girls are bad at math.",
     "Old drivers are a danger on the road.", "Teenagers are irresponsible.", "Single mothers raise bad children.",
 ]  # fmt: skip
-SYSTEMS = ("fastdebias", "fastdebias-whole-batch", "hf-eager")
+SYSTEMS = ("fastdebias", "fastdebias-no-shared-prefix", "fastdebias-whole-batch", "hf-eager")
 
 
 def hf_generate(hf, ids: list[list[int]], max_new: int, eos: list[int], pad: int) -> list[list[int]]:
@@ -95,7 +97,8 @@ def run(args) -> dict:
         bs = args.batch_size or len(ids)
         if system == "hf-eager":
             return in_turn(ids, bs, lambda chunk: hf_generate(hf, chunk, args.max_new_tokens, eos, pad))
-        if system == "fastdebias":
+        model.runner.share_prefix = system != "fastdebias-no-shared-prefix"
+        if system != "fastdebias-whole-batch":
             model.runner.min_rows_after_retiring = retiring
             return fd_generate(ids, bs)
         model.runner.min_rows_after_retiring = lambda: None
@@ -123,7 +126,8 @@ def run(args) -> dict:
                                tokens_per_s=tokens / wall, generated_tokens=tokens, x_hf_eager=base / wall,
                                same_tokens_as_hf=outs[s] == outs["hf-eager"]))  # fmt: skip
         points[-1]["lengths"] = lengths
-        print(f"{n} texts: " + ", ".join(f"{p['system']} {p['wall_s']:.2f} s" for p in points[-3:]), file=sys.stderr)
+        print(f"{n} texts: " + ", ".join(f"{p['system']} {p['wall_s']:.2f} s" for p in points[-len(SYSTEMS):]),
+              file=sys.stderr)
     commit, dirty = git_commit()
     header = dict(device=device_name(dev), tag=device_tag(dev), model=Path(model.path).name,
                   dtype=str(model.dtype).replace("torch.", ""), runtime=model.runtime,

@@ -198,11 +198,60 @@ def _normalize_eos(model, eos_token_id) -> list[int]:
 # ------------------------------------------------------------------------------------------- decoding
 
 
+# Prompts of a call that begin with at least this many identical tokens (a chat template's or SR-LLM's system
+# prompt) have that prefix prefilled once (``_SharedPrefix``); shorter ones are not worth the extra forward.
+MIN_SHARED_PREFIX = 8
+
+
+class _SharedPrefix:
+    """The KV cache of the longest prefix that all of a call's prompts share, computed once per adapter among
+    them, then copied into each prompt's cache row (at the row's own offset: rows are left-padded, and positions
+    count from each row's start, so the prefix's keys and values are the same in every row of one adapter), so
+    that a prefill computes only what follows it. For a ``debias`` job (every prompt opens with the same system
+    prompt and instruction) this is most of each prompt."""
+
+    @classmethod
+    def find(cls, model, ids: list[list[int]], rows: list[int]) -> _SharedPrefix | None:
+        """The shared prefix of ``ids`` (``rows``: their adapters), computed; None if shorter than
+        ``MIN_SHARED_PREFIX`` or if there is only one prompt."""
+        n = min(len(x) for x in ids) - 1  # each prompt keeps at least its last token to prefill (its logits)
+        p = 0
+        while p < n and all(x[p] == ids[0][p] for x in ids):
+            p += 1
+        return cls(model, ids[0][:p], rows) if len(ids) > 1 and p >= MIN_SHARED_PREFIX else None
+
+    def __init__(self, model, prefix: list[int], rows: list[int]) -> None:
+        dev, p = model.device, len(prefix)
+        self.len = p
+        self.adapters = sorted(set(rows))  # one prefix row per adapter (-1: none)
+        k = len(self.adapters)
+        tokens = torch.tensor([prefix] * k, dtype=torch.long, device=dev)
+        adapter_idx = torch.tensor(self.adapters, dtype=torch.int32, device=dev) if max(rows) >= 0 else None
+        self.cache = KVCache.allocate(model.config, k, p, model.dtype, dev)
+        model.runner.prefill(tokens, torch.zeros(k, dtype=torch.long, device=dev), self.cache, adapter_idx,
+                             padded=False)  # fmt: skip
+
+    def write(self, cache: KVCache, start: list[int], rows: list[int]) -> int:
+        """Copy the prefix into the first ``len(start)`` rows of ``cache``, at slots ``start[r]`` onwards (``rows``:
+        their adapters) → the first slot that some row still has to prefill."""
+        b, p = len(start), self.len
+        dev = cache.k[0].device
+        which = torch.tensor([self.adapters.index(a) for a in rows], dtype=torch.long, device=dev)
+        slots = torch.tensor(start, dtype=torch.long, device=dev).view(b, 1) + torch.arange(p, device=dev)
+        for dst, src in zip(cache.k + cache.v, self.cache.k + self.cache.v):
+            src = src.index_select(0, which)  # [b, H, p, D]
+            dst[:b].scatter_(2, slots.view(b, 1, p, 1).expand_as(src), src)
+        return min(start) + p
+
+
 def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None,
-            length: int | None = None, own_cache: bool = False):  # fmt: skip
+            length: int | None = None, own_cache: bool = False,
+            prefix: tuple[_SharedPrefix, list[int]] | None = None):  # fmt: skip
     """Left-pad ``ids`` into [B, T], get the static cache from the model's runner (``length`` slots, default
     T + ``max_new_tokens``), run the prompt (chunked). ``own_cache``: a cache of T slots of their own instead
     (prompts that join a running batch: the runner's cache is in use; ``runner.place_rows`` copies it there).
+    ``prefix``: the prefix all of ``ids`` begin with, already computed, and their adapters: copied in, then only
+    the rest is prefilled.
 
     Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
     """
@@ -211,13 +260,16 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     tokens = torch.zeros(b, t, dtype=torch.long)
     for i, x in enumerate(ids):
         tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
-    start = torch.tensor([t - len(x) for x in ids], dtype=torch.long, device=dev)
+    starts = [t - len(x) for x in ids]
+    start = torch.tensor(starts, dtype=torch.long, device=dev)
     if own_cache:
         cache = KVCache.allocate(model.config, b, t, model.dtype, dev)
     else:
         cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
+    first = prefix[0].write(cache, starts, prefix[1]) if prefix is not None else 0
     tokens = tokens.to(dev)
-    logits = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids))
+    logits = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids),
+                                  first=first)  # fmt: skip
     return logits, cache, start, tokens
 
 
@@ -540,13 +592,16 @@ def _generate_batch(
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
+    shared = _SharedPrefix.find(model, ids, rows) if model.runner.share_prefix else None
+
     def start_rows(members: list[int], join: bool = False):
         """Prefill the prompts ``members`` (positions in ``ids``) → their loop state, first logits, cache, start.
         ``join``: prompts joining the running batch (a cache of their own, for ``runner.place_rows``)."""
         adapter_idx = (torch.tensor([rows[i] for i in members], dtype=torch.int32, device=dev)
                        if has_adapter else None)  # fmt: skip
         logits, cache, start, prompt = prefill(model, [ids[i] for i in members], max_new_tokens, adapter_idx,
-                                               length=cache_len, own_cache=join)  # fmt: skip
+                                               length=cache_len, own_cache=join,
+                                               prefix=(shared, [rows[i] for i in members]) if shared else None)
         lex = None
         if matcher is not None:
             lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)

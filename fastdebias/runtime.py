@@ -158,6 +158,8 @@ class DecodeRunner:
         # kernels are replayed without launch overhead and a compile would cost seconds per batch size and
         # settings (set it to fuse the step's few dozen small kernels into a few: bench --compile-step)
         self.compile_step = runtime == "compile"
+        # prefill a prefix that all of a call's prompts share once (``generate._SharedPrefix``): off only to compare
+        self.share_prefix = True
 
     @property
     def static(self) -> bool:
@@ -237,14 +239,15 @@ class DecodeRunner:
         return cache
 
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, adapter_idx,
-                padded: bool = True) -> torch.Tensor:  # fmt: skip
+                padded: bool = True, first: int = 0) -> torch.Tensor:  # fmt: skip
         """tokens [B, T] (left-padded) into slots 0..T-1, in chunks of ``PREFILL_CHUNK`` → last logits [B, V].
 
         ``padded=False`` (every prompt has T tokens): the first chunk attends with ``is_causal`` and no mask, the
-        flash-attention path on GPU; later chunks (queries offset from the keys) and padded batches use the mask."""
+        flash-attention path on GPU; later chunks (queries offset from the keys) and padded batches use the mask.
+        ``first``: slots below it are in the cache already (a shared prefix's), so the prefill starts there."""
         b, t = tokens.shape
         logits = None
-        for lo in range(0, t, PREFILL_CHUNK):
+        for lo in range(first, t, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, t)
             slots = torch.arange(lo, hi, device=tokens.device).expand(b, hi - lo)
             logits = self.decoder(

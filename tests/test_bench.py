@@ -298,7 +298,7 @@ def test_jobs_bench_runs(tmp_path, llama_dir):
     for p in pts:
         assert p["wall_s"] > 0 and len(p["times_s"]) == 1 and p["generated_tokens"] > 0
         assert math.isclose(p["texts_per_s"], p["texts"] / p["wall_s"])
-        assert p["same_tokens_as_hf"] is True  # greedy, no lexicon: all three must agree
+        assert p["same_tokens_as_hf"] is True  # greedy, no lexicon: every system must agree
     assert all(p["x_hf_eager"] == 1.0 for p in pts if p["system"] == "hf-eager")
     assert result["header"]["runtime"] == "eager" and result["header"]["max_new_tokens"] == 6
     assert "| 5 | fastdebias-whole-batch |" in (out / "jobs_cpu.md").read_text()
