@@ -173,7 +173,7 @@ def plot(result: dict, path: Path) -> None:
         vals = [next(p["texts_per_s"] for p in result["points"] if p["system"] == s and p["texts"] == n)
                 for n in sizes]  # fmt: skip
         ax.bar([i + k * width for i in range(len(sizes))], vals, width, label=s)
-    ax.set_xticks([i + width for i in range(len(sizes))], [f"{n} texts" for n in sizes])
+    ax.set_xticks([i + width * (len(SYSTEMS) - 1) / 2 for i in range(len(sizes))], [f"{n} texts" for n in sizes])
     h = result["header"]
     rows = f"{h['batch_size']} rows at a time" if h.get("batch_size") else "each job in one batch"
     ax.set(ylabel="texts/s (whole job)", title=f"debias jobs, {rows}, {h['device']}")
