@@ -69,7 +69,7 @@ def hf_generate(hf, ids: list[list[int]], max_new: int, eos: list[int], pad: int
 
 
 def run(args) -> dict:
-    model = fastdebias.load(args.model, runtime=args.runtime, progress=False)
+    model = fastdebias.load(args.model, runtime=args.runtime, dtype=args.dtype, progress=False)
     dev = model.device
     from transformers import AutoModelForCausalLM
 
@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="rows at a time (default: each job in one batch)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--runtime", default="auto", choices=("auto", "eager", "compile", "cuda_graph"))
+    p.add_argument("--dtype", default=None, help="weights' dtype (default: fastdebias.load's: float32 on CPU, the "
+                   "checkpoint's half type on CUDA); float32 for token identity with transformers on a GPU")
     p.add_argument("--out", type=Path, default=None, help="write jobs_<device>.json/.md/.png here")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.texts) or args.reps < 1 or args.max_new_tokens < 1 or (args.batch_size or 1) < 1:

