@@ -574,7 +574,7 @@ def _generate_batch(
     max_rows = min(max_rows or n, n)
     min_rows = model.runner.min_rows_after_retiring()
     has_adapter = any(r >= 0 for r in rows)
-    # one cache length for the whole call: a joining row's cache rows must match the running batch's
+    # one cache length for the whole call: any of its prompts may take a row of the batch's cache
     cache_len = max(len(x) for x in ids) + max_new_tokens
     n_iter = max_new_tokens
     if matcher is not None and lexicon_mode == "backtrack":  # each rewind costs one step plus the positions it gives

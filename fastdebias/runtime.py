@@ -210,8 +210,8 @@ class DecodeRunner:
                            device: torch.device) -> int:  # fmt: skip
         """Rows decoded at once when ``generate`` is not told: all ``n`` prompts if their batch fits
         ``BATCH_MEMORY_FRACTION`` of the free memory (``bytes_per_row``), else as many as fit (at least 1; the other
-        prompts join as rows finish). Under CUDA graphs, where batches run one after the other, a power of two
-        (the batch bucket the graphs are captured for)."""
+        prompts take finished rows' places). Under CUDA graphs a power of two: the batch bucket the graphs are
+        captured for, with no padding rows."""
         per_row = bytes_per_row(self.decoder.config, dtype, prompt_len, max_new)
         fit = max(1, min(n, int(available_memory(device) * BATCH_MEMORY_FRACTION) // per_row))
         return 1 << (fit.bit_length() - 1) if self.static and fit < n else fit
