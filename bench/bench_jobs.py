@@ -89,6 +89,7 @@ def run(args) -> dict:
         return out
 
     def fd_generate(ids: list[list[int]], bs: int) -> list[list[int]]:
+        model.runner.prefix = None  # a cold job: no prompt prefix kept from an earlier call
         outs = fastdebias.generate(model, ids, max_new_tokens=args.max_new_tokens, lexicon=None, batch_size=bs,
                                    progress=False)  # fmt: skip
         return [o.token_ids for o in outs]

@@ -20,6 +20,7 @@ Systems, on the same prompts, adapter and lexicon:
 Method: fixed output length (EOS ignored: ``eos_token_id=[]`` for fastdebias, no EOS in transformers' generation
 config), warm-up runs excluded, the device synchronised before every clock read, ``reps`` repetitions and their
 medians. TTFT is a run with ``max_new_tokens=1``; TPOT = (total - TTFT) / (n - 1); tokens/s = batch x n / total.
+Every fastdebias call prefills its prompts in full (the prompt prefix it keeps between calls is dropped first).
 Bytes per decode step = weights (+ LoRA) + the KV cache read at the mean context length; GB/s = bytes / TPOT,
 compared with the device's copy bandwidth measured in the same run. The lexicons are random token sequences of
 1-4 tokens with finite negative penalties, so that fastdebias and transformers must give the same tokens.
@@ -553,6 +554,7 @@ class _FastDebias(_System):
         import fastdebias
 
         self.prepare_lexicon(lexicon_size)
+        self.model.runner.prefix = None  # no prompt prefix kept from an earlier repetition: each call prefills in full
         outs = fastdebias.generate(self.model, prompts, adapter=self.adapter, max_new_tokens=n, eos_token_id=[],
                                    lexicon=self.lexicons(lexicon_size), lexicon_mode=self.mode, progress=False)
         return [o.token_ids for o in outs]

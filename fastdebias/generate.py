@@ -198,60 +198,89 @@ def _normalize_eos(model, eos_token_id) -> list[int]:
 # ------------------------------------------------------------------------------------------- decoding
 
 
-# Prompts of a call that begin with at least this many identical tokens (a chat template's or SR-LLM's system
-# prompt) have that prefix prefilled once (``_SharedPrefix``); shorter ones are not worth the extra forward.
+# A prompt prefix of at least this many tokens that a call's prompts share (a chat template's or SR-LLM's system
+# prompt), or that they share with the prefix kept from an earlier call, is prefilled once (``_SharedPrefix``).
 MIN_SHARED_PREFIX = 8
 
 
+def _common_prefix(ids: list[list[int]], tokens: list[int]) -> int:
+    """How many leading tokens every prompt of ``ids`` shares with ``tokens``."""
+    p = 0
+    while p < len(tokens) and all(len(x) > p and x[p] == tokens[p] for x in ids):
+        p += 1
+    return p
+
+
 class _SharedPrefix:
-    """The KV cache of the longest prefix that all of a call's prompts share, computed once per adapter among
-    them, then copied into each prompt's cache row (at the row's own offset: rows are left-padded, and positions
-    count from each row's start, so the prefix's keys and values are the same in every row of one adapter), so
-    that a prefill computes only what follows it. For a ``debias`` job (every prompt opens with the same system
-    prompt and instruction) this is most of each prompt."""
+    """The K/V cache of a prompt prefix, one row per adapter, copied into each prompt's cache row at the row's own
+    offset (rows are left-padded, and positions count from each row's start, so a prefix's keys and values are the
+    same in every row of one adapter), so that a prefill computes only what follows it.
+
+    Computed once for the longest prefix all of a call's prompts share (a ``debias`` job: every prompt opens with the
+    same system prompt and instruction), or copied out of the cache after a one-prompt call's prefill; the runner
+    keeps the most recent one (``runner.prefix``), so a later call whose prompts begin the same way (a pipeline
+    debiasing one text at a time) prefills only what differs. Valid for its model as long as the model lives: the
+    weights, adapters, dtype and backend are fixed at load."""
+
+    def __init__(self, tokens: list[int], adapters: list[int], cache: KVCache) -> None:
+        self.tokens, self.adapters, self.cache = tokens, adapters, cache  # cache: [len(adapters), H, len(tokens), D]
 
     @classmethod
-    def find(cls, model, ids: list[list[int]], rows: list[int]) -> _SharedPrefix | None:
-        """The shared prefix of ``ids`` (``rows``: their adapters), computed; None if shorter than
-        ``MIN_SHARED_PREFIX`` or if there is only one prompt."""
-        n = min(len(x) for x in ids) - 1  # each prompt keeps at least its last token to prefill (its logits)
-        p = 0
-        while p < n and all(x[p] == ids[0][p] for x in ids):
-            p += 1
-        return cls(model, ids[0][:p], rows) if len(ids) > 1 and p >= MIN_SHARED_PREFIX else None
+    def compute(cls, model, tokens: list[int], adapters: list[int]) -> _SharedPrefix:
+        """Prefill ``tokens`` once per adapter of ``adapters`` (-1: none)."""
+        dev, k, p = model.device, len(adapters), len(tokens)
+        cache = KVCache.allocate(model.config, k, p, model.dtype, dev)
+        adapter_idx = torch.tensor(adapters, dtype=torch.int32, device=dev) if max(adapters) >= 0 else None
+        tokens_t, start = torch.tensor([tokens] * k, dtype=torch.long, device=dev), torch.zeros(k, dtype=torch.long)
+        model.runner.prefill(tokens_t, start.to(dev), cache, adapter_idx, padded=False)
+        return cls(tokens, adapters, cache)
 
-    def __init__(self, model, prefix: list[int], rows: list[int]) -> None:
-        dev, p = model.device, len(prefix)
-        self.len = p
-        self.adapters = sorted(set(rows))  # one prefix row per adapter (-1: none)
-        k = len(self.adapters)
-        tokens = torch.tensor([prefix] * k, dtype=torch.long, device=dev)
-        adapter_idx = torch.tensor(self.adapters, dtype=torch.int32, device=dev) if max(rows) >= 0 else None
-        self.cache = KVCache.allocate(model.config, k, p, model.dtype, dev)
-        model.runner.prefill(tokens, torch.zeros(k, dtype=torch.long, device=dev), self.cache, adapter_idx,
-                             padded=False)  # fmt: skip
+    @classmethod
+    def keep(cls, cache: KVCache, tokens: list[int], adapter: int) -> _SharedPrefix:
+        """A copy of slots 0..len(tokens)-1 of row 0 of ``cache`` (a one-prompt call's prefill, unpadded)."""
+        p = len(tokens)
+        return cls(tokens, [adapter], KVCache([k[:1, :, :p].clone() for k in cache.k],
+                                              [v[:1, :, :p].clone() for v in cache.v]))  # fmt: skip
 
-    def write(self, cache: KVCache, start: list[int], rows: list[int]) -> int:
-        """Copy the prefix into the first ``len(start)`` rows of ``cache``, at slots ``start[r]`` onwards (``rows``:
-        their adapters) → the first slot that some row still has to prefill."""
-        b, p = len(start), self.len
+    def write(self, cache: KVCache, start: list[int], rows: list[int], p: int) -> int:
+        """Copy the prefix's first ``p`` slots into the first ``len(start)`` rows of ``cache``, at slots ``start[r]``
+        onwards (``rows``: their adapters) → the first slot that some row still has to prefill."""
+        b = len(start)
         dev = cache.k[0].device
         which = torch.tensor([self.adapters.index(a) for a in rows], dtype=torch.long, device=dev)
         slots = torch.tensor(start, dtype=torch.long, device=dev).view(b, 1) + torch.arange(p, device=dev)
         for dst, src in zip(cache.k + cache.v, self.cache.k + self.cache.v):
-            src = src.index_select(0, which)  # [b, H, p, D]
+            src = src[:, :, :p].index_select(0, which)  # [b, H, p, D]
             dst[:b].scatter_(2, slots.view(b, 1, p, 1).expand_as(src), src)
         return min(start) + p
 
 
+def _find_prefix(model, ids: list[list[int]], rows: list[int]) -> tuple[_SharedPrefix, int] | None:
+    """The prefix that the prompts ``ids`` (``rows``: their adapters) can start from, and how many of its tokens:
+    the runner's kept one where it covers at least ``MIN_SHARED_PREFIX`` of their common prefix and their adapters,
+    else (several prompts) their common prefix, computed and kept; None if neither is long enough. Each prompt keeps
+    its last token to prefill (its logits choose the first new token)."""
+    common = ids[0][: min(len(x) for x in ids) - 1]
+    common = common[: _common_prefix(ids, common)]
+    kept = model.runner.prefix
+    if kept is not None and set(rows) <= set(kept.adapters):
+        p = _common_prefix([common], kept.tokens)
+        if p >= MIN_SHARED_PREFIX:
+            return kept, p
+    if len(ids) > 1 and len(common) >= MIN_SHARED_PREFIX:
+        model.runner.prefix = _SharedPrefix.compute(model, common, sorted(set(rows)))
+        return model.runner.prefix, len(common)
+    return None
+
+
 def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None,
             length: int | None = None, own_cache: bool = False,
-            prefix: tuple[_SharedPrefix, list[int]] | None = None):  # fmt: skip
+            prefix: tuple[_SharedPrefix, int, list[int]] | None = None):  # fmt: skip
     """Left-pad ``ids`` into [B, T], get the static cache from the model's runner (``length`` slots, default
     T + ``max_new_tokens``), run the prompt (chunked). ``own_cache``: a cache of T slots of their own instead
     (prompts that join a running batch: the runner's cache is in use; ``runner.place_rows`` copies it there).
-    ``prefix``: the prefix all of ``ids`` begin with, already computed, and their adapters: copied in, then only
-    the rest is prefilled.
+    ``prefix``: (a prefix that all of ``ids`` begin with, how many of its tokens, their adapters): copied in, then
+    only the rest is prefilled.
 
     Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
     """
@@ -266,7 +295,7 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
         cache = KVCache.allocate(model.config, b, t, model.dtype, dev)
     else:
         cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
-    first = prefix[0].write(cache, starts, prefix[1]) if prefix is not None else 0
+    first = prefix[0].write(cache, starts, prefix[2], prefix[1]) if prefix is not None else 0
     tokens = tokens.to(dev)
     logits = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids),
                                   first=first)  # fmt: skip
@@ -592,16 +621,19 @@ def _generate_batch(
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
-    shared = _SharedPrefix.find(model, ids, rows) if model.runner.share_prefix else None
+    shared = _find_prefix(model, ids, rows) if model.runner.share_prefix else None
 
     def start_rows(members: list[int], join: bool = False):
         """Prefill the prompts ``members`` (positions in ``ids``) → their loop state, first logits, cache, start.
         ``join``: prompts joining the running batch (a cache of their own, for ``runner.place_rows``)."""
         adapter_idx = (torch.tensor([rows[i] for i in members], dtype=torch.int32, device=dev)
                        if has_adapter else None)  # fmt: skip
+        prefix = (*shared, [rows[i] for i in members]) if shared else None
         logits, cache, start, prompt = prefill(model, [ids[i] for i in members], max_new_tokens, adapter_idx,
-                                               length=cache_len, own_cache=join,
-                                               prefix=(shared, [rows[i] for i in members]) if shared else None)
+                                               length=cache_len, own_cache=join, prefix=prefix)  # fmt: skip
+        if n == 1 and model.runner.share_prefix and len(ids[0]) > MIN_SHARED_PREFIX:
+            # keep this prompt's K/V (but its last token) for the next call's prompts that begin the same way
+            model.runner.prefix = _SharedPrefix.keep(cache, ids[0][:-1], rows[0])
         lex = None
         if matcher is not None:
             lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)

@@ -158,8 +158,10 @@ class DecodeRunner:
         # kernels are replayed without launch overhead and a compile would cost seconds per batch size and
         # settings (set it to fuse the step's few dozen small kernels into a few: bench --compile-step)
         self.compile_step = runtime == "compile"
-        # prefill a prefix that all of a call's prompts share once (``generate._SharedPrefix``): off only to compare
+        # prefill a prefix that all of a call's prompts share once, and keep the latest such prefix (or one prompt's)
+        # for later calls whose prompts begin the same way (``generate._SharedPrefix``); off only to compare
         self.share_prefix = True
+        self.prefix = None
 
     @property
     def static(self) -> bool:
@@ -167,8 +169,8 @@ class DecodeRunner:
         return self.runtime == "cuda_graph"
 
     def reset(self) -> None:
-        """Drop the cache and every captured graph (frees their memory)."""
-        self.cache, self.graphs, self.pool, self._bufs = None, {}, None, {}
+        """Drop the cache, every captured graph and the kept prompt prefix (frees their memory)."""
+        self.cache, self.graphs, self.pool, self._bufs, self.prefix = None, {}, None, {}, None
 
     def allocate(self, b: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         """A cache with at least ``b`` rows of ``length`` slots (bucketed and reused under static runtimes)."""
@@ -184,7 +186,7 @@ class DecodeRunner:
         if c is None or c.k[0].shape[0] < bb or c.k[0].shape[2] < lb or c.k[0].dtype != dtype:
             if c is not None:
                 bb, lb = max(bb, c.k[0].shape[0]), max(lb, c.k[0].shape[2])
-            self.reset()
+            self.cache, self.graphs, self.pool = None, {}, None  # (graphs of the old cache's addresses: gone)
             self.cache = KVCache.allocate(cfg, bb, lb, dtype, device)
             self._bufs = {
                 "tokens": torch.zeros(bb, 1, dtype=torch.long, device=device),

@@ -1,6 +1,7 @@
 """A prefix that all of a call's prompts share is prefilled once (``generate._SharedPrefix``) and copied into each
-row: tokens, logits and everything else equal the full prefill's, under every runtime, with mixed adapters,
-left padding, prompts joining a running batch, and a prompt that is the prefix plus one token."""
+row, and the runner keeps it (or a one-prompt call's prompt) for later calls whose prompts begin the same way:
+tokens, logits and everything else equal the full prefill's, under every runtime, with mixed adapters, left
+padding, prompts joining a running batch, and a prompt that is the prefix plus one token."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import fastdebias
-from fastdebias.generate import MIN_SHARED_PREFIX, _SharedPrefix, prefill
+from fastdebias.generate import MIN_SHARED_PREFIX, _find_prefix, _SharedPrefix, prefill
 from fastdebias.lexicon import Lexicon
 
 from .conftest import TOLERANCES, as_cuda_graph
@@ -42,13 +43,21 @@ def model(llama_dir, adapter_qv):
     return fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="eager", progress=False)
 
 
+@pytest.fixture(autouse=True)
+def no_kept_prefix(model):
+    model.runner.prefix = None  # each test starts with nothing kept from another
+
+
 def test_shared_prefix_found_only_where_worth_it(model):
-    assert _SharedPrefix.find(model, PROMPTS, [0] * 6).len == len(SYSTEM)
+    shared, p = _find_prefix(model, PROMPTS, [0] * 6)
+    assert p == len(SYSTEM) and shared.tokens == SYSTEM and model.runner.prefix is shared
+    model.runner.prefix = None
     # the shortest prompt keeps its last token to prefill (its logits choose its first token)
-    assert _SharedPrefix.find(model, [SYSTEM, SYSTEM + [5]], [0, 0]).len == len(SYSTEM) - 1
-    assert _SharedPrefix.find(model, PROMPTS[:1], [0]) is None  # one prompt: nothing to share
+    assert _find_prefix(model, [SYSTEM, SYSTEM + [5]], [0, 0])[1] == len(SYSTEM) - 1
+    model.runner.prefix = None
+    assert _find_prefix(model, PROMPTS[:1], [0]) is None  # one prompt, nothing kept: nothing to share
     short = [SYSTEM[: MIN_SHARED_PREFIX - 1] + [5, 6], SYSTEM[: MIN_SHARED_PREFIX - 1] + [7]]
-    assert _SharedPrefix.find(model, short, [0, 0]) is None
+    assert _find_prefix(model, short, [0, 0]) is None
 
 
 def test_prefill_with_shared_prefix_equals_full_prefill(model):
@@ -57,8 +66,8 @@ def test_prefill_with_shared_prefix_equals_full_prefill(model):
     adapter_idx = torch.tensor(rows, dtype=torch.int32)
     full = prefill(model, PROMPTS, NEW, adapter_idx)
     logits, cache = full[0].clone(), [k.clone() for k in full[1].k + full[1].v]
-    shared = _SharedPrefix.find(model, PROMPTS, rows)
-    got = prefill(model, PROMPTS, NEW, adapter_idx, prefix=(shared, rows))
+    shared = _SharedPrefix.compute(model, SYSTEM, [-1, 0])
+    got = prefill(model, PROMPTS, NEW, adapter_idx, prefix=(shared, len(SYSTEM), rows))
     rtol, atol = TOLERANCES[torch.float32]
     torch.testing.assert_close(got[0], logits, rtol=rtol, atol=atol)
     t = got[3].shape[1]
@@ -73,10 +82,14 @@ def test_generate_shares_the_prefix_and_changes_nothing(model, llama_dir, adapte
     lex = Lexicon.from_token_sequences({tuple(free[1][2:4]): float("-inf"), (free[2][1],): -1.0})
     kw = dict(adapter=names, max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
     seen = prefilled_tokens(model, monkeypatch)
+    model.runner.prefix = None  # (the call above kept it)
     got = fastdebias.generate(model, PROMPTS, **kw)
     # the prefix once per adapter (2 rows), then the rest of the padded batch (from the longest prompt's)
     t = max(map(len, PROMPTS))
     assert seen == [2 * len(SYSTEM), len(PROMPTS) * (t - len(SYSTEM))], seen
+    seen.clear()  # a second call: the kept prefix, nothing computed again
+    assert outputs(fastdebias.generate(model, PROMPTS, **kw)) == outputs(got)
+    assert seen == [len(PROMPTS) * (t - len(SYSTEM))], seen
     model.runner.share_prefix = False
     try:
         seen.clear()
@@ -114,5 +127,29 @@ def test_shared_prefix_under_graphs(llama_dir, adapter_qv, model, emulated_graph
     assert outputs(fastdebias.generate(static, PROMPTS, **kw)) == outputs(want)
     assert seen == [2 * len(SYSTEM), len(PROMPTS) * (max(map(len, PROMPTS)) - len(SYSTEM))]
     seen.clear()
+    static.runner.prefix = None
     assert outputs(fastdebias.generate(static, PROMPTS, batch_size=4, **kw)) == outputs(want)
     assert len(seen) == 3 and seen[0] == 2 * len(SYSTEM), seen  # the prefix, 4 rows, then 2 rows join
+
+
+def test_later_calls_reuse_the_kept_prefix(model, monkeypatch):
+    """One text at a time (a pipeline): each call keeps its prompt, and the next one, beginning the same way,
+    prefills only what differs; another adapter, or a prompt beginning otherwise, prefills in full."""
+    seen = prefilled_tokens(model, monkeypatch)
+    want = [fastdebias.generate(model, [p], max_new_tokens=NEW, adapter="qv")[0] for p in PROMPTS]
+    model.runner.share_prefix = False
+    try:
+        assert outputs(want) == outputs([fastdebias.generate(model, [p], max_new_tokens=NEW, adapter="qv")[0]
+                                         for p in PROMPTS])  # fmt: skip
+    finally:
+        model.runner.share_prefix = True
+    full = [len(p) for p in PROMPTS]
+    assert seen[: len(PROMPTS)] == full[:1] + [n - len(SYSTEM) for n in full[1:]], seen
+    assert model.runner.prefix.tokens == PROMPTS[-1][:-1] and model.runner.prefix.adapters == [0]
+    seen.clear()
+    fastdebias.generate(model, [PROMPTS[0]], max_new_tokens=2, adapter=None)  # another adapter: in full
+    other = [1, 2, 3] + SYSTEM
+    fastdebias.generate(model, [other], max_new_tokens=2, adapter=None)  # begins otherwise: in full
+    assert seen == [len(PROMPTS[0]), len(other)], seen
+    model.runner.reset()
+    assert model.runner.prefix is None
