@@ -667,7 +667,8 @@ def _generate_batch(
         cache of their own, their first token chosen from the prefill's logits, then their loop state, cache slots
         and step inputs written into those rows. Returns the step inputs (feed, slots, start)."""
         s2, x2, cache2, start2, t2 = start_rows(members, join=True)
-        feed2, slots2 = advance(s2, x2, False)
+        # (eager: one call per join, whose batch size, often 1, would otherwise compile a step graph of its own)
+        feed2, slots2 = _advance(s2, x2, False)
         idx = torch.tensor(places, dtype=torch.long, device=dev)
         s.assign(idx, s2)
         model.runner.place_rows(cache, idx, cache2)
