@@ -231,8 +231,8 @@ class _SharedPrefix:
         dev, k, p = model.device, len(adapters), len(tokens)
         cache = KVCache.allocate(model.config, k, p, model.dtype, dev)
         adapter_idx = torch.tensor(adapters, dtype=torch.int32, device=dev) if max(adapters) >= 0 else None
-        tokens_t, start = torch.tensor([tokens] * k, dtype=torch.long, device=dev), torch.zeros(k, dtype=torch.long)
-        model.runner.prefill(tokens_t, start.to(dev), cache, adapter_idx, padded=False)
+        batch = torch.tensor([tokens] * k, dtype=torch.long, device=dev)
+        model.runner.prefill(batch, torch.zeros(k, dtype=torch.long, device=dev), cache, adapter_idx, padded=False)
         return cls(tokens, adapters, cache)
 
     @classmethod
