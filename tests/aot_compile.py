@@ -1,17 +1,19 @@
-"""Compile every Triton kernel launch of fastdebias for an H100 (sm_90) on a machine without a GPU.
+"""Compile every Triton kernel launch of fastdebias for a GPU (an H100, sm_90, by default) on a machine without one.
 
 The Triton interpreter, which runs the kernel tests on a CPU, checks what the kernels compute but not whether they
 compile for a GPU: it accepts programs that the GPU compiler rejects, and it has no shared memory or registers to
 run out of. This script drives the real host code (``fastdebias.ops``: argument checks, meta-parameter rules,
 allocations, launches) on CPU tensors of the GPU shapes, but each launch only compiles the kernel with Triton's CUDA
-backend for sm_90 (PTX → cubin by the ptxas that ships with Triton) instead of running it; nothing is computed.
-For each compiled variant it reads the cubin's resource usage (``cuobjdump -res-usage``, also shipped with Triton)
-and checks it against the H100's limits: shared memory per program (227 KiB opt-in) and registers per SM. Spills to
+backend (PTX → cubin by the ptxas that ships with Triton) instead of running it; nothing is computed. The meta-
+parameter rules see the target GPU's SM count and shared memory, as they would on it. For each compiled variant it
+reads the cubin's resource usage (``cuobjdump -res-usage``, also shipped with Triton) and checks it against the
+GPU's limits: shared memory per program (the opt-in maximum: 227 KiB on an H100) and registers per SM. Spills to
 local memory are reported, not failed: they cost speed, not correctness.
 
-    python tests/aot_sm90.py            # every case, a table of the variants on stdout
-    python tests/aot_sm90.py --quick    # the CI subset (tests/test_aot_sm90.py)
-    python tests/aot_sm90.py --json out.json
+    python tests/aot_compile.py                 # every case for an H100, a table of the variants on stdout
+    python tests/aot_compile.py --arch 80       # for an A100 (89: an L4)
+    python tests/aot_compile.py --quick         # the CI subset (tests/test_aot_compile.py, for each of the three)
+    python tests/aot_compile.py --json out.json
 
 Must run without ``TRITON_INTERPRET=1`` (the kernels are defined as GPU kernels then). Exit status 1 if a case failed
 to compile or a variant exceeds a limit.
@@ -31,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("aot_sm90.py compiles for the GPU: run it without TRITON_INTERPRET=1")
+    sys.exit("aot_compile.py compiles for the GPU: run it without TRITON_INTERPRET=1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -39,9 +41,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-# H100 SXM limits (CUDA occupancy tables, compute capability 9.0)
-SMEM_OPTIN = 232448  # bytes of shared memory one block may opt into
-REGS_PER_SM = 65536
+# (SMs, shared memory one block may opt into in bytes, 32-bit registers per SM) of one GPU per target: the H100
+# SXM (sm_90) that the benchmarks run on, the A100 (sm_80) and the L4 (sm_89), from their CUDA occupancy tables
+ARCHS = {90: ("H100", 132, 232448, 65536), 80: ("A100", 108, 166912, 65536), 89: ("L4", 58, 101376, 65536)}
 TARGET = GPUTarget("cuda", 90, 32)
 
 
@@ -81,15 +83,16 @@ class Recorder:
         JITFunction.run = run
 
 
-def _patch_ops() -> None:
+def _patch_ops(sms: int, smem: int) -> None:
     """The ops refuse CPU tensors outside the interpreter, and pick the interpreter's meta-parameters inside it: let
-    them take CPU tensors with the GPU's rules (off CUDA they already assume an H100's SM count and shared memory)."""
+    them take CPU tensors with the GPU's rules, for a GPU of ``sms`` SMs and ``smem`` bytes of shared memory."""
     import fastdebias.ops.logits as ol
     import fastdebias.ops.lora as olo
 
     ol._check_backend = lambda device: None
     ol._interpreting = lambda: False
     olo._interpreting = lambda: True  # (lora's only use: the device check; its meta rule takes no interpret flag)
+    ol._device_limits = olo._device_limits = lambda device: (sms, smem)
 
 
 def _resources(cubin: bytes) -> dict:
@@ -151,6 +154,35 @@ def logits_cases(quick: bool):
 
 def _logits(logits_step, b, v, dtype, kw):
     return logits_step(torch.empty(b, v, dtype=dtype), **kw)
+
+
+def filter_sweep_cases(quick: bool):
+    """(name, thunk) for ``bench/bench_logits.py --filter-sweep`` (a GPU session's command): the top-k + top-p step
+    under each threshold-pass meta it times, at its shapes (quick: the largest tiles and candidate counts)."""
+    import itertools
+
+    from fastdebias.kernels.logits import _passes, logits_meta
+    from fastdebias.ops.logits import logits_step
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        from bench_logits import BATCHES, FILTER_SWEEP, VOCABS
+    finally:
+        sys.path.pop(0)
+    kw = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
+    sweep = [(16, 256, 4), (4, 256, 8)] if quick else list(itertools.product(*FILTER_SWEEP.values()))
+    for b, v in [(1, 128256)] if quick else itertools.product(BATCHES, VOCABS):
+        rule = logits_meta(b, v, _num_sms())
+        for nc, bn, warps in sweep:
+            meta = rule._replace(n_cand=nc, n_pass=_passes(nc), pass_block_n=bn, pass_num_warps=warps)
+            yield (f"filter sweep B={b} V={v} n_cand={nc} block={bn} warps={warps}",
+                   partial(_logits, logits_step, b, v, torch.float32, {**kw, "meta": meta}))
+
+
+def _num_sms() -> int:
+    import fastdebias.ops.logits as ol
+
+    return ol._device_limits(torch.device("cpu"))[0]
 
 
 def lm_head_cases(quick: bool):
@@ -220,16 +252,42 @@ def _sliced(lora_linear_sliced, pack_sliced_lora, k, sizes, targeted, dt, n, m, 
 # ------------------------------------------------------------------------------------------------------ driver
 
 
+def report(head: str, variants: list[dict], command: str) -> str:
+    """Markdown: per kernel, its variants' largest shared memory and register counts and any spills; then each
+    variant (the first case that compiled it, and how many launches used it)."""
+    lines = ["# Triton kernels compiled without a GPU", "", f"`{command}`: {head}.", "",
+             "| kernel | variants | max shared B | max regs/thread | variants spilling (local B) |",
+             "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for name in dict.fromkeys(v["kernel"] for v in variants):
+        vs = [v for v in variants if v["kernel"] == name]
+        spills = ", ".join(f"{v['first_case']} ({v['local']})" for v in vs if v["local"]) or "none"
+        lines.append(f"| {name} | {len(vs)} | {max(v['shared'] for v in vs)} | {max(v['reg'] for v in vs)} | "
+                     f"{spills} |")  # fmt: skip
+    lines += ["", "| kernel | first case | launches | warps | stages | shared B | regs | local B | over a limit |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for v in variants:
+        lines.append(f"| {v['kernel']} | {v['first_case']} | {v['launches']} | {v['num_warps']} | {v['num_stages']} | "
+                     f"{v['shared']} | {v['reg']} | {v['local']} | {'; '.join(v['over']) or '-'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the CI subset")
+    p.add_argument("--arch", type=int, default=90, choices=sorted(ARCHS),
+                   help="compile for this compute capability, with its GPU's limits (default 90: H100)")
     p.add_argument("--json", type=Path, default=None, help="write the variants and failures here")
+    p.add_argument("--md", type=Path, default=None, help="write the markdown report here")
     args = p.parse_args(argv)
+    global TARGET
+    TARGET = GPUTarget("cuda", args.arch, 32)
+    gpu, sms, smem_optin, regs_per_sm = ARCHS[args.arch]
     rec = Recorder()
     rec.install()
-    _patch_ops()
+    _patch_ops(sms, smem_optin)
     failures = []
-    cases = [*logits_cases(args.quick), *lm_head_cases(args.quick), *lora_cases(args.quick)]
+    cases = [*logits_cases(args.quick), *filter_sweep_cases(args.quick), *lm_head_cases(args.quick),
+             *lora_cases(args.quick)]
     for name, thunk in cases:
         rec.case = name
         try:
@@ -240,39 +298,35 @@ def main(argv=None) -> int:
     for case, kernel_name, kernel in rec.launches:
         key = kernel.hash
         if key in seen:
-            seen[key]["cases"] += 1
+            seen[key]["launches"] += 1
             continue
         md = kernel.metadata
         res = _resources(kernel.asm["cubin"])
         threads = md.num_warps * 32
-        v = dict(kernel=kernel_name, first_case=case, cases=1, num_warps=md.num_warps, num_stages=md.num_stages,
+        v = dict(kernel=kernel_name, first_case=case, launches=1, num_warps=md.num_warps, num_stages=md.num_stages,
                  shared=md.shared, **res, regs_per_block=res["reg"] * threads)  # fmt: skip
         over = []
-        if md.shared > SMEM_OPTIN:
-            over.append(f"shared memory {md.shared} B > {SMEM_OPTIN} B")
-        if res["reg"] * threads > REGS_PER_SM:
-            over.append(f"{res['reg']} registers x {threads} threads > {REGS_PER_SM}")
+        if md.shared > smem_optin:
+            over.append(f"shared memory {md.shared} B > {smem_optin} B")
+        if res["reg"] * threads > regs_per_sm:
+            over.append(f"{res['reg']} registers x {threads} threads > {regs_per_sm}")
         v["over"] = over
         seen[key] = v
         variants.append(v)
-    print(f"triton {triton.__version__}, target {TARGET}: {len(cases)} cases, {len(rec.launches)} launches, "
-          f"{len(variants)} distinct compiled kernels")  # fmt: skip
-    print("\n| kernel | first case | cases | warps | stages | shared B | regs | local B | over a limit |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for v in variants:
-        print(f"| {v['kernel']} | {v['first_case']} | {v['cases']} | {v['num_warps']} | {v['num_stages']} | "
-              f"{v['shared']} | {v['reg']} | {v['local']} | {'; '.join(v['over']) or '-'} |")  # fmt: skip
+    over = [v for v in variants if v["over"]]
+    head = (f"triton {triton.__version__}, sm_{args.arch} ({gpu}: {sms} SMs, {smem_optin} B of shared memory per "
+            f"block): {len(cases)} cases, {len(rec.launches)} launches, {len(variants)} distinct compiled kernels, "
+            f"{len(failures)} failed to compile, {len(over)} over a limit")  # fmt: skip
+    text = report(head, variants, " ".join(["python tests/aot_compile.py", *sys.argv[1:]]))
+    print(text)
+    if args.md:
+        args.md.write_text(text)
     for f in failures:
         print(f"\nFAILED to compile: {f['case']}\n{f['traceback']}", file=sys.stderr)
-    over = [v for v in variants if v["over"]]
     for v in over:
         print(f"OVER A LIMIT: {v['kernel']} ({v['first_case']}): {'; '.join(v['over'])}", file=sys.stderr)
-    spills = [v for v in variants if v["local"]]
-    if spills:
-        print(f"\n{len(spills)} variants spill registers to local memory (slower, not wrong): "
-              + ", ".join(f"{v['kernel']} ({v['first_case']}: {v['local']} B)" for v in spills))  # fmt: skip
     if args.json:
-        result = dict(triton=triton.__version__, variants=variants, failures=failures)
+        result = dict(triton=triton.__version__, arch=args.arch, variants=variants, failures=failures)
         args.json.write_text(json.dumps(result, indent=1))
     return 1 if failures or over else 0
 
