@@ -7,8 +7,10 @@ allocations, launches) on CPU tensors of the GPU shapes, but each launch only co
 backend (PTX → cubin by the ptxas that ships with Triton) instead of running it; nothing is computed. The meta-
 parameter rules see the target GPU's SM count and shared memory, as they would on it. For each compiled variant it
 reads the cubin's resource usage (``cuobjdump -res-usage``, also shipped with Triton) and checks it against the
-GPU's limits: shared memory per program (the opt-in maximum: 227 KiB on an H100) and registers per SM. Spills to
-local memory are reported, not failed: they cost speed, not correctness.
+GPU's limits: shared memory per program (the kernel's dynamic shared memory, as Triton checks it at launch, against
+the opt-in maximum: 227 KiB on an H100; sm_90a cubins also show 1 KiB of static shared memory, the per-block
+reservation that the opt-in maximum already leaves out) and registers per SM. Spills to local memory are reported,
+not failed: they cost speed, not correctness.
 
     python tests/aot_compile.py                 # every case for an H100, a table of the variants on stdout
     python tests/aot_compile.py --arch 80       # for an A100 (89: an L4)
@@ -41,14 +43,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-# (SMs, shared memory one block may opt into in bytes, 32-bit registers per SM) of one GPU per target: the H100
-# SXM (sm_90) that the benchmarks run on, the A100 (sm_80) and the L4 (sm_89), from their CUDA occupancy tables
+# compute capability -> (a GPU of it, its SMs, the shared memory one block may opt into in bytes, 32-bit registers
+# per SM): the H100 SXM that the benchmarks run on, the A100 and the L4, from the CUDA occupancy tables
 ARCHS = {90: ("H100", 132, 232448, 65536), 80: ("A100", 108, 166912, 65536), 89: ("L4", 58, 101376, 65536)}
 TARGET = GPUTarget("cuda", 90, 32)
 
 
 class _CompileOnlyDriver:
-    """The little of Triton's driver interface that a launch needs before it compiles: an sm_90 target."""
+    """The little of Triton's driver interface that a launch needs before it compiles: the target (``TARGET``)."""
 
     def get_current_target(self):
         return TARGET
@@ -64,7 +66,7 @@ class _CompileOnlyDriver:
 
 
 class Recorder:
-    """Turns every ``kernel[grid](...)`` into a compile for sm_90 (``warmup``: no launch), and records it."""
+    """Turns every ``kernel[grid](...)`` into a compile for ``TARGET`` (``warmup``: no launch), and records it."""
 
     def __init__(self) -> None:
         self.launches: list[tuple[str, str, object]] = []  # (case, kernel name, compiled kernel)
