@@ -221,7 +221,7 @@ class LlamaDecoder(nn.Module):
         return list({id(m): m for m, _ in self.lora_targets().values()}.values())
 
     def pack_cpu_weights(self, keep_plain: bool = True) -> int:
-        """Pack each fp32 CPU projection weight for oneDNN (``ops.pack_cpu_weight``). Call after any merge.
+        """Pack each fp32 (or bf16) CPU projection weight for oneDNN (``ops.pack_cpu_weight``). Call after any merge.
 
         ``keep_plain=True`` (the compiled runtime, whose 1-2-row multiply-reduce reads the plain weights): the
         packed copies sit beside them, if they fit ``ops.cpu_pack_fits``. ``keep_plain=False`` (the eager runtime,

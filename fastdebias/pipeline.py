@@ -188,7 +188,8 @@ def load(
     elif adapters:
         decoder.attach_adapters(adapters)
     if dev.type == "cpu" and resolved_backend == "torch":
-        # fp32 on x86-64 only, a no-op elsewhere; the eager runtime keeps the packed weights alone
+        # fp32 (and bf16 where oneDNN computes it natively) on x86-64 only, a no-op elsewhere; the eager runtime keeps
+        # the packed weights alone
         decoder.pack_cpu_weights(keep_plain=resolved_runtime != "eager")
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,

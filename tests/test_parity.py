@@ -174,6 +174,16 @@ def test_half_logits_as_accurate_as_transformers(llama_dir, adapter_qv, dtype):
     torch.testing.assert_close(got, truth, rtol=rtol, atol=2.5 * atol * scale)
 
 
+def test_bf16_greedy_equals_transformers_bf16_one_prompt_at_a_time(llama_dir):
+    """bf16 on CPU (projections on oneDNN's packed weights where it computes bf16 natively): the same greedy tokens
+    as transformers in bf16, each prompt alone. Not batched: in bf16 neither is batch-invariant (the GEMMs' blocking
+    depends on the row count). Not with an adapter: the LoRA term rounds differently from PEFT's bf16 one (each
+    within the half-precision accuracy test above), and a tiny random model's near-tied logits flip."""
+    model = fastdebias.load(llama_dir, dtype="bfloat16", progress=False)
+    for p in PROMPTS:
+        assert ours(model, [p]) == hf_greedy(llama_dir, [p], dtype=torch.bfloat16)
+
+
 def test_eos_stops_rows_like_transformers(llama_dir):
     model = fastdebias.load(llama_dir, progress=False)
     free = ours(model, PROMPTS, n_new=6)

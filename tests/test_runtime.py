@@ -247,8 +247,8 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
     w = torch.randn(24, 40, generator=gen).to(dtype)
     want = torch.nn.functional.linear(x.float(), w.float())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
-    packed = ops.pack_cpu_weight(w)  # oneDNN's blocked layout (fp32 on x86-64 only)
-    assert (packed is not None) == (dtype == torch.float32 and ops._ONEDNN)
+    packed = ops.pack_cpu_weight(w)  # oneDNN's blocked layout (x86-64 only; bf16 where oneDNN computes it natively)
+    assert (packed is not None) == (ops._ONEDNN and (dtype == torch.float32 or ops._ONEDNN_BF16))
     packed_linear = lambda x, w: ops._base_linear(x, w, packed)  # noqa: E731
     for fn in (ops._base_linear, ops._factor_linear, packed_linear):  # LoRA factors: a multiply-reduce compiled
         torch.testing.assert_close(fn(x, w).float(), want, **tol)
@@ -263,7 +263,8 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
 def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_dir, tmp_path_factory, monkeypatch):
     """On CPU, fp32, x86-64: every projection has a oneDNN-packed weight (the step's projections read it). The
     eager runtime keeps it alone (no second copy), except a tied lm_head's (the embedding reads the plain one);
-    the compiled runtime keeps both, within the RAM rule. Same tokens as the plain weights; not in bf16."""
+    the compiled runtime keeps both, within the RAM rule. Same tokens as the plain weights; in bf16 too, where
+    oneDNN computes bf16 natively."""
     from pathlib import Path
 
     from fastdebias import ops
@@ -311,8 +312,16 @@ def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_di
         dense = q.cpu_weight.to_dense()
         tied_model.decoder.merge_adapter(AdapterWeights("none", Path("."), {}))
         assert torch.equal(q.weight, dense) and q.cpu_weight is None
-    bf16 = fastdebias.load(llama_dir, device="cpu", dtype="bfloat16", progress=False)
-    assert all(m.cpu_weight is None and m.weight is not None for m in bf16.decoder.projections())
+    bf16 = fastdebias.load(llama_dir, adapter_qv, device="cpu", dtype="bfloat16", progress=False)
+    assert all((m.cpu_weight is not None) == ops._ONEDNN_BF16 for m in bf16.decoder.projections())
+    assert all((m.weight is None) == ops._ONEDNN_BF16 for m in bf16.decoder.projections())
+    want = tokens(fastdebias.generate(bf16, PROMPTS, max_new_tokens=NEW))
+    for m in bf16.decoder.projections():
+        if m.weight is None:
+            m.weight = m.cpu_weight.to_dense()
+            assert m.weight.dtype == torch.bfloat16
+        m.cpu_weight = None
+    assert tokens(fastdebias.generate(bf16, PROMPTS, max_new_tokens=NEW)) == want
 
 
 class _SyncSpy(TorchDispatchMode):

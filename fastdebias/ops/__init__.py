@@ -95,9 +95,12 @@ CPU_GEMV_MAX_ROWS = 2
 # fp32 CPU projections go to oneDNN's matmul (``mkldnn._linear_pointwise``) instead of F.linear (MKL's sgemm):
 # faster at every size measured on the CI CPU: 1-32 rows in the same file, and prefill sizes, 64-2048 rows, in a
 # one-off check of the same two calls (the 49152-wide lm_head at 64 rows 24 vs 60 ms, the gate/up at 512 rows 9.4
-# vs 14.6). bf16 needs nothing: F.linear already takes oneDNN there (3072 x 576, 8 rows: 153 vs 155 us). Only on
-# x86-64, where it was measured. Read once: dynamo breaks the graph at a call of ``mkldnn.is_available``.
+# vs 14.6). On the plain weight bf16 needs nothing: F.linear already takes oneDNN there (3072 x 576, 8 rows: 153 vs
+# 155 us), with the same result bit for bit; what it gains is the packed weight (below). Only on x86-64, where it was
+# measured. Read once: dynamo breaks the graph at a call of ``mkldnn.is_available``.
 _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+# bf16 weights are packed too where oneDNN computes bf16 natively (AVX512-BF16 or AMX); elsewhere it would emulate.
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # Rows the pre-packed CPU weights are laid out for (one packed copy serves every row count: packed for 8 rows and
@@ -111,17 +114,24 @@ CPU_PACK_MAX_RAM_FRACTION = 0.25
 
 
 def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A fp32 CPU projection weight [N, K] reordered once into oneDNN's blocked layout
+    """A fp32 (or bf16, ``_ONEDNN_BF16``) CPU projection weight [N, K] reordered once into oneDNN's blocked layout
     (``mkldnn._reorder_linear_weight``), for ``_base_linear``; None where oneDNN's matmul is not the path (other
     dtypes, devices or architectures). oneDNN on the plain weight reorders it on every call: packed, the 120
-    SmolLM2 projections of a step took 29.9 instead of 48.5 ms at 8 rows and 101 instead of 173 ms at 64."""
+    SmolLM2 projections of a step took 29.9 instead of 48.5 ms at 8 rows and 101 instead of 173 ms at 64 (fp32).
+    In bf16, one call on SmolLM2's shapes took 40-65 % of F.linear's time at 1 row and 55-83 % at 8 and 64 rows
+    (2-core AVX512-BF16 CPU, one process, 100-200 calls each), with the same result bit for bit."""
     if not cpu_packable(weight):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), CPU_PACK_ROWS)
 
 
 def cpu_packable(weight: torch.Tensor) -> bool:
-    return _ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+    return weight.device.type == "cpu" and weight.dim() == 2 and _onednn_dtype(weight.dtype)
+
+
+def _onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether a CPU projection in ``dtype`` goes to oneDNN's matmul (packed or not)."""
+    return _ONEDNN and (dtype == torch.float32 or (dtype == torch.bfloat16 and _ONEDNN_BF16))
 
 
 def cpu_pack_fits(nbytes: int) -> bool:
@@ -162,17 +172,18 @@ def _base_linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Ten
     - inside ``torch.compile``, a decode GEMV of up to ``CPU_GEMV_MAX_ROWS`` rows is a multiply-reduce: inductor
       turns it into one vectorised pass that streams W from memory at about twice oneDNN's rate and three times
       MKL's (it would materialise [M, N, K] eagerly, so only there);
-    - other fp32 projections (eager, prefill, larger batches) are oneDNN's matmul, on the packed weight if given.
+    - other fp32 projections (eager, prefill, larger batches), and bf16 ones where oneDNN computes bf16 natively,
+      are oneDNN's matmul, on the packed weight if given.
     Everything else is ``F.linear``."""
     w = packed if packed is not None else weight
     if x.device.type == "cpu" and x.dim() == 2 and w is not None:
         if weight is not None and multiply_reduce_rows(x):
             return _multiply_reduce(x, weight)
-        if _ONEDNN and x.dtype == torch.float32 and w.dtype == torch.float32:
+        if x.dtype == w.dtype and _onednn_dtype(x.dtype):
             return _cpu_linear(x.contiguous(), w) if torch.compiler.is_compiling() else _onednn(x, w)
     if weight is None:
         raise BackendError(
-            f"a projection keeps only its oneDNN-packed CPU weight, which takes fp32 [M, K] inputs on CPU; got "
+            f"a projection keeps only its oneDNN-packed CPU weight, which takes [M, K] inputs of its dtype; got "
             f"{x.dtype} {tuple(x.shape)} on {x.device}: load the model with runtime='compile' to keep plain weights"
         )
     return torch.nn.functional.linear(x, weight)
