@@ -314,3 +314,64 @@ def test_jobs_bench_runs(tmp_path, llama_dir):
 def test_markdown_reasons_stay_in_their_cell():
     """A reason with line breaks and pipes (an exception's message) keeps the table one row per point."""
     assert bench._cell("load: AdapterError: x\n  y | z") == "load: AdapterError: x y \\| z"
+
+
+def test_diagnose_tells_rounding_flips_from_errors(tmp_path, monkeypatch):
+    """``bench._diagnose`` (why greedy outputs diverged): a token transformers scores far below its own pick is an
+    error even when the models agree; a pick within the models' logit difference (made here by shifting fastdebias'
+    logits of one token by more than transformers' margin, within the dtype's tolerance) is a rounding flip; and a
+    shift beyond the tolerance is an error however close the scores."""
+    import sys
+
+    gen_mod = sys.modules["fastdebias.generate"]
+    cfg = bench.BenchConfig(quick=True)
+    setup = bench.prepare(cfg, tmp_path, torch.device("cpu"))
+    dev, dt = torch.device("cpu"), torch.float32
+    fd = bench._FastDebias("fastdebias", setup, dev, dt, lambda n: None, "backtrack", "eager")
+    hf = bench._Transformers("hf-eager", setup, dev, dt, lambda n: ({}, []), 60.0)
+    prompts = [[1, 5, 9, 14, 3, 7], [1, 8, 2, 6, 4, 11]]
+    ref = hf.call(prompts, 5, 0)
+    assert fd.call(prompts, 5, 0) == ref  # fp32: token-identical
+    k = 3
+    ids = torch.tensor([p + r[:k] for p, r in zip(prompts, ref)])
+    with torch.inference_mode():
+        scores = hf.model(input_ids=ids).logits[:, -1].float()
+    worst, second = scores[1].argmin().item(), scores[1].topk(2).indices[1].item()
+    margin = (scores[1, ref[1][k]] - scores[1, second]).item()
+
+    def wrong(token):
+        out = [list(r) for r in ref]
+        out[1][k] = token
+        return out
+
+    d = bench._diagnose(fd, hf, prompts, wrong(worst), ref, 0, dt)
+    assert d["rounding"] is False and [(f["row"], f["step"], f["ours"]) for f in d["rows"]] == [(1, k, worst)]
+    assert d["rows"][0]["margin"] > d["rows"][0]["max_logit_diff"]
+    first = [list(r) for r in ref]  # a divergence at the first token: the prefill's logits
+    with torch.inference_mode():
+        first[0][0] = hf.model(input_ids=torch.tensor(prompts)).logits[0, -1].argmin().item()
+    d = bench._diagnose(fd, hf, prompts, first, ref, 0, dt)
+    assert d["rounding"] is False and [(f["row"], f["step"]) for f in d["rows"]] == [(0, 0)]
+    assert d["rows"][0]["max_logit_diff"] < 1e-3 < d["rows"][0]["margin"]
+
+    def shifted(shift):
+        real = gen_mod.decode_one_token
+
+        def decode(*a, **kw):
+            out = real(*a, **kw).clone()
+            out[1, second] += shift
+            return out
+
+        monkeypatch.setattr(gen_mod, "decode_one_token", decode)
+        try:
+            return bench._diagnose(fd, hf, prompts, wrong(second), ref, 0, dt)
+        finally:
+            monkeypatch.setattr(gen_mod, "decode_one_token", real)
+
+    # a tolerance that admits a shift of 1.5x the margin (fp32's would not: its margins are far above rounding)
+    scale = scores.abs().max().item()
+    monkeypatch.setitem(bench.ROUNDING_TOL, dt, 2 * margin / scale)
+    d = shifted(margin * 1.5)
+    assert d["rounding"] is True and d["rows"][0]["margin"] <= d["rows"][0]["max_logit_diff"]
+    d = shifted(margin * 3)  # the models' logits differ by more than the tolerance: not rounding
+    assert d["rounding"] is False and d["rows"][0]["max_logit_diff"] > bench.ROUNDING_TOL[dt] * scale
