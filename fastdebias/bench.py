@@ -750,6 +750,9 @@ def _compare(a: list[list[int]], b: list[list[int]]) -> dict:
 # still counts as rounding, relative to the largest |logit|: 2.5x the test suite's atol for the dtype (as
 # tests/test_parity.py's half-precision check allows).
 ROUNDING_TOL = {torch.float32: 2.5e-5, torch.float16: 2.5e-2, torch.bfloat16: 5e-2}
+# Divergence steps diagnosed per (batch, lexicon) point, the earliest first: each costs a prefill and a decode step
+# of both models on the whole batch (a second or so for the 7B shape at batch 64 on a GPU).
+MAX_DIAGNOSED_STEPS = 4
 
 
 def _diagnose(fd: _FastDebias, hf: _Transformers, prompts, ours: list[list[int]], ref: list[list[int]],
@@ -762,9 +765,11 @@ def _diagnose(fd: _FastDebias, hf: _Transformers, prompts, ours: list[list[int]]
     then go through its logits processors (``sequence_bias``, ``bad_words_ids``). A diverging row is a rounding flip
     when the two models' logits agree within ``ROUNDING_TOL`` of the largest |logit| and transformers' own
     processed scores of its token and of fastdebias' differ by no more than the two models' logits differ (the
-    margin a rounding difference of that size can overturn). Anything else is an error.
+    margin a rounding difference of that size can overturn). Anything else is an error. Only the earliest
+    ``MAX_DIAGNOSED_STEPS`` divergence steps are diagnosed; rows first diverging later are counted, not diagnosed.
 
-    Returns dict(rounding: bool, rows: [dict(row, step, ours, ref, margin, max_logit_diff, logit_scale, rounding)]).
+    Returns dict(rounding: bool (every diagnosed row a rounding flip), rows: [dict(row, step, ours, ref, margin,
+    max_logit_diff, logit_scale, rounding)], not_diagnosed: int).
     """
     from transformers import LogitsProcessorList, NoBadWordsLogitsProcessor, SequenceBiasLogitsProcessor
 
@@ -785,7 +790,9 @@ def _diagnose(fd: _FastDebias, hf: _Transformers, prompts, ours: list[list[int]]
         if k is not None:
             first.setdefault(k, []).append(r)
     found = []
-    for k, diverged in sorted(first.items()):
+    steps = sorted(first)
+    for k in steps[:MAX_DIAGNOSED_STEPS]:
+        diverged = first[k]
         ids = torch.tensor([list(p) + y[:k] for p, y in zip(prompts, ref)], dtype=torch.long, device=dev)
         with torch.inference_mode():
             if k == 0:
@@ -808,7 +815,8 @@ def _diagnose(fd: _FastDebias, hf: _Transformers, prompts, ours: list[list[int]]
             found.append(dict(row=r, step=k, ours=a, ref=h, margin=margin, max_logit_diff=diff, logit_scale=scale,
                               rounding=ok))
     model.runner.prefix = None
-    return dict(rounding=bool(found) and all(f["rounding"] for f in found), rows=found)
+    return dict(rounding=bool(found) and all(f["rounding"] for f in found), rows=found,
+                not_diagnosed=sum(len(first[k]) for k in steps[MAX_DIAGNOSED_STEPS:]))
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -1250,6 +1258,9 @@ def format_markdown(result: dict) -> str:
             d = c.get("divergence")
             if d is None:
                 verdict += " (not diagnosed)"
+            elif d.get("not_diagnosed"):
+                verdict += (f" ({d['not_diagnosed']} rows diverging after the first {MAX_DIAGNOSED_STEPS} divergence "
+                            "steps not diagnosed)")
             shown = (d or {}).get("rows", [])
             if len(shown) > 3:
                 beyond = sum(not f["rounding"] for f in shown[3:])

@@ -353,6 +353,11 @@ def test_diagnose_tells_rounding_flips_from_errors(tmp_path, monkeypatch):
     d = bench._diagnose(fd, hf, prompts, first, ref, 0, dt)
     assert d["rounding"] is False and [(f["row"], f["step"]) for f in d["rows"]] == [(0, 0)]
     assert d["rows"][0]["max_logit_diff"] < 1e-3 < d["rows"][0]["margin"]
+    first[1][k] = worst  # two divergence steps, only the earliest diagnosed
+    monkeypatch.setattr(bench, "MAX_DIAGNOSED_STEPS", 1)
+    d = bench._diagnose(fd, hf, prompts, first, ref, 0, dt)
+    assert [(f["row"], f["step"]) for f in d["rows"]] == [(0, 0)] and d["not_diagnosed"] == 1
+    monkeypatch.undo()
 
     def shifted(shift):
         real = gen_mod.decode_one_token
