@@ -795,11 +795,11 @@ def _diagnose(fd: _FastDebias, hf: _Transformers, prompts, ours: list[list[int]]
         diverged = first[k]
         ids = torch.tensor([list(p) + y[:k] for p, y in zip(prompts, ref)], dtype=torch.long, device=dev)
         with torch.inference_mode():
-            if k == 0:
-                l_hf = hf.model(input_ids=ids).logits[:, -1].float()
+            if k == 0:  # (logits_to_keep=1: the last position's logits only, not [B, T, V])
+                l_hf = hf.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
                 l_fd = prefill(model, ids.tolist(), 1, adapter_idx)[0]
             else:
-                past = hf.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+                past = hf.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
                 l_hf = hf.model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1].float()
                 _, cache, start, _ = prefill(model, ids[:, :-1].tolist(), 2, adapter_idx)
                 t = ids.shape[1] - 1
