@@ -100,7 +100,7 @@ CPU_GEMV_MAX_ROWS = 2
 # measured. Read once: dynamo breaks the graph at a call of ``mkldnn.is_available``.
 _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 # bf16 weights are packed too where oneDNN computes bf16 natively (AVX512-BF16 or AMX); elsewhere it would emulate.
-_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_ONEDNN_BF16 = _ONEDNN and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
 # Rows the pre-packed CPU weights are laid out for (one packed copy serves every row count: packed for 8 rows and
