@@ -14,6 +14,8 @@ import torch
 from fastdebias import bench
 from fastdebias.cli import main
 
+from .conftest import as_cuda_graph
+
 # Written out here rather than imported, so that dropping a field from the JSON fails a test.
 POINT_FIELDS = {
     "system", "batch", "lexicon_size", "status", "reason", "ttft_ms", "tpot_ms", "total_ms", "tokens_per_s",
@@ -316,7 +318,7 @@ def test_markdown_reasons_stay_in_their_cell():
     assert bench._cell("load: AdapterError: x\n  y | z") == "load: AdapterError: x y \\| z"
 
 
-def test_diagnose_tells_rounding_flips_from_errors(tmp_path, monkeypatch):
+def test_diagnose_tells_rounding_flips_from_errors(tmp_path, monkeypatch, emulated_graphs):
     """``bench._diagnose`` (why greedy outputs diverged): a token transformers scores far below its own pick is an
     error even when the models agree; a pick within the models' logit difference (made here by shifting fastdebias'
     logits of one token by more than transformers' margin, within the dtype's tolerance) is a rounding flip; and a
@@ -347,6 +349,12 @@ def test_diagnose_tells_rounding_flips_from_errors(tmp_path, monkeypatch):
     d = bench._diagnose(fd, hf, prompts, wrong(worst), ref, 0, dt)
     assert d["rounding"] is False and [(f["row"], f["step"], f["ours"]) for f in d["rows"]] == [(1, k, worst)]
     assert d["rows"][0]["margin"] > d["rows"][0]["max_logit_diff"]
+    # the same under the cuda_graph runtime's logic (static cache, captured forward: emulated on CPU)
+    as_cuda_graph(fd.model)
+    assert fd.call(prompts, 5, 0) == ref
+    g = bench._diagnose(fd, hf, prompts, wrong(worst), ref, 0, dt)
+    assert g["rows"][0]["margin"] == d["rows"][0]["margin"] and g["rows"][0]["max_logit_diff"] < 1e-4
+    fd.model.runner.runtime = "eager"
     first = [list(r) for r in ref]  # a divergence at the first token: the prefill's logits
     with torch.inference_mode():
         first[0][0] = hf.model(input_ids=torch.tensor(prompts)).logits[0, -1].argmin().item()
