@@ -1257,7 +1257,8 @@ def format_markdown(result: dict) -> str:
                        f"{c['first_divergence']['step']}")
             d = c.get("divergence")
             if d is None:
-                verdict += " (not diagnosed)"
+                verdict += (" (not diagnosed: fastdebias and hf-eager were not loaded together; --interleave loads "
+                            "them together and says why they diverge)")
             elif d.get("not_diagnosed"):
                 verdict += (f" ({d['not_diagnosed']} rows diverging after the first {MAX_DIAGNOSED_STEPS} divergence "
                             "steps not diagnosed)")
