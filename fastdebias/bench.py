@@ -735,12 +735,20 @@ def adapter_numel(adapter_dir: Path) -> int:
     return sum(v.numel() for k, v in sd.items() if "lora_" in k)
 
 
+def _first_difference(x: list[int], y: list[int]) -> int | None:
+    """The first step at which two rows of generated ids differ (the shorter one's length if one is a prefix of the
+    other), or None if they are equal."""
+    if x == y:
+        return None
+    return next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+
+
 def _compare(a: list[list[int]], b: list[list[int]]) -> dict:
     rows = sum(x == y for x, y in zip(a, b))
     first = None
     for r, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            step = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        step = _first_difference(x, y)
+        if step is not None:
             if first is None or step < first["step"]:
                 first = dict(row=r, step=step)
     return dict(identical=rows == len(a) == len(b), rows_identical=rows, rows=len(a), first_divergence=first)
@@ -785,8 +793,8 @@ def _diagnose(fd: _FastDebias, hf: _Transformers, prompts, ours: list[list[int]]
     if bad:
         procs.append(NoBadWordsLogitsProcessor(bad, eos_token_id=None))
     first = {}
-    for r, (x, y) in enumerate(zip(ours, ref)):
-        k = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), None)
+    for r, (x, y) in enumerate(zip(ours, ref)):  # (the bench's outputs have a fixed length: k < len(x))
+        k = _first_difference(x, y)
         if k is not None:
             first.setdefault(k, []).append(r)
     found = []
