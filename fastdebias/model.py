@@ -100,6 +100,24 @@ class KVCache:
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
 
 
+MULTIPLY_REDUCE_ATTENTION = True
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Attention of one query per row as multiply-reduces, for inductor to fuse (the compiled runtime's decode step
+    on CPU, where SDPA's per-call cost exceeds its arithmetic). q [B, H, 1, D]; k, v [B, Hkv, L, D] (GQA: H a
+    multiple of Hkv); mask [B, 1, 1, L] bool, True = attend, at least one True per row. Computes in fp32, returns
+    [B, H, 1, D] in q's dtype."""
+    b, h, _, d = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    g = h // hkv
+    s = (q.float().view(b, hkv, g, 1, d) * k.float().view(b, hkv, 1, kv_len, d)).sum(-1) * scale  # [B, Hkv, g, L]
+    s = s.masked_fill(~mask.view(b, 1, 1, kv_len), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = (p.unsqueeze(-1) * v.float().view(b, hkv, 1, kv_len, d)).sum(-2)  # [B, Hkv, g, D]
+    return out.reshape(b, h, 1, d).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config, w: dict[str, torch.Tensor], backend: str) -> None:
         super().__init__()
@@ -124,10 +142,15 @@ class Attention(nn.Module):
         k_cache[bidx, :, slots] = k.transpose(1, 2)
         v_cache[bidx, :, slots] = v.transpose(1, 2)
         # The cache may hold more rows than this batch (a static runtime pads it to a bucket).
-        out = F.scaled_dot_product_attention(
-            q, k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask, is_causal=mask is None,
-            scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads,
-        )
+        kc, vc = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
+        if t == 1 and mask is not None and MULTIPLY_REDUCE_ATTENTION and torch.compiler.is_compiling() \
+                and x.device.type == "cpu":  # fmt: skip
+            out = decode_attention(q, kc, vc, mask, self.head_dim**-0.5)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, kc, vc, attn_mask=mask, is_causal=mask is None, scale=self.head_dim**-0.5,
+                enable_gqa=self.n_kv != self.n_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1), rows)
 
 

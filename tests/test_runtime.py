@@ -260,6 +260,32 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
     assert ops.pack_cpu_weight(w) is None
 
 
+@pytest.mark.parametrize("b,heads,kv_heads,kv_len,dtype", [(1, 4, 2, 7, torch.float32), (3, 6, 2, 33, torch.float32),
+                                                          (2, 4, 4, 5, torch.float32), (3, 6, 3, 20, torch.bfloat16)])
+def test_decode_attention_equals_sdpa(b, heads, kv_heads, kv_len, dtype):
+    """The compiled CPU runtime's one-query attention (``model.decode_attention``: multiply-reduces that inductor
+    fuses into the layer) equals SDPA with the same boolean mask and GQA, eager and compiled (in one graph)."""
+    from fastdebias.model import decode_attention
+
+    gen = torch.Generator().manual_seed(kv_len)
+    q = torch.randn(b, heads, 1, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(b, kv_heads, kv_len, 16, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.rand(b, 1, 1, kv_len, generator=gen) < 0.6  # rows see scattered slots: padding, other prompts
+    mask[:, :, :, -1] = True  # (the model's mask always lets a query see its own slot)
+    mask[0, :, :, :-1] = False  # a row that sees only itself
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True
+    )
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+    got = decode_attention(q, k, v, mask, 0.25)
+    assert got.dtype == dtype and got.shape == (b, heads, 1, 16)
+    torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(got[0].float(), v[0, :, -1:].float().repeat_interleave(heads // kv_heads, 0), **tol)
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_attention, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(q, k, v, mask, 0.25).float(), want, **tol)
+
+
 def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_dir, tmp_path_factory, monkeypatch):
     """On CPU, fp32, x86-64: every projection has a oneDNN-packed weight (the step's projections read it). The
     eager runtime keeps it alone (no second copy), except a tied lm_head's (the embedding reads the plain one);
