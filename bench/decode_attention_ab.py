@@ -6,7 +6,10 @@
 The embedded SmolLM2 + a random r=16 q/v adapter (as ``fastdebias bench``), ``runtime="compile"``, 64-token prompts,
 64 new tokens (EOS ignored). Per batch size and dtype: both variants warmed (each compiles its own layer graph:
 dynamo guards on ``model.MULTIPLY_REDUCE_ATTENTION``), then ``--reps`` rounds of (64-token, 1-token) generates per
-variant, alternating; TPOT = (t64 - t1) / 63, median. Greedy outputs compared between the variants.
+variant, alternating; TPOT = (t64 - t1) / 63, median. Greedy outputs compared between the variants. And, less
+exposed to the machine's noise, the decoder layer alone: one compiled function of the layer (as the runtime's
+region, static shapes) over the first 6 layers, a full 129-slot cache, 15 alternating rounds of 20 passes per
+variant; time per layer, median.
 """
 
 from __future__ import annotations
@@ -22,8 +25,40 @@ import torch
 import fastdebias
 import fastdebias.model as fm
 from fastdebias import bench
+from fastdebias.model import KVCache, run_layer
 
 NEW = 64
+
+
+def layer_ab(model, b: int, kv_len: int = 129, n_layers: int = 6, rounds: int = 15) -> dict[bool, float]:
+    """Median µs per decoder layer of one compiled layer function, SDPA (False) vs multiply-reduce (True)."""
+    dec, cfg = model.decoder, model.config
+    dtype = dec.embed_tokens.dtype
+    cache = KVCache.allocate(cfg, b, kv_len, dtype, torch.device("cpu"))
+    for t in cache.k + cache.v:
+        t.normal_()
+    h = torch.randn(b, 1, cfg.hidden_size).to(dtype)
+    slots = torch.full((b, 1), kv_len - 1)
+    cos, sin = dec.rope_cos[slots].to(dtype), dec.rope_sin[slots].to(dtype)
+    mask = (torch.arange(kv_len).view(1, 1, 1, kv_len) <= slots.view(b, 1, 1, 1)).expand(b, 1, 1, kv_len)
+    fn = torch.compile(run_layer, dynamic=False)
+
+    def passes(flag: bool, n: int = 20) -> float:
+        fm.MULTIPLY_REDUCE_ATTENTION = flag
+        t = time.perf_counter()
+        for _ in range(n):
+            for i, layer in enumerate(dec.layers[:n_layers]):
+                fn(layer, h, None, cos, sin, cache.k[i], cache.v[i], slots, mask)
+        return (time.perf_counter() - t) / n / n_layers * 1e6
+
+    for flag in (False, True):
+        passes(flag, 3)
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for flag in (False, True):
+            times[flag].append(passes(flag))
+    fm.MULTIPLY_REDUCE_ATTENTION = True
+    return {f: statistics.median(v) for f, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench.BenchConfig(progress=False).resolve()
     lines = [f"# one-token attention in the compiled CPU runtime: multiply-reduce vs SDPA ({bench.device_name(dev)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; commit {bench.git_commit()[0]})", "",
-             "| dtype | batch | variant | TPOT ms (median) | TPOTs | speedup | identical |",
-             "| --- | ---: | --- | ---: | --- | ---: | --- |"]
+             "| dtype | batch | variant | TPOT ms (median) | TPOTs | speedup | identical | layer µs | layer speedup |",
+             "| --- | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |"]
     with tempfile.TemporaryDirectory(prefix="fastdebias-ab-") as tmp:
         setup = bench.prepare(cfg, Path(tmp), dev)
         for dtype in args.dtypes.split(","):
@@ -62,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                         tpot[flag].append((tn - t1) / (NEW - 1) * 1000)
                 fm.MULTIPLY_REDUCE_ATTENTION = True
                 med = {f: statistics.median(v) for f, v in tpot.items()}
+                lay = layer_ab(model, b)
                 same = "yes" if outs[True] == outs[False] else "no"
                 for flag, name in ((False, "sdpa"), (True, "multiply-reduce")):
                     lines.append(f"| {dtype} | {b} | {name} | {med[flag]:.2f} | "
                                  f"{', '.join(f'{x:.2f}' for x in tpot[flag])} | "
-                                 f"{med[False] / med[flag]:.2f} | {same} |")
+                                 f"{med[False] / med[flag]:.2f} | {same} | {lay[flag]:.0f} | "
+                                 f"{lay[False] / lay[flag]:.2f} |")
                     print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
