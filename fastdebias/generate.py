@@ -362,9 +362,10 @@ class _LexiconState:
     def apply(self, logits, cur, hf_rows):
         x = self.m.apply(logits, self.state, mask_phrases=hf_rows)
         if self.backtrack:
-            here = (self.ban_pos == cur.view(-1, 1)).int()
-            banned = torch.zeros(x.shape, dtype=torch.int32, device=x.device).scatter_add_(1, self.ban_tok, here)
-            x = x.masked_fill(banned > 0, float("-inf"))
+            # -inf at each ban of this position, +inf (no change under amin) at the other slots: [B, K] writes, not
+            # a [B, V] mask; duplicate ids are fine (a minimum is order-free)
+            here = torch.where(self.ban_pos == cur.view(-1, 1), float("-inf"), float("inf")).to(x.dtype)
+            x = x.scatter_reduce_(1, self.ban_tok, here, reduce="amin")  # (x: a new tensor from m.apply)
         return x
 
     def record(self, ar: torch.Tensor, it: torch.Tensor, slot: int, mask, pos, entry, action: int | torch.Tensor,
