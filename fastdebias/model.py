@@ -112,7 +112,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     hkv, kv_len = k.shape[1], k.shape[2]
     g = h // hkv
     s = (q.float().view(b, hkv, g, 1, d) * k.float().view(b, hkv, 1, kv_len, d)).sum(-1) * scale  # [B, Hkv, g, L]
-    s = s.masked_fill(~mask.view(b, 1, 1, kv_len), float("-inf"))
+    s = s.masked_fill(~mask.reshape(b, 1, 1, kv_len), float("-inf"))
     p = torch.softmax(s, dim=-1)
     out = (p.unsqueeze(-1) * v.float().view(b, hkv, 1, kv_len, d)).sum(-2)  # [B, Hkv, g, D]
     return out.reshape(b, h, 1, d).to(q.dtype)

@@ -43,8 +43,9 @@ inductor streams at about twice the rate of oneDNN's GEMV, and larger ones oneDN
 at load, as an opaque op (``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``). The
 one-token attention is a multiply-reduce as well (``model.decode_attention``, fused into the layer's graph): SDPA
 costs more per call there than its arithmetic (``bench/results/decode_attention_ab_cpu.md``: the compiled layer
-1.03-1.14x faster in fp32 at batch 1-32, 1.25-2.16x in bf16). The loop's step (``generate._advance``) is compiled too (``compile_step``). The prefill stays eager, and the cache is
-allocated per call as under ``"eager"``. Measured against compiling the whole one-token forward with static shapes
+1.03-1.14x faster in fp32 at batch 1-32, 1.25-2.16x in bf16). The loop's step (``generate._advance``) is compiled
+too (``compile_step``). The prefill stays eager, and the cache is allocated per call as under ``"eager"``.
+Measured against compiling the whole one-token forward with static shapes
 (what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
 (``bench/results/regional_compile_ab_cpu.md``): decode TPOT whole vs regional 24.5 vs 25.0 ms at batch 1, 67.9 vs
 69.2 at batch 8, 137.2 vs 137.2 at batch 32 (within noise); the first call at each batch size (compiles and one

@@ -281,6 +281,11 @@ def test_decode_attention_equals_sdpa(b, heads, kv_heads, kv_len, dtype):
     assert got.dtype == dtype and got.shape == (b, heads, 1, 16)
     torch.testing.assert_close(got.float(), want, **tol)
     torch.testing.assert_close(got[0].float(), v[0, :, -1:].float().repeat_interleave(heads // kv_heads, 0), **tol)
+    shared = mask[-1:].expand(b, 1, 1, kv_len)  # one mask for every row, broadcast (not contiguous)
+    want_shared = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=shared, scale=0.25, enable_gqa=True
+    )
+    torch.testing.assert_close(decode_attention(q, k, v, shared, 0.25).float(), want_shared, **tol)
     torch._dynamo.reset()
     compiled = torch.compile(decode_attention, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(q, k, v, mask, 0.25).float(), want, **tol)
