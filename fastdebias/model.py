@@ -100,6 +100,8 @@ class KVCache:
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
 
 
+# False: SDPA in the compiled CPU decode step too (for A/B measurements, bench/decode_attention_ab.py; dynamo guards
+# on this global, so flipping it recompiles rather than reusing a graph of the other kind)
 MULTIPLY_REDUCE_ATTENTION = True
 
 
