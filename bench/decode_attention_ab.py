@@ -1,15 +1,17 @@
 """A/B of the compiled CPU runtime's one-token attention: multiply-reduces fused into the layer's graph
-(``model.decode_attention``) vs SDPA, in one process, interleaved.
+(``model.decode_attention``) vs SDPA, in one process, interleaved; or, with ``--switch REALIZE_Q``, the query
+written to memory before the multiply-reduce vs recomputed inside it (``model.REALIZE_Q``).
 
     python bench/decode_attention_ab.py --batch-sizes 1,8,32 --dtypes float32,bfloat16 --md out.md
+    python bench/decode_attention_ab.py --switch REALIZE_Q --batch-sizes 1,8,32 --md out.md
 
 The embedded SmolLM2 + a random r=16 q/v adapter (as ``fastdebias bench``), ``runtime="compile"``, 64-token prompts,
 64 new tokens (EOS ignored). Per batch size and dtype: both variants warmed (each compiles its own layer graph:
-dynamo guards on ``model.MULTIPLY_REDUCE_ATTENTION``), then ``--reps`` rounds of (64-token, 1-token) generates per
+dynamo guards on the switch), then ``--reps`` rounds of (64-token, 1-token) generates per
 variant, alternating; TPOT = (t64 - t1) / 63, median. Greedy outputs compared between the variants. And, less
 exposed to the machine's noise, the decoder layer alone: one compiled function of the layer (as the runtime's
 region, static shapes) over the first 6 layers, a full 129-slot cache, 15 alternating rounds of 20 passes per
-variant; time per layer, median.
+variant (the adapter on every row, as in the generates); time per layer, median.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from fastdebias import bench
 from fastdebias.model import KVCache, run_layer
 
 NEW = 64
+SWITCHES = {"MULTIPLY_REDUCE_ATTENTION": ("sdpa", "multiply-reduce"), "REALIZE_Q": ("q inlined", "q realized")}
+SWITCH = "MULTIPLY_REDUCE_ATTENTION"  # the model global the A/B flips (False = baseline, True = candidate)
 
 
 def layer_ab(model, b: int, kv_len: int = 129, n_layers: int = 6, rounds: int = 15) -> dict[bool, float]:
-    """Median µs per decoder layer of one compiled layer function, SDPA (False) vs multiply-reduce (True)."""
+    """Median µs per decoder layer of one compiled layer function, ``SWITCH`` False vs True."""
     dec, cfg = model.decoder, model.config
     dtype = dec.embed_tokens.dtype
     cache = KVCache.allocate(cfg, b, kv_len, dtype, torch.device("cpu"))
@@ -41,14 +45,15 @@ def layer_ab(model, b: int, kv_len: int = 129, n_layers: int = 6, rounds: int = 
     slots = torch.full((b, 1), kv_len - 1)
     cos, sin = dec.rope_cos[slots].to(dtype), dec.rope_sin[slots].to(dtype)
     mask = (torch.arange(kv_len).view(1, 1, 1, kv_len) <= slots.view(b, 1, 1, 1)).expand(b, 1, 1, kv_len)
+    rows = torch.zeros(b, dtype=torch.int32) if model.adapter_names else None
     fn = torch.compile(run_layer, dynamic=False)
 
     def passes(flag: bool, n: int = 20) -> float:
-        fm.MULTIPLY_REDUCE_ATTENTION = flag
+        setattr(fm, SWITCH, flag)
         t = time.perf_counter()
         for _ in range(n):
             for i, layer in enumerate(dec.layers[:n_layers]):
-                fn(layer, h, None, cos, sin, cache.k[i], cache.v[i], slots, mask)
+                fn(layer, h, rows, cos, sin, cache.k[i], cache.v[i], slots, mask)
         return (time.perf_counter() - t) / n / n_layers * 1e6
 
     for flag in (False, True):
@@ -57,16 +62,16 @@ def layer_ab(model, b: int, kv_len: int = 129, n_layers: int = 6, rounds: int = 
     for _ in range(rounds):
         for flag in (False, True):
             times[flag].append(passes(flag))
-    fm.MULTIPLY_REDUCE_ATTENTION = True
+    setattr(fm, SWITCH, True)
     return {f: statistics.median(v) for f, v in times.items()}
 
 
 def e2e_ab(model, b: int, reps: int) -> tuple[dict[bool, list[float]], str]:
-    """TPOTs (ms) per variant, SDPA (False) vs multiply-reduce (True), and whether their greedy outputs agree."""
+    """TPOTs (ms) per variant, ``SWITCH`` False vs True, and whether their greedy outputs agree."""
     prompts = bench.make_prompts(model.tokenizer, b, 64, model.config.vocab_size)
 
     def run(flag: bool, n: int) -> tuple[float, list]:
-        fm.MULTIPLY_REDUCE_ATTENTION = flag
+        setattr(fm, SWITCH, flag)
         t = time.perf_counter()
         out = fastdebias.generate(model, prompts, max_new_tokens=n, eos_token_id=[], progress=False)
         return time.perf_counter() - t, [o.token_ids for o in out]
@@ -78,20 +83,24 @@ def e2e_ab(model, b: int, reps: int) -> tuple[dict[bool, list[float]], str]:
         for flag in (False, True):
             (tn, outs[flag]), (t1, _) = run(flag, NEW), run(flag, 1)
             tpot[flag].append((tn - t1) / (NEW - 1) * 1000)
-    fm.MULTIPLY_REDUCE_ATTENTION = True
+    setattr(fm, SWITCH, True)
     return tpot, "yes" if outs[True] == outs[False] else "no"
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SWITCH
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--md", default=None, help="write the table here too")
+    p.add_argument("--switch", default=SWITCH, choices=sorted(SWITCHES), help="the model global to flip")
     args = p.parse_args(argv)
+    SWITCH = args.switch
+    names = SWITCHES[SWITCH]
     dev = torch.device("cpu")
     cfg = bench.BenchConfig(progress=False).resolve()
-    lines = [f"# one-token attention in the compiled CPU runtime: multiply-reduce vs SDPA ({bench.device_name(dev)}, "
+    lines = [f"# one-token attention in the compiled CPU runtime: {names[1]} vs {names[0]} ({bench.device_name(dev)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; commit {bench.git_commit()[0]})", "",
              "| dtype | batch | variant | TPOT ms (median) | TPOTs | speedup | identical | layer µs | layer speedup |",
              "| --- | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |"]
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 lay = layer_ab(model, b)
                 tpot, same = rows[dtype, b]
                 med = {f: statistics.median(v) for f, v in tpot.items()}
-                for flag, name in ((False, "sdpa"), (True, "multiply-reduce")):
+                for flag, name in zip((False, True), names):
                     lines.append(f"| {dtype} | {b} | {name} | {med[flag]:.2f} | "
                                  f"{', '.join(f'{x:.2f}' for x in tpot[flag])} | {med[False] / med[flag]:.2f} | "
                                  f"{same} | {lay[flag]:.0f} | {lay[False] / lay[flag]:.2f} |")

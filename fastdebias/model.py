@@ -103,17 +103,31 @@ class KVCache:
 # False: SDPA in the compiled CPU decode step too (for A/B measurements, bench/decode_attention_ab.py; dynamo guards
 # on this global, so flipping it recompiles rather than reusing a graph of the other kind)
 MULTIPLY_REDUCE_ATTENTION = True
+# False: ``decode_attention`` never writes the query to memory first (A/Bs: ``--switch REALIZE_Q``; guarded as above)
+REALIZE_Q = True
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     realize_q: bool = True):
     """Attention of one query per row as multiply-reduces, for inductor to fuse (the compiled runtime's decode step
     on CPU, where SDPA's per-call cost exceeds its arithmetic). q [B, H, 1, D]; k, v [B, Hkv, L, D] (GQA: H a
     multiple of Hkv); mask [B, 1, 1, L] bool, True = attend, at least one True per row. Computes in fp32, returns
-    [B, H, 1, D] in q's dtype."""
+    [B, H, 1, D] in q's dtype.
+
+    ``realize_q``: write q (in its dtype) to memory before the multiply-reduce. Left to itself inductor inlines
+    q's producers (its slice of the q/k/v output, RoPE; with an unmerged LoRA also the delta and the per-row
+    select) into the reduction over keys, recomputing them once per key. ``as_strided`` is an op inductor lowers
+    only on a stored buffer, so it forces the store. Measured on the layer alone (``bench/decode_attention_ab.py
+    --switch REALIZE_Q``): 1.2-1.5x faster with an unmerged adapter at batch 8-32; at batch 1 without an adapter
+    the recompute is cheap and the extra kernel costs more, so the caller passes False there."""
     b, h, _, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     g = h // hkv
-    s = (q.float().view(b, hkv, g, 1, d) * k.float().view(b, hkv, 1, kv_len, d)).sum(-1) * scale  # [B, Hkv, g, L]
+    if realize_q and REALIZE_Q:
+        q = q.contiguous()
+        q = q.as_strided(q.shape, q.stride())
+    qf = q.float().reshape(b, hkv, g, 1, d)
+    s = (qf * k.float().view(b, hkv, 1, kv_len, d)).sum(-1) * scale  # [B, Hkv, g, L]
     s = s.masked_fill(~mask.reshape(b, 1, 1, kv_len), float("-inf"))
     p = torch.softmax(s, dim=-1)
     out = (p.unsqueeze(-1) * v.float().view(b, hkv, 1, kv_len, d)).sum(-2)  # [B, Hkv, g, D]
@@ -147,7 +161,7 @@ class Attention(nn.Module):
         kc, vc = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
         if t == 1 and mask is not None and MULTIPLY_REDUCE_ATTENTION and torch.compiler.is_compiling() \
                 and x.device.type == "cpu":  # fmt: skip
-            out = decode_attention(q, kc, vc, mask, self.head_dim**-0.5)
+            out = decode_attention(q, kc, vc, mask, self.head_dim**-0.5, realize_q=rows is not None or b > 1)
         else:
             out = F.scaled_dot_product_attention(
                 q, kc, vc, attn_mask=mask, is_causal=mask is None, scale=self.head_dim**-0.5,

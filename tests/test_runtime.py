@@ -264,7 +264,8 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
                                                           (2, 4, 4, 5, torch.float32), (3, 6, 3, 20, torch.bfloat16)])
 def test_decode_attention_equals_sdpa(b, heads, kv_heads, kv_len, dtype):
     """The compiled CPU runtime's one-query attention (``model.decode_attention``: multiply-reduces that inductor
-    fuses into the layer) equals SDPA with the same boolean mask and GQA, eager and compiled (in one graph)."""
+    fuses into the layer) equals SDPA with the same boolean mask and GQA, eager and compiled (in one graph), with
+    the query written to memory first (``realize_q``) or inlined."""
     from fastdebias.model import decode_attention
 
     gen = torch.Generator().manual_seed(kv_len)
@@ -286,9 +287,20 @@ def test_decode_attention_equals_sdpa(b, heads, kv_heads, kv_len, dtype):
         q.float(), k.float(), v.float(), attn_mask=shared, scale=0.25, enable_gqa=True
     )
     torch.testing.assert_close(decode_attention(q, k, v, shared, 0.25).float(), want_shared, **tol)
-    torch._dynamo.reset()
-    compiled = torch.compile(decode_attention, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(q, k, v, mask, 0.25).float(), want, **tol)
+    torch.testing.assert_close(decode_attention(q, k, v, mask, 0.25, realize_q=False).float(), want, **tol)
+
+    def rotated(q, k, v, mask, realize_q):  # q as the layer makes it: computed, not a stored input (what is realized)
+        return decode_attention(q * 2.0 - 1.0, k, v, mask, 0.25, realize_q=realize_q)
+
+    want_rot = torch.nn.functional.scaled_dot_product_attention(
+        (q * 2.0 - 1.0).float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True
+    )
+    for realize_q in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(decode_attention, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(q, k, v, mask, 0.25, realize_q=realize_q).float(), want, **tol)
+        compiled = torch.compile(rotated, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(q, k, v, mask, realize_q).float(), want_rot, **tol)
 
 
 def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_dir, tmp_path_factory, monkeypatch):
