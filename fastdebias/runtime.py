@@ -44,8 +44,8 @@ at load, as an opaque op (``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights`
 one-token attention is a multiply-reduce as well (``model.decode_attention``, fused into the layer's graph): SDPA
 costs more per call there than its arithmetic (``bench/results/decode_attention_ab_cpu.md``: the compiled layer
 1.03-1.14x faster in fp32 at batch 1-32, 1.25-2.16x in bf16), with its query stored first where it is not cheap to
-recompute per key (``realize_q``; ``bench/results/realize_q_ab_cpu.md``). The loop's step (``generate._advance``) is compiled
-too (``compile_step``). The prefill stays eager, and the cache is allocated per call as under ``"eager"``.
+recompute per key (``realize_q``; ``bench/results/realize_q_ab_cpu.md``). The loop's step (``generate._advance``)
+is compiled too (``compile_step``). The prefill stays eager, and the cache is allocated per call as under ``"eager"``.
 Measured against compiling the whole one-token forward with static shapes
 (what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
 (``bench/results/regional_compile_ab_cpu.md``): decode TPOT whole vs regional 24.5 vs 25.0 ms at batch 1, 67.9 vs
