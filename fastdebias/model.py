@@ -118,8 +118,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     q's producers (its slice of the q/k/v output, RoPE; with an unmerged LoRA also the delta and the per-row
     select) into the reduction over keys, recomputing them once per key. ``as_strided`` is an op inductor lowers
     only on a stored buffer, so it forces the store. Measured on the layer alone (``bench/decode_attention_ab.py
-    --switch REALIZE_Q``): 1.2-1.5x faster with an unmerged adapter at batch 8-32; at batch 1 without an adapter
-    the recompute is cheap and the extra kernel costs more, so the caller passes False there."""
+    --switch REALIZE_Q``, ``bench/results/realize_q_ab_cpu.md``): 1.14-1.48x faster with an unmerged adapter at
+    batch 8-32; at batch 1 without an adapter the recompute is cheap and the extra kernel costs more, so the caller
+    passes False there."""
     b, h, _, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     g = h // hkv

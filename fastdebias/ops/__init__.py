@@ -151,7 +151,7 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # (it expects weights frozen into the graph). Defined with the plain ``torch.library.Library`` API rather than
 # ``torch.library.custom_op``, whose Python wrapper (autograd and schema checks) cost ~17 µs more per call: four
 # projections of a batch-8 layer, compiled, 472-485 vs 539-555 µs (a /tmp micro-benchmark; ~2 ms per SmolLM2 token).
-_LIB = torch.library.Library("fastdebias", "DEF")
+_LIB = torch.library.Library("fastdebias", "FRAGMENT")
 _LIB.define("cpu_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.impl("cpu_linear", _onednn, "CompositeExplicitAutograd")
 _LIB.impl("cpu_linear", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), "Meta")
