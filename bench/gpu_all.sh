@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in stages that each fit a 10-minute slot (run from the repo root on a CUDA machine):
 #   bash bench/gpu_all.sh tests      # the `gpu`-marked tests (kernels, decoder, CUDA graphs)       ~4 min
+#   bash bench/gpu_all.sh goals      # every H100 goal of issue 6 in one run: batch 1, SR-LLM shape, all five systems,
+#                                    # lexicon 0/10k/100k (not part of all: e2e + e2e-compile cover it, in two runs)
 #   bash bench/gpu_all.sh kernels    # bench_lora.py and bench_logits.py                            ~4 min
 #   bash bench/gpu_all.sh filter-sweep  # bench_logits.py --filter-sweep: top-k/top-p pass metas vs the rule  ~5 min
 #   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
@@ -25,6 +27,14 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
   # (warnings stay on: the CUDA-graph tests turn a capture's fallback warning into a failure)
   timeout 420 python3 -m pytest -q -m gpu $XDIST -rfE tests/ 2>&1 | tee "$OUT/gpu_tests_$dev.log" | tail -40
+fi
+if [ "$stage" = goals ]; then
+  # the first figures to get where device time is short: bandwidth %, x hf-eager, x hf-compile, LoRA overhead,
+  # 100k-lexicon overhead and peak memory, all at batch 1 (the goals' configuration), one 10-minute slot
+  stem="$OUT/e2e_${dev}_llama2-7b_goals"
+  timeout 580 python3 -m fastdebias bench --synthetic llama2-7b --reps 3 --batch-sizes 1 --lexicon-size 10000 \
+    --lexicon-sizes 0,10000,100000 --systems fastdebias,hf-eager,hf-compile,fastdebias-merged,fastdebias-noadapter \
+    --json "$stem.json" --md "$stem.md" --plot "$stem.png" 2>&1 | tail -40
 fi
 if [ "$stage" = kernels ] || [ "$stage" = all ]; then
   timeout 150 python3 bench/bench_lora.py --out "$OUT" 2>&1 | tail -5
