@@ -21,6 +21,11 @@ import torch
 
 from fastdebias import runtime
 
+from . import interpret_bounds
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    interpret_bounds.install()  # every interpreted load and store must stay inside its launch's tensors
+
 # dtype → (rtol, atol) for comparisons against references; one table for the whole suite.
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
