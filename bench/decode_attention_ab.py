@@ -30,12 +30,12 @@ from fastdebias import bench
 from fastdebias.model import KVCache, run_layer
 
 NEW = 64
+# the model globals an A/B may flip (False = baseline, True = candidate) → the variants' names
 SWITCHES = {"MULTIPLY_REDUCE_ATTENTION": ("sdpa", "multiply-reduce"), "REALIZE_Q": ("q inlined", "q realized")}
-SWITCH = "MULTIPLY_REDUCE_ATTENTION"  # the model global the A/B flips (False = baseline, True = candidate)
 
 
-def layer_ab(model, b: int, kv_len: int = 129, n_layers: int = 6, rounds: int = 15) -> dict[bool, float]:
-    """Median µs per decoder layer of one compiled layer function, ``SWITCH`` False vs True."""
+def layer_ab(model, b: int, switch: str, kv_len: int = 129, n_layers: int = 6, rounds: int = 15) -> dict[bool, float]:
+    """Median µs per decoder layer of one compiled layer function, ``model.<switch>`` False vs True."""
     dec, cfg = model.decoder, model.config
     dtype = dec.embed_tokens.dtype
     cache = KVCache.allocate(cfg, b, kv_len, dtype, torch.device("cpu"))
@@ -49,7 +49,7 @@ def layer_ab(model, b: int, kv_len: int = 129, n_layers: int = 6, rounds: int = 
     fn = torch.compile(run_layer, dynamic=False)
 
     def passes(flag: bool, n: int = 20) -> float:
-        setattr(fm, SWITCH, flag)
+        setattr(fm, switch, flag)
         t = time.perf_counter()
         for _ in range(n):
             for i, layer in enumerate(dec.layers[:n_layers]):
@@ -62,16 +62,16 @@ def layer_ab(model, b: int, kv_len: int = 129, n_layers: int = 6, rounds: int = 
     for _ in range(rounds):
         for flag in (False, True):
             times[flag].append(passes(flag))
-    setattr(fm, SWITCH, True)
+    setattr(fm, switch, True)
     return {f: statistics.median(v) for f, v in times.items()}
 
 
-def e2e_ab(model, b: int, reps: int) -> tuple[dict[bool, list[float]], str]:
-    """TPOTs (ms) per variant, ``SWITCH`` False vs True, and whether their greedy outputs agree."""
+def e2e_ab(model, b: int, reps: int, switch: str) -> tuple[dict[bool, list[float]], str]:
+    """TPOTs (ms) per variant, ``model.<switch>`` False vs True, and whether their greedy outputs agree."""
     prompts = bench.make_prompts(model.tokenizer, b, 64, model.config.vocab_size)
 
     def run(flag: bool, n: int) -> tuple[float, list]:
-        setattr(fm, SWITCH, flag)
+        setattr(fm, switch, flag)
         t = time.perf_counter()
         out = fastdebias.generate(model, prompts, max_new_tokens=n, eos_token_id=[], progress=False)
         return time.perf_counter() - t, [o.token_ids for o in out]
@@ -83,21 +83,20 @@ def e2e_ab(model, b: int, reps: int) -> tuple[dict[bool, list[float]], str]:
         for flag in (False, True):
             (tn, outs[flag]), (t1, _) = run(flag, NEW), run(flag, 1)
             tpot[flag].append((tn - t1) / (NEW - 1) * 1000)
-    setattr(fm, SWITCH, True)
+    setattr(fm, switch, True)
     return tpot, "yes" if outs[True] == outs[False] else "no"
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SWITCH
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--md", default=None, help="write the table here too")
-    p.add_argument("--switch", default=SWITCH, choices=sorted(SWITCHES), help="the model global to flip")
+    p.add_argument("--switch", default="MULTIPLY_REDUCE_ATTENTION", choices=sorted(SWITCHES),
+                   help="the model global to flip")
     args = p.parse_args(argv)
-    SWITCH = args.switch
-    names = SWITCHES[SWITCH]
+    names = SWITCHES[args.switch]
     dev = torch.device("cpu")
     cfg = bench.BenchConfig(progress=False).resolve()
     lines = [f"# one-token attention in the compiled CPU runtime: {names[1]} vs {names[0]} ({bench.device_name(dev)}, "
@@ -112,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                   for d in args.dtypes.split(",")}  # fmt: skip
         for dtype, model in models.items():
             for b in sizes:
-                rows[dtype, b] = e2e_ab(model, b, args.reps)
+                rows[dtype, b] = e2e_ab(model, b, args.reps, args.switch)
                 print(dtype, b, rows[dtype, b], flush=True)
         # after every generate: the layer's static-shape compiles would otherwise add entries to the runtime's
         # compiled layer function (one code object: dynamo's cache limit, then eager)
         for dtype, model in models.items():
             for b in sizes:
                 torch._dynamo.reset()
-                lay = layer_ab(model, b)
+                lay = layer_ab(model, b, args.switch)
                 tpot, same = rows[dtype, b]
                 med = {f: statistics.median(v) for f, v in tpot.items()}
                 for flag, name in zip((False, True), names):
