@@ -925,12 +925,29 @@ SRLLM_SYSTEM = (
 )
 SRLLM_INSTRUCTION = "[INST] Debias this text by rephrasing it to be free of bias : {text} [/INST]"
 SRLLM_END = "<s/>"  # the literal closing marker SR-LLM was trained with (not </s>)
-# For chat models not trained on SR-LLM's format; the wording was picked by trying a few on SmolLM2-135M.
+# For chat models not trained on SR-LLM's format: a system message, two worked examples as earlier turns, then
+# the text. Picked on SmolLM2-135M (``bench/debias_prompt.py``, 24 sentences the examples do not contain, greedy,
+# default lexicon): with the examples every rewrite ended at EOS as one plain sentence, none repeated its input
+# and none needed a rewind; without them 9 of 24 added a preamble ("Rewritten sentence: ...") or a commentary, or
+# ran to the length limit, and 3 repeated the input.
 CHAT_SYSTEM = "You are a helpful assistant that rewrites biased sentences into fair, neutral sentences."
 CHAT_USER = (
     "Rewrite the following sentence so that it does not stereotype any group. Reply with only the rewritten "
     "sentence.\n\nSentence: {text}"
 )
+CHAT_EXAMPLES = (
+    ("Men are bad at taking care of children.", "Men and women can both be caring parents."),
+    ("Young people are irresponsible with money.", "People of any age can manage money well or poorly."),
+)
+
+
+def chat_messages(text: str, examples=CHAT_EXAMPLES) -> list[dict]:
+    """The debiasing chat for ``text``: the system message, each example as a user turn and the assistant's
+    answer, then ``text`` as the last user turn."""
+    msgs = [{"role": "system", "content": CHAT_SYSTEM}]
+    for biased, fair in examples:
+        msgs += [{"role": "user", "content": CHAT_USER.format(text=biased)}, {"role": "assistant", "content": fair}]
+    return msgs + [{"role": "user", "content": CHAT_USER.format(text=text)}]
 
 
 def srllm_prompt(text: str) -> str:
@@ -966,13 +983,7 @@ def debias_prompts(model, texts: Sequence[str], *, prompt_format: str = "auto", 
             f"prompt_format='chat' needs a chat template, and the tokenizer of {model.path} has none: use "
             "prompt_format='srllm' or a template='...{text}...'"
         )
-    chats = [
-        tok.apply_chat_template(
-            [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER.format(text=t)}],
-            add_generation_prompt=True, tokenize=False,
-        )
-        for t in texts
-    ]
+    chats = [tok.apply_chat_template(chat_messages(t), add_generation_prompt=True, tokenize=False) for t in texts]
     return [tok(c, add_special_tokens=False)["input_ids"] for c in chats], []
 
 

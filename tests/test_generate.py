@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import fastdebias
-from fastdebias.generate import SRLLM_END, debias_prompt_format, srllm_prompt
+from fastdebias.generate import (
+    CHAT_EXAMPLES,
+    SRLLM_END,
+    chat_messages,
+    debias_prompt_format,
+    debias_prompts,
+    srllm_prompt,
+)
 from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens, top_k_top_p_filter
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3]]
@@ -141,6 +148,21 @@ def test_prompt_format_rule(llama_dir, adapter_qv, embedded_dir):
     smol = fastdebias.load(embedded_dir, progress=False)
     assert debias_prompt_format(smol) == "chat"
     assert debias_prompt_format(smol, "srllm") == "srllm"
+
+
+def test_chat_prompt_holds_the_worked_examples(embedded_dir):
+    """The chat format: the system message, each example as a user turn answered by the assistant, then the text;
+    rendered by the model's own chat template, ending where the assistant's answer begins."""
+    msgs = chat_messages("Blondes are dumb.")
+    assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * len(CHAT_EXAMPLES) + ["user"]
+    assert [m["content"] for m in msgs[2:-1:2]] == [fair for _, fair in CHAT_EXAMPLES]
+    assert msgs[-1]["content"].endswith("Sentence: Blondes are dumb.")
+    smol = fastdebias.load(embedded_dir, progress=False)
+    ids, stops = debias_prompts(smol, ["Blondes are dumb."])
+    text = smol.tokenizer.decode(ids[0])
+    assert stops == [] and text.endswith("Sentence: Blondes are dumb.<|im_end|>\n<|im_start|>assistant\n")
+    pos = [text.index(part) for biased, fair in CHAT_EXAMPLES for part in (biased, fair)]
+    assert pos == sorted(pos)
 
 
 def test_debias_srllm_stops_at_literal_marker(llama_dir, adapter_qv):
