@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import transformers
+
 import fastdebias
+from fastdebias.bench import device_name, git_commit
 from fastdebias.generate import chat_messages
 
 # Written for this check; none of them is in the prompt's examples.
@@ -54,9 +57,11 @@ def main(argv=None) -> int:
     ap.add_argument("--md", type=Path, help="also write the markdown here")
     args = ap.parse_args(argv)
     model = fastdebias.load(progress=False)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"# `debias` chat prompt on {model.path.name} (greedy, default lexicon, 60 new tokens)", "",
-             f"`python bench/debias_prompt.py` at {commit or '?'}; fastdebias {fastdebias.__version__}.", "",
+    commit, dirty = git_commit()
+    lines = [f"# `debias` chat prompt on {model.path.name} ({model.dtype}, {device_name(model.device)})", "",
+             f"`python bench/debias_prompt.py` at {commit}{'+dirty' if dirty else ''}; torch {torch.__version__}, "
+             f"transformers {transformers.__version__}. {len(SENTENCES)} sentences in one batch, greedy, the "
+             "default lexicon, at most 60 new tokens.", "",
              "| prompt | prompt tokens | clean | repeats its input | rewinds |",
              "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     detail = []
