@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from fastdebias import ops
 from fastdebias.loader import AdapterWeights
@@ -198,12 +199,16 @@ class DecoderLayer(nn.Module):
 class LlamaDecoder(nn.Module):
     """The whole decoder. ``forward`` returns fp32 logits of each row's last position only."""
 
-    def __init__(self, config, weights: dict[str, torch.Tensor], backend: str = "torch") -> None:
+    def __init__(self, config, weights: dict[str, torch.Tensor], backend: str = "torch",
+                 progress: bool = False) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = weights["model.embed_tokens.weight"]
         self.layers = nn.ModuleList()
-        for i in range(config.num_hidden_layers):
+        # (a tqdm bar: the fused q/k/v and gate/up weights are copies, and a checkpoint loaded without a conversion
+        # is read from disk here, through its memory map: Llama-2-7B's 9 GB of them took ~10 s on the CI machine)
+        for i in tqdm(range(config.num_hidden_layers), desc="Fusing q/k/v and gate/up", unit="layer",
+                      disable=not progress):  # fmt: skip
             p = f"model.layers.{i}."
             w = {k[len(p):].split(".")[-2]: v for k, v in weights.items() if k.startswith(p)}
             self.layers.append(DecoderLayer(config, w, backend))
@@ -260,20 +265,21 @@ class LlamaDecoder(nn.Module):
         """Every fused projection, once each (the decoder layers' and the lm_head)."""
         return list({id(m): m for m, _ in self.lora_targets().values()}.values())
 
-    def pack_cpu_weights(self, keep_plain: bool = True) -> int:
+    def pack_cpu_weights(self, keep_plain: bool = True, progress: bool = False) -> int:
         """Pack each fp32 (or bf16) CPU projection weight for oneDNN (``ops.pack_cpu_weight``). Call after any merge.
 
         ``keep_plain=True`` (the compiled runtime, whose 1-2-row multiply-reduce reads the plain weights): the
         packed copies sit beside them, if they fit ``ops.cpu_pack_fits``. ``keep_plain=False`` (the eager runtime,
         which reads only the packed ones): each packed copy replaces its plain weight, one projection at a time, so
         nothing is added, except for an lm_head tied to the input embedding (the embedding lookup reads the plain
-        one). Returns the bytes the packed copies add (0: nothing packed, or nothing added)."""
+        one). Returns the bytes the packed copies add (0: nothing packed, or nothing added). ``progress``: a tqdm bar
+        (Llama-2-7B's bf16 weights took 11-13 s to pack on the CI machine)."""
         mods = [m for m in self.projections() if m.weight is not None and ops.cpu_packable(m.weight)]
         added = [m for m in mods if keep_plain or m.weight is self.embed_tokens]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in added)
         if not mods or (keep_plain and not ops.cpu_pack_fits(nbytes)):
             return 0
-        for m in mods:
+        for m in tqdm(mods, desc="Packing weights for oneDNN", unit="weight", disable=not progress):
             m.cpu_weight = ops.pack_cpu_weight(m.weight)
             if m not in added:
                 m.weight = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fastdebias.loader import (
     read_json,
 )
 from fastdebias.model import LlamaDecoder
-from fastdebias.runtime import DecodeRunner, resolve_runtime
+from fastdebias.runtime import DecodeRunner, available_memory, resolve_runtime
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -113,6 +114,25 @@ def _eos_ids(model_dir: Path, config, tokenizer) -> list[int]:
     return [int(e) for e in ids]
 
 
+def _check_weights_fit(model_dir: Path, config, dtype: torch.dtype, dev: torch.device) -> None:
+    """Refuse a model whose weights in ``dtype`` take more than the memory available on ``dev``, before any weight
+    is read: on a host the loader would end in the OOM killer, with no message, and on a GPU in an out-of-memory
+    error halfway (SR-LLM's Llama-2-7B takes 25.1 GiB in float32, the CPU default)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    need = sum(math.prod(s) for s in expected_shapes(config).values()) * item
+    free = available_memory(dev)
+    if need <= free:
+        return
+    where = f"free on {dev}" if dev.type == "cuda" else "available on this host"
+    half = "float16" if dev.type == "cuda" and not torch.cuda.is_bf16_supported() else "bfloat16"
+    fix = (f"load with dtype='{half}' ({need / item * 2 / 2**30:.1f} GiB)" if item > 2 and need / item * 2 <= free
+           else "free memory, or use a machine with more")  # fmt: skip
+    raise CheckpointError(
+        f"{model_dir}: its weights take {need / 2**30:.1f} GiB in {str(dtype).replace('torch.', '')}, more than the "
+        f"{free / 2**30:.1f} GiB {where}: {fix}"
+    )
+
+
 def load(
     model_path: str | Path | None = None,
     adapter=None,
@@ -169,6 +189,7 @@ def load(
             raise CheckpointError(f"{model_dir}: model directory not found")
     config = load_config(model_dir)
     dt = _resolve_dtype(dtype, config, dev)
+    _check_weights_fit(model_dir, config, dt, dev)
     # Adapters are checked against the shapes config.json implies before any base weight is read: fail fast.
     shapes = {k[: -len(".weight")]: s for k, s in expected_shapes(config).items() if len(s) == 2}
     shapes.pop("model.embed_tokens", None)
@@ -179,7 +200,7 @@ def load(
     weights = load_base_weights(model_dir, config, dt, dev, progress=progress)
     for a in adapters:
         check_saved_base_layers(a, weights, tied=config.tie_word_embeddings)
-    decoder = LlamaDecoder(config, weights, backend=resolved_backend)
+    decoder = LlamaDecoder(config, weights, backend=resolved_backend, progress=progress)
     del weights
     merged = None
     if merge:
@@ -190,7 +211,7 @@ def load(
     if dev.type == "cpu" and resolved_backend == "torch":
         # fp32 (and bf16 where oneDNN computes it natively) on x86-64 only, a no-op elsewhere; the eager runtime keeps
         # the packed weights alone
-        decoder.pack_cpu_weights(keep_plain=resolved_runtime != "eager")
+        decoder.pack_cpu_weights(keep_plain=resolved_runtime != "eager", progress=progress)
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
         backend=resolved_backend, merged_adapter=merged, eos_token_ids=eos_token_ids,

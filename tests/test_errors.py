@@ -20,6 +20,28 @@ def copy(src, dst):
     return dst
 
 
+def test_weights_larger_than_free_memory_refused_before_reading(llama_dir, monkeypatch):
+    """A checkpoint whose weights (in the dtype asked for) exceed the memory available is refused with the sizes and
+    the fix, before any weight is read (the host's OOM killer would end the process with no message)."""
+    from fastdebias import loader, pipeline
+    from fastdebias.loader import expected_shapes, load_config
+
+    fp32 = sum(torch.Size(s).numel() for s in expected_shapes(load_config(llama_dir)).values()) * 4
+    monkeypatch.setattr(pipeline, "load_base_weights", lambda *a, **k: pytest.fail("weights read"))
+    monkeypatch.setattr(pipeline, "available_memory", lambda dev: fp32 - 1)
+    with pytest.raises(CheckpointError, match=rf"{llama_dir.name}: its weights take .* GiB in float32, more than "
+                                              r"the .* GiB available on this host: load with dtype='bfloat16'"):
+        fastdebias.load(llama_dir, progress=False)
+    monkeypatch.setattr(pipeline, "available_memory", lambda dev: fp32 // 2 - 1)
+    with pytest.raises(CheckpointError, match=r"more than .*: free memory, or use a machine with more"):
+        fastdebias.load(llama_dir, progress=False)
+    with pytest.raises(CheckpointError, match=r"in bfloat16, more than .*: free memory, or use a machine with more"):
+        fastdebias.load(llama_dir, dtype="bfloat16", progress=False)
+    monkeypatch.setattr(pipeline, "load_base_weights", loader.load_base_weights)
+    monkeypatch.setattr(pipeline, "available_memory", lambda dev: fp32)  # exactly enough
+    assert fastdebias.load(llama_dir, progress=False).dtype == torch.float32
+
+
 def test_missing_model_dir(tmp_path):
     with pytest.raises(CheckpointError, match="model directory not found"):
         fastdebias.load(tmp_path / "nope", progress=False)
