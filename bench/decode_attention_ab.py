@@ -1,9 +1,12 @@
-"""A/B of the compiled CPU runtime's one-token attention: multiply-reduces fused into the layer's graph
-(``model.decode_attention``) vs SDPA, in one process, interleaved; or, with ``--switch REALIZE_Q``, the query
-written to memory before the multiply-reduce vs recomputed inside it (``model.REALIZE_Q``).
+"""A/B of the compiled CPU runtime's decode step, one switch at a time: its one-token attention as multiply-reduces
+fused into the layer's graph (``model.decode_attention``) vs SDPA, in one process, interleaved; or, with ``--switch
+REALIZE_Q``, the query written to memory before the multiply-reduce vs recomputed inside it (``model.REALIZE_Q``);
+or, with ``--switch REALIZE_GEMV_INPUT``, the input of the 1-2-row GEMVs written to memory vs recomputed inside
+them (``model.REALIZE_GEMV_INPUT``).
 
     python bench/decode_attention_ab.py --batch-sizes 1,8,32 --dtypes float32,bfloat16 --md out.md
     python bench/decode_attention_ab.py --switch REALIZE_Q --batch-sizes 1,8,32 --md out.md
+    python bench/decode_attention_ab.py --switch REALIZE_GEMV_INPUT --batch-sizes 1,2 --md out.md
 
 The embedded SmolLM2 + a random r=16 q/v adapter (as ``fastdebias bench``), ``runtime="compile"``, 64-token prompts,
 64 new tokens (EOS ignored). Per batch size and dtype: both variants warmed (each compiles its own layer graph:
@@ -31,7 +34,8 @@ from fastdebias.model import KVCache, run_layer
 
 NEW = 64
 # the model globals an A/B may flip (False = baseline, True = candidate) → the variants' names
-SWITCHES = {"MULTIPLY_REDUCE_ATTENTION": ("sdpa", "multiply-reduce"), "REALIZE_Q": ("q inlined", "q realized")}
+SWITCHES = {"MULTIPLY_REDUCE_ATTENTION": ("sdpa", "multiply-reduce"), "REALIZE_Q": ("q inlined", "q realized"),
+            "REALIZE_GEMV_INPUT": ("GEMV input inlined", "GEMV input stored")}
 
 
 def layer_ab(model, b: int, switch: str, kv_len: int = 129, n_layers: int = 6, rounds: int = 15) -> dict[bool, float]:
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     names = SWITCHES[args.switch]
     dev = torch.device("cpu")
     cfg = bench.BenchConfig(progress=False).resolve()
-    lines = [f"# one-token attention in the compiled CPU runtime: {names[1]} vs {names[0]} ({bench.device_name(dev)}, "
+    lines = [f"# the compiled CPU decode step: {names[1]} vs {names[0]} ({bench.device_name(dev)}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; commit {bench.git_commit()[0]})", "",
              "| dtype | batch | variant | TPOT ms (median) | TPOTs | speedup | identical | layer µs | layer speedup |",
              "| --- | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |"]

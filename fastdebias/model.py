@@ -48,12 +48,24 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        cpu_weight = None if self.weight is not None and ops.multiply_reduce_rows(x) else self.cpu_weight
+        multiply_reduce = self.weight is not None and ops.multiply_reduce_rows(x)
+        if multiply_reduce and REALIZE_GEMV_INPUT:
+            x = _stored(x)
+        cpu_weight = None if multiply_reduce else self.cpu_weight
         y = ops.lora_linear_sliced(
             x, self.weight, self.sizes, self.loras, self.packed, rows if self.packed is not None else None,
             backend=self.backend, cpu_weight=cpu_weight,
         )
         return y.view(*lead, y.shape[-1])
+
+
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as inductor must write it to memory: ``as_strided`` is an op it lowers only on a stored buffer. Where a
+    multiply-reduce or a reduction over keys reads a computed input, inductor otherwise inlines the computation into
+    the reduction's loop, repeating it once per output (``decode_attention``'s ``realize_q``, the CPU GEMV's
+    input: ``REALIZE_GEMV_INPUT``)."""
+    x = x.contiguous()
+    return x.as_strided(x.shape, x.stride())
 
 
 class RMSNorm(nn.Module):
@@ -106,6 +118,9 @@ class KVCache:
 MULTIPLY_REDUCE_ATTENTION = True
 # False: ``decode_attention`` never writes the query to memory first (A/Bs: ``--switch REALIZE_Q``; guarded as above)
 REALIZE_Q = True
+# False: the compiled CPU GEMV (``ops.multiply_reduce_rows``) reads its input as inductor leaves it, possibly inlined
+# (A/Bs: ``--switch REALIZE_GEMV_INPUT``; guarded as above)
+REALIZE_GEMV_INPUT = True
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -126,8 +141,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     hkv, kv_len = k.shape[1], k.shape[2]
     g = h // hkv
     if realize_q and REALIZE_Q:
-        q = q.contiguous()
-        q = q.as_strided(q.shape, q.stride())
+        q = _stored(q)
     qf = q.float().reshape(b, hkv, g, 1, d)
     s = (qf * k.float().view(b, hkv, 1, kv_len, d)).sum(-1) * scale  # [B, Hkv, g, L]
     s = s.masked_fill(~mask.reshape(b, 1, 1, kv_len), float("-inf"))

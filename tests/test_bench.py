@@ -318,6 +318,52 @@ def test_markdown_reasons_stay_in_their_cell():
     assert bench._cell("load: AdapterError: x\n  y | z") == "load: AdapterError: x y \\| z"
 
 
+def test_fp32_reference_and_the_half_precision_rule(tmp_path, monkeypatch):
+    """``bench._fp32_logits`` equals the same model cast to fp32 whole, and leaves its weights as they were (dtype,
+    bits, ordinary tensors). In half precision ``_diagnose`` also calls a divergence rounding when fastdebias' logits
+    are about as close to the fp32 logits as transformers' (tested with crafted fp32 logits and the fixed tolerance
+    set to 0, so that only this rule can pass)."""
+    import copy
+
+    setup = bench.prepare(bench.BenchConfig(quick=True), tmp_path, torch.device("cpu"))
+    dev, dt = torch.device("cpu"), torch.bfloat16
+    hf = bench._Transformers("hf-eager", setup, dev, dt, lambda n: ({}, []), 60.0)
+    prompts = [[1, 5, 9, 14, 3, 7], [1, 8, 2, 6, 4, 11]]
+    before = {n: p.detach().clone() for n, p in hf.model.named_parameters()}
+    assert any(p.dtype == dt for p in before.values())
+    got = bench._fp32_logits(hf.model, torch.tensor(prompts))
+    with torch.no_grad():
+        want = copy.deepcopy(hf.model).float()(input_ids=torch.tensor(prompts)).logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for n, p in hf.model.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]) and not p.is_inference(), n
+
+    fd = bench._FastDebias("fastdebias", setup, dev, dt, lambda n: None, "backtrack", "eager")
+    ref = hf.call(prompts, 5, 0)
+    k = 3
+    ids = torch.tensor([p + r[:k] for p, r in zip(prompts, ref)])
+    with torch.inference_mode():  # as _diagnose scores them
+        l_hf = hf.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+    second = l_hf[1].topk(2).indices[1].item()
+    ours = [list(r) for r in ref]
+    ours[1][k] = second
+    monkeypatch.setitem(bench.ROUNDING_TOL, dt, 0.0)
+
+    def diagnose(exact):
+        monkeypatch.setattr(bench, "_fp32_logits", lambda model, x: exact)
+        return bench._diagnose(fd, hf, prompts, ours, ref, 0, dt)["rows"][0]
+
+    # fp32 far from both models (bf16 logits of the tiny model differ by < 0.1; this noise is ~3), preferring ours
+    far = l_hf + 3 * torch.randn(l_hf.shape, generator=torch.Generator().manual_seed(0))
+    far[1, second] = far[1, ref[1][k]] + 1.0
+    row = diagnose(far)
+    assert row["rounding"] is True and row["err_fastdebias"] <= 1.25 * row["err_transformers"]
+    assert row["fp32_prefers"] == "fastdebias" and row["ref_margin"] == pytest.approx(1.0)
+    row = diagnose(l_hf.clone())  # fp32 equal to transformers' logits: fastdebias is the one off
+    assert row["err_transformers"] == 0 < row["err_fastdebias"] and row["rounding"] is False
+    assert row["fp32_prefers"] == "transformers"
+
+
 def test_diagnose_tells_rounding_flips_from_errors(tmp_path, monkeypatch, emulated_graphs):
     """``bench._diagnose`` (why greedy outputs diverged): a token transformers scores far below its own pick is an
     error even when the models agree; a pick within the models' logit difference (made here by shifting fastdebias'
