@@ -151,7 +151,9 @@ def load(
     model_path : HF model directory (config.json + safetensors/bin weights + tokenizer). ``None`` → the embedded
         SmolLM2-135M-Instruct, converted once into the user cache.
     adapter : a PEFT LoRA adapter directory, a list of them (named by directory name), or a dict name → directory.
-    dtype : float32 | float16 | bfloat16 (default: float32 on CPU, the checkpoint's half type on CUDA).
+    dtype : float32 | float16 | bfloat16 (default: float32 on CPU, the checkpoint's half type on CUDA). Weights that
+        would not fit the memory available in this dtype (the host's, or the GPU's free memory) raise
+        ``CheckpointError`` before any is read, naming both sizes and the fix.
     device : "cpu" | "cuda" | "cuda:N" (default: CUDA when available).
     merge : fold the single adapter into the base weights (lossy for QLoRA-trained adapters; default False).
     backend : "auto" | "torch" | "triton" | "cuda"; "torch" is the pure-PyTorch reference.
