@@ -577,10 +577,15 @@ def _threshold_pass_kernel(
     t = tl.arange(0, BLOCK_T)
     m = tl.max(tl.load(tmax_ptr + row * stride_pm + t, mask=t < n_tiles, other=NEG_INF), axis=0)
     s_idx = tl.arange(0, BLOCK_S)
-    f0 = tl.sum(tl.load(fsum_ptr + ((prev * B + row) * n_split + s_idx) * NC, mask=s_idx < n_split, other=0.0), axis=0)
     kf = top_k.to(tl.float32)
-    # top-p's target is fixed by its first pass (F at its lowest candidate = the mass kept by top-k)
-    target_p = tl.where(it == 1, top_p * f0, tl.load(target_ptr + row))
+    # top-p's target is fixed by its first pass (F at its lowest candidate = the mass kept by top-k). Read the
+    # partials only then: at the first launch the other half of the (uninitialised) workspace holds garbage, which a
+    # select would discard but the sum still reads (under the interpreter: an intermittent numpy "invalid value")
+    if it == 1:
+        s_mask = s_idx < n_split
+        target_p = top_p * tl.sum(tl.load(fsum_ptr + ((prev * B + row) * n_split + s_idx) * NC, mask=s_mask, other=0.0))
+    else:
+        target_p = tl.load(target_ptr + row)
     if it == 0:
         lo = tl.full((), KEY_NEG_INF, tl.int32)
         if prev_phase >= 0:
