@@ -327,6 +327,35 @@ def test_threshold_search_over_the_whole_float_range(top_k, top_p):
             assert_same(tl_logits.logits_step(logits, **kw), ref.logits_step(logits, **kw))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="numpy's error flags: the interpreter only")
+def test_threshold_search_reads_no_stale_workspace(monkeypatch):
+    """The threshold passes' workspace is allocated uninitialised; no pass may compute with a part of it that no
+    earlier pass of the step wrote. Poisoned here with +inf and -inf (what stale memory may hold), a sum over
+    unwritten partials is inf - inf, which numpy raises on under ``errstate(invalid="raise")``. (The first launch
+    once summed the other half of the workspace and discarded the result: exact outputs, an intermittent numpy
+    warning in CI.)"""
+    import numpy as np
+
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # +inf and -inf in alternate runs of 16 (a partial's candidates): splits differ
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point() and t.numel():
+            i = torch.arange(t.numel(), device=t.device)
+            t.view(-1).copy_(torch.where(i // 16 % 2 == 0, float("inf"), float("-inf")))
+        return t
+
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    settings = [dict(top_k=5), dict(top_p=0.7), dict(top_k=9, top_p=0.8)]
+    want = [ref.logits_step(logits, temperature=0.8, seed=5, step=1, **kw) for kw in settings]
+    monkeypatch.setattr(torch, "empty", poisoned)
+    with np.errstate(invalid="raise"):  # three programs per row: sums across splits
+        got = [tl_logits.logits_step(logits, temperature=0.8, seed=5, step=1, meta=SPLIT_META, **kw) for kw in settings]
+    monkeypatch.undo()
+    for a, b in zip(got, want):
+        assert_same(a, b)
+
+
 @pytest.mark.parametrize("n_cand", [4, 8])
 def test_threshold_search_with_fewer_candidates_per_pass(n_cand):
     """The metas ``bench_logits.py --filter-sweep`` times besides the rule's: fewer candidates per pass (more
