@@ -21,7 +21,7 @@ import transformers
 
 import fastdebias
 from fastdebias.bench import device_name, git_commit
-from fastdebias.generate import chat_messages
+from fastdebias.generate import chat_prompt_ids
 
 # Written for this check; none of them is in the prompt's examples.
 SENTENCES = [
@@ -45,10 +45,8 @@ PROMPTS = {"with examples (shipped)": None, "without examples": ()}
 def run(model, examples) -> tuple[list, int]:
     """Each sentence's rewrite under the chat prompt with ``examples`` (None: the shipped ones), as ``debias``
     decodes it; and the prompt's length in tokens for the first sentence."""
-    tok = model.tokenizer
     kw = {} if examples is None else {"examples": examples}
-    ids = [tok(tok.apply_chat_template(chat_messages(t, **kw), add_generation_prompt=True, tokenize=False),
-               add_special_tokens=False)["input_ids"] for t in SENTENCES]  # fmt: skip
+    ids = [chat_prompt_ids(model.tokenizer, t, **kw) for t in SENTENCES]
     return fastdebias.generate(model, ids, max_new_tokens=60, lexicon="default"), len(ids[0])
 
 

@@ -950,6 +950,13 @@ def chat_messages(text: str, examples=CHAT_EXAMPLES) -> list[dict]:
     return msgs + [{"role": "user", "content": CHAT_USER.format(text=text)}]
 
 
+def chat_prompt_ids(tokenizer, text: str, examples=CHAT_EXAMPLES) -> list[int]:
+    """Token ids of ``chat_messages(text, examples)`` rendered by the tokenizer's chat template, up to where the
+    assistant's answer begins (the template adds its own special tokens)."""
+    chat = tokenizer.apply_chat_template(chat_messages(text, examples), add_generation_prompt=True, tokenize=False)
+    return tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+
 def srllm_prompt(text: str) -> str:
     """SR-LLM's training format up to the response: '<s>', system, instruction, joined by newlines, then '\\n'."""
     return "\n".join(["<s>", SRLLM_SYSTEM, SRLLM_INSTRUCTION.format(text=text), ""])
@@ -983,8 +990,7 @@ def debias_prompts(model, texts: Sequence[str], *, prompt_format: str = "auto", 
             f"prompt_format='chat' needs a chat template, and the tokenizer of {model.path} has none: use "
             "prompt_format='srllm' or a template='...{text}...'"
         )
-    chats = [tok.apply_chat_template(chat_messages(t), add_generation_prompt=True, tokenize=False) for t in texts]
-    return [tok(c, add_special_tokens=False)["input_ids"] for c in chats], []
+    return [chat_prompt_ids(tok, t) for t in texts], []
 
 
 def debias(
