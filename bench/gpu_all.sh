@@ -7,6 +7,7 @@
 #   bash bench/gpu_all.sh filter-sweep  # bench_logits.py --filter-sweep: top-k/top-p pass metas vs the rule  ~5 min
 #   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
 #   bash bench/gpu_all.sh e2e-compile  # the same vs transformers static cache + torch.compile        ~9 min
+#   bash bench/gpu_all.sh e2e-runtimes  # CUDA graphs of the eager forward vs of the compiled one (runtime choice)
 #   bash bench/gpu_all.sh e2e-parity # batch 1 and 8, fastdebias and hf-eager loaded together: why bf16 outputs diverge
 #   bash bench/gpu_all.sh e2e-step   # batch 1, lexicon 0 vs 100k, the loop's step compiled too (--compile-step)
 #   bash bench/gpu_all.sh jobs       # bench_jobs.py: debias jobs, continuous batching under CUDA graphs  ~5 min
@@ -54,6 +55,15 @@ if [ "$stage" = e2e-compile ] || [ "$stage" = all ]; then
   stem="$OUT/e2e_${dev}_llama2-7b_vs_hf-compile"
   timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 3 --batch-sizes 1,8 --lexicon-sizes 10000 \
     --systems fastdebias,hf-compile --json "$stem.json" --md "$stem.md" --plot "$stem.png" 2>&1 | tail -30
+fi
+if [ "$stage" = e2e-runtimes ] || [ "$stage" = all ]; then
+  # the runtime's open choice (issue 6: manual CUDA graphs, or torch.compile with graphs as reduce-overhead does):
+  # fastdebias (auto = "cuda_graph": graphs of the eager forward) vs fastdebias-compile ("compile" on CUDA: the same
+  # graphs and buckets, capturing the compiled layer and head; a compile per batch bucket), batch 1 and 8
+  stem="$OUT/e2e_${dev}_llama2-7b_runtimes"
+  timeout 560 python3 -m fastdebias bench --synthetic llama2-7b --reps 3 --batch-sizes 1,8 --lexicon-sizes 10000 \
+    --systems fastdebias,fastdebias-compile,hf-eager --json "$stem.json" --md "$stem.md" --plot "$stem.png" \
+    2>&1 | tail -25
 fi
 if [ "$stage" = e2e-parity ] || [ "$stage" = all ]; then
   # the e2e stage loads one system at a time (GPU memory), so where its bf16 greedy outputs differ from transformers'

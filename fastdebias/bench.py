@@ -58,8 +58,9 @@ from fastdebias.errors import FastDebiasError
 
 SYSTEMS = ("fastdebias", "hf-eager", "hf-compile", "fastdebias-merged", "fastdebias-noadapter")
 # Run only when named in --systems: fastdebias with the eager runtime (the CPU default of ``load``), to see in the
-# same run what the compiled / graph-captured step buys.
-EXTRA_SYSTEMS = ("fastdebias-eager",)
+# same run what the compiled / graph-captured step buys; and with runtime "compile" (on CUDA the compiled forward
+# captured in CUDA graphs, against "fastdebias"'s graphs of the eager forward: the runtime's open choice).
+EXTRA_SYSTEMS = ("fastdebias-eager", "fastdebias-compile")
 ALL_SYSTEMS = SYSTEMS + EXTRA_SYSTEMS
 SYSTEM_DESCRIPTIONS = {
     "fastdebias": "fastdebias, backend auto, LoRA unmerged",
@@ -68,6 +69,7 @@ SYSTEM_DESCRIPTIONS = {
     "fastdebias-merged": "fastdebias, adapter merged into the weights",
     "fastdebias-noadapter": "fastdebias, adapter=None",
     "fastdebias-eager": "fastdebias, runtime='eager', LoRA unmerged",
+    "fastdebias-compile": "fastdebias, runtime='compile' (on CUDA: CUDA graphs of the compiled forward), LoRA unmerged",
 }
 # Systems that run the whole sweep (batch sizes and lexicon sizes); the LoRA-overhead variants run the batch sweep.
 HEAD_TO_HEAD = ("fastdebias", "hf-eager", "hf-compile")
@@ -963,7 +965,8 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
         groups = [todo]
     else:
         groups = [[s for s in todo if s in ("fastdebias", "fastdebias-noadapter")]]
-        groups += [[s] for s in ("fastdebias-merged", "fastdebias-eager", "hf-eager", "hf-compile") if s in todo]
+        groups += [[s] for s in ("fastdebias-merged", "fastdebias-eager", "fastdebias-compile", "hf-eager",
+                                 "hf-compile") if s in todo]
     points: list[dict] = []
     outputs: dict[tuple[str, int, int], list[list[int]]] = {}
     divergences: dict[tuple[int, int], dict] = {}  # (batch, lexicon) -> _diagnose(...), where the outputs differ
@@ -1036,7 +1039,7 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
             try:
                 if name.startswith("fastdebias"):
                     shared = loaded.get("fastdebias") if name == "fastdebias-noadapter" else None
-                    runtime = "eager" if name == "fastdebias-eager" else cfg.runtime
+                    runtime = {"fastdebias-eager": "eager", "fastdebias-compile": "compile"}.get(name, cfg.runtime)
                     loaded[name] = _FastDebias(name, setup, dev, dtype, lexicon, cfg.lexicon_mode, runtime,
                                                model=shared.model if shared else None,
                                                compile_step=cfg.compile_step)

@@ -49,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=["auto", "eager", "cuda_graph", "compile"],
                    help="decode step: auto = CUDA graphs on GPU, eager on CPU; compile pays ~25-45 s once on CPU "
                         "(~5-10 s with a warm inductor cache) to decode ~2x faster at batch 1 "
-                        "(for large --file jobs)")
+                        "(for large --file jobs); on GPU, compile = CUDA graphs of the compiled forward")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")

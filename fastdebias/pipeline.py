@@ -160,7 +160,8 @@ def load(
     runtime : how the decode step runs: "auto" (CUDA graphs on CUDA, eager on CPU) | "eager" | "cuda_graph" |
         "compile" (each decoder layer, the lm_head and the loop's step through ``torch.compile``; on CPU the first
         calls compile for ~45 s in all (~10 s with inductor's cache warm), batches of 1, 2 and more rows once
-        each, then decode faster than eager: ~2x at batch 1, see the README's benchmarks). See
+        each, then decode faster than eager: ~2x at batch 1, see the README's benchmarks; on CUDA the compiled
+        forward is captured in the CUDA graphs of "cuda_graph", a compile per batch bucket). See
         ``fastdebias.runtime``.
     progress : show tqdm progress bars.
     """

@@ -22,7 +22,10 @@ dozen small kernels that would otherwise each be a launch per token), captured p
 graph's output buffer (``_StepGraphs``), because it bakes in the call's seed, sizes and state addresses. The
 prefill stays eager (chunked, one call per prompt batch). Manual graphs rather than
 ``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per bucket, and the Triton kernels are captured
-as they are; the comparison by measurement is pending a GPU run (``bench/gpu_all.sh``).
+as they are. The alternative is there to measure: ``"compile"`` on CUDA is this same static step (buckets, kept
+cache, these graphs and pool), with the captured forward running through the compiled layer and head (static
+shapes, compiled at a bucket's first capture; ``_forward``): what ``reduce-overhead`` does, without cudagraph trees
+re-recording for every kv length. ``bench/gpu_all.sh e2e-runtimes`` compares the two in one run (pending a GPU).
 
 Continuous batching works under every runtime: a prompt waiting for a place takes a finished row's, in place
 (``place_rows`` copies its prefilled cache slots into the row; the loop's state is written into the row's entries),
@@ -156,6 +159,7 @@ class DecodeRunner:
         self.graphs: dict[tuple[int, int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.regions = None  # "compile": (compiled run_layer, compiled LlamaDecoder.head), made at the first decode
+        self.on_cuda = decoder.embed_tokens.device.type == "cuda"
         self._bufs: dict[str, torch.Tensor] = {}
         self._step_fns: dict = {}  # fn -> its compiled form (None after a failed compile or capture)
         # compile the loop's step too: on under "compile"; off under "cuda_graph", where the captured step's
@@ -169,8 +173,10 @@ class DecodeRunner:
 
     @property
     def static(self) -> bool:
-        """Static shapes: a padded batch, bucketed kv reads, a cache kept across calls (CUDA graphs need them)."""
-        return self.runtime == "cuda_graph"
+        """Static shapes: a padded batch, bucketed kv reads, a cache kept across calls (CUDA graphs need them).
+        Under ``"cuda_graph"``, and under ``"compile"`` on CUDA: there the compiled forward is captured in the same
+        graphs (what ``torch.compile(mode="reduce-overhead")`` does, with this runner's buckets and pool)."""
+        return self.runtime == "cuda_graph" or (self.runtime == "compile" and self.on_cuda)
 
     def reset(self) -> None:
         """Drop the cache, every captured graph and the kept prompt prefix (frees their memory)."""
@@ -239,7 +245,7 @@ class DecodeRunner:
 
     def _dynamic_length(self, cache: KVCache) -> KVCache:
         """Under ``"compile"``, the cache length marked dynamic: one compiled graph serves every cache length."""
-        if self.runtime == "compile":
+        if self.runtime == "compile" and not self.static:
             for t in cache.k + cache.v:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
         return cache
@@ -273,7 +279,7 @@ class DecodeRunner:
         ``head=False``: the final hidden state [B, K], for the fused lm_head + step)."""
         b = token.shape[0]
         args = (token, slots, kv_len, start, cache, adapter_idx, head)
-        if self.runtime == "compile":
+        if self.runtime == "compile" and not self.static:
             if self.regions is None:
                 self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
             try:
@@ -297,7 +303,13 @@ class DecodeRunner:
         key = (bb, kvb, has_adapter, head)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(*key)
+                with _compiling_config():
+                    self.graphs[key] = self._capture(*key)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # (before the RuntimeError it derives from)
+                # the compiled forward could not be built: capture the eager one instead, as "cuda_graph" does
+                _warn_eager("torch.compile of the forward", e, "capturing the eager forward in CUDA graphs")
+                self.runtime, self.regions, self.graphs = "cuda_graph", None, {}
+                return self.decode(*args)
             except RuntimeError as e:  # e.g. an op that syncs with the host
                 return self._fall_back("CUDA graph capture", e, args)
         graph, out = self.graphs[key]
@@ -320,7 +332,7 @@ class DecodeRunner:
         if self._step_fns.get(fn, fn) is None or self.runtime == "eager":  # eager, or a failure before
             return fn
         run = self._compiled_step(fn) if self.compile_step else fn
-        return _StepGraphs(self, run, fn) if self.runtime == "cuda_graph" else run
+        return _StepGraphs(self, run, fn) if self.static else run
 
     def _compiled_step(self, fn):
         compiled = self._step_fns.get(fn)
@@ -343,7 +355,7 @@ class DecodeRunner:
 
     def is_graph_output(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is (a leading slice of) the output buffer of one of this runner's captured graphs."""
-        return self.runtime == "cuda_graph" and any(x.data_ptr() == out.data_ptr() for _, out in self.graphs.values())
+        return self.static and any(x.data_ptr() == out.data_ptr() for _, out in self.graphs.values())
 
     def _capture_graph(self, fn, args):
         """Capture ``fn(*args)`` in a CUDA graph (nothing runs) → (graph, its outputs), in the runner's shared pool.
@@ -369,10 +381,16 @@ class DecodeRunner:
         return min(_round_up(kv_len, KV_BUCKET), cache_len)
 
     def _forward(self, bb: int, kvb: int, has_adapter: bool, head: bool) -> torch.Tensor:
+        """The one-token forward on the static buffers, for a capture: under ``"compile"`` through the compiled
+        layer and head (static shapes: their kernels are specialised to the bucket, and compiled at the capture's
+        warm-up), else eagerly."""
         bufs = self._bufs
         aidx = bufs["adapter_idx"][:bb] if has_adapter else None
+        if self.runtime == "compile" and self.regions is None:
+            self.regions = (torch.compile(run_layer, dynamic=False), torch.compile(LlamaDecoder.head, dynamic=False))
         return self.decoder(
-            bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx, head=head
+            bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx, head=head,
+            regions=self.regions if self.runtime == "compile" else None,
         )
 
     def _capture(self, *key):
@@ -387,9 +405,9 @@ class DecodeRunner:
         return self._capture_graph(self._forward, key)
 
 
-def _warn_eager(what: str, e: Exception) -> None:
+def _warn_eager(what: str, e: Exception, instead: str = "decoding eagerly") -> None:
     warnings.warn(
-        f"fastdebias: {what} failed ({type(e).__name__}: {e}); decoding eagerly from now on (load with "
+        f"fastdebias: {what} failed ({type(e).__name__}: {e}); {instead} from now on (load with "
         "runtime='eager' to skip the attempt)",
         RuntimeWarning,
         stacklevel=4,

@@ -131,20 +131,21 @@ def test_mismatch_is_loud(quick):
 
 
 def test_runtime_and_the_eager_system(tmp_path, monkeypatch, capsys):
-    """--runtime picks fastdebias' decode runtime (recorded per system); fastdebias-eager runs only when named and
-    compares the two runtimes in one run (torch.compile replaced by the identity: the static step, eagerly)."""
+    """--runtime picks fastdebias' decode runtime (recorded per system); fastdebias-eager and fastdebias-compile run
+    only when named, to compare runtimes in one run (torch.compile replaced by the identity: the step, eagerly)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     j = tmp_path / "r.json"
-    code = main(["bench", "--quick", "--device", "cpu", "-q", "--runtime", "compile", "--batch-sizes", "1",
-                 "--lexicon-sizes", "10", "--lexicon-size", "10", "--systems", "fastdebias,fastdebias-eager,hf-eager",
-                 "--json", str(j)])
+    code = main(["bench", "--quick", "--device", "cpu", "-q", "--batch-sizes", "1", "--lexicon-sizes", "10",
+                 "--lexicon-size", "10", "--systems", "fastdebias,fastdebias-eager,fastdebias-compile,hf-eager",
+                 "--runtime", "eager", "--json", str(j)])
     assert code == 0
     res = json.loads(j.read_text())
-    assert res["header"]["fastdebias_runtime"] == "compile"
+    assert res["header"]["fastdebias_runtime"] == "eager"
     systems = res["systems"]
-    assert systems["fastdebias"]["runtime"] == "compile" and systems["fastdebias-eager"]["runtime"] == "eager"
-    assert systems["fastdebias"]["compile_s"] > 0 and systems["fastdebias-eager"]["compile_s"] is None
-    assert {p["system"] for p in res["points"]} == {"fastdebias", "fastdebias-eager", "hf-eager"}
+    assert systems["fastdebias"]["runtime"] == "eager" and systems["fastdebias-eager"]["runtime"] == "eager"
+    assert systems["fastdebias-compile"]["runtime"] == "compile" and systems["fastdebias-compile"]["compile_s"] > 0
+    assert systems["fastdebias"]["compile_s"] is None
+    assert {p["system"] for p in res["points"]} == {"fastdebias", "fastdebias-eager", "fastdebias-compile", "hf-eager"}
     assert not res["mismatches"]
 
 

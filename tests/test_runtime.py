@@ -190,6 +190,55 @@ def test_failed_compile_falls_back_to_eager(llama_dir, monkeypatch):
     assert got == tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW)) and model.runtime == "eager"
 
 
+def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated_graphs, monkeypatch):
+    """``runtime="compile"`` on CUDA: the static step of ``"cuda_graph"`` (buckets, kept cache, captured graphs)
+    whose captured forward runs through the compiled layer and head, static shapes. Here the real torch.compile on
+    CPU, the capture emulated: tokens and interventions equal eager's across adapter mixes, rewinds and sampling;
+    a failed compile warns and captures the eager forward instead."""
+    eager = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="eager", progress=False)
+    comp = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="compile", progress=False)
+    assert not comp.runner.static  # on CPU "compile" is the dynamic-shape runtime
+    comp.runner.on_cuda = True  # what a CUDA device sets
+    assert comp.runner.static and comp.runtime == "compile"
+    compiled, real_compile = [], torch.compile
+
+    def spy(fn, **kw):
+        compiled.append((fn.__name__, kw))
+        return real_compile(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    for names in (["qv", None, "qv"], [None, "qv", "qv"]):
+        want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
+        assert tokens(fastdebias.generate(comp, PROMPTS, adapter=names, max_new_tokens=NEW)) == want, names
+    assert ("run_layer", {"dynamic": False}) in compiled and ("head", {"dynamic": False}) in compiled
+    assert comp.runner.cache.k[0].shape[0] == 4 and len(comp.runner.graphs) > 1  # padded batch, kv buckets
+    free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
+    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
+    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
+    a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(comp, PROMPTS, **kw)
+    assert any(i.action == "rewound" for r in b for i in r.interventions)
+    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
+    s1 = fastdebias.generate(eager, PROMPTS, temperature=0.9, seed=5, **kw)
+    assert tokens(fastdebias.generate(comp, PROMPTS, temperature=0.9, seed=5, **kw)) == tokens(s1)
+    assert comp.runtime == "compile"
+
+    def failing(fn, **kw):
+        def run(*a):
+            cls = torch._dynamo.exc.BackendCompilerFailed  # its constructor differs across torch versions
+            e = cls.__new__(cls)
+            Exception.__init__(e, "InvalidCxxCompiler: no working C++ compiler found")
+            raise e
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing)
+    model = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="compile", progress=False)
+    model.runner.on_cuda, model.runner.compile_step = True, False  # (the step's own fallback is tested above)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the forward failed.*capturing the eager forward"):
+        got = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
+    assert got == free and model.runtime == "cuda_graph" and model.runner.static
+
+
 def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     """The real torch.compile on CPU (a few seconds to compile the tiny model): one compiled graph serves every
     decoder layer, and new batch sizes, prompt and output lengths (kv and cache sizes) compile nothing new once
@@ -541,18 +590,20 @@ def step_captures(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a capture that falls back to eager is a failure here
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cuda_graph_equals_eager(llama_dir, adapter_qv, adapter_all, backend, step_captures):
+@pytest.mark.parametrize("graphed", ["cuda_graph", "compile"])  # graphs of the eager forward, of the compiled one
+def test_cuda_graph_equals_eager(llama_dir, adapter_qv, adapter_all, backend, graphed, step_captures):
     adapters = {"qv": adapter_qv, "all": adapter_all}
     kw = dict(device="cuda", dtype="float32", backend=backend, progress=False)
     eager = fastdebias.load(llama_dir, adapters, runtime="eager", **kw)
-    graph = fastdebias.load(llama_dir, adapters, runtime="cuda_graph", **kw)
+    graph = fastdebias.load(llama_dir, adapters, runtime=graphed, **kw)
+    assert graph.runner.static
     for names in (["qv", None, "all"], ["all", "qv", "qv"], ["qv", None, "all"]):
         want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
         n_graphs = len(graph.runner.graphs)
         assert tokens(fastdebias.generate(graph, PROMPTS, adapter=names, max_new_tokens=NEW)) == want, names
     # the last call's mix reused the graphs captured for the first: no re-capture when the adapter mix changes
     assert len(graph.runner.graphs) == n_graphs > 0
-    assert step_captures[0] > 0 and graph.runtime == "cuda_graph"
+    assert step_captures[0] > 0 and graph.runtime == graphed
     # sampling with a seed: the Triton step's noise is keyed by the device step counter, so graphs replay it
     if backend == "triton":
         a = fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW, temperature=0.8, top_k=20, seed=7)
@@ -563,17 +614,18 @@ def test_cuda_graph_equals_eager(llama_dir, adapter_qv, adapter_all, backend, st
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cuda_graph_backtracking_equals_eager(llama_dir, backend, step_captures):
+@pytest.mark.parametrize("graphed", ["cuda_graph", "compile"])
+def test_cuda_graph_backtracking_equals_eager(llama_dir, backend, graphed, step_captures):
     kw = dict(device="cuda", dtype="float32", backend=backend, progress=False)
     eager = fastdebias.load(llama_dir, runtime="eager", **kw)
-    graph = fastdebias.load(llama_dir, runtime="cuda_graph", **kw)
+    graph = fastdebias.load(llama_dir, runtime=graphed, **kw)
     free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
     lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free} | {(free[1][2],): -1.5})
     kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
     a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(graph, PROMPTS, **kw)
     assert any(i.action == "rewound" for r in b for i in r.interventions)
     assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
-    assert step_captures[0] > 0
+    assert step_captures[0] > 0 and graph.runtime == graphed
 
 
 @pytest.mark.gpu
