@@ -170,21 +170,24 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, emulated_
     assert got == tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW)) and model.runtime == "eager"
 
 
+def _failing_compile(fn, **kw):
+    """torch.compile on a machine where inductor cannot build (no C++ compiler, say): fails at the first call."""
+
+    def run(*a):
+        cls = torch._dynamo.exc.BackendCompilerFailed  # its constructor differs across torch versions
+        e = cls.__new__(cls)
+        Exception.__init__(e, "InvalidCxxCompiler: no working C++ compiler found")
+        raise e
+
+    return run
+
+
 def test_failed_compile_falls_back_to_eager(llama_dir, monkeypatch):
     """A machine where inductor cannot build (no C++ compiler, say): a warning, then the eager step, same tokens."""
 
-    def failing(fn, **kw):
-        def run(*a):
-            cls = torch._dynamo.exc.BackendCompilerFailed  # its constructor differs across torch versions
-            e = cls.__new__(cls)
-            Exception.__init__(e, "InvalidCxxCompiler: no working C++ compiler found")
-            raise e
-
-        return run
-
     eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
     model = fastdebias.load(llama_dir, runtime="compile", progress=False)
-    monkeypatch.setattr(torch, "compile", failing)
+    monkeypatch.setattr(torch, "compile", _failing_compile)
     with pytest.warns(RuntimeWarning, match="torch.compile failed.*decoding eagerly"):
         got = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
     assert got == tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW)) and model.runtime == "eager"
@@ -222,16 +225,7 @@ def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated
     assert tokens(fastdebias.generate(comp, PROMPTS, temperature=0.9, seed=5, **kw)) == tokens(s1)
     assert comp.runtime == "compile"
 
-    def failing(fn, **kw):
-        def run(*a):
-            cls = torch._dynamo.exc.BackendCompilerFailed  # its constructor differs across torch versions
-            e = cls.__new__(cls)
-            Exception.__init__(e, "InvalidCxxCompiler: no working C++ compiler found")
-            raise e
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", failing)
+    monkeypatch.setattr(torch, "compile", _failing_compile)
     model = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="compile", progress=False)
     model.runner.on_cuda, model.runner.compile_step = True, False  # (the step's own fallback is tested above)
     with pytest.warns(RuntimeWarning, match="torch.compile of the forward failed.*capturing the eager forward"):
