@@ -23,9 +23,10 @@ graph's output buffer (``_StepGraphs``), because it bakes in the call's seed, si
 prefill stays eager (chunked, one call per prompt batch). Manual graphs rather than
 ``torch.compile(mode="reduce-overhead")``: no compile of a 7B model per bucket, and the Triton kernels are captured
 as they are. The alternative is there to measure: ``"compile"`` on CUDA is this same static step (buckets, kept
-cache, these graphs and pool), with the captured forward running through the compiled layer and head (static
-shapes, compiled at a bucket's first capture; ``_forward``): what ``reduce-overhead`` does, without cudagraph trees
-re-recording for every kv length. ``bench/gpu_all.sh e2e-runtimes`` compares the two in one run (pending a GPU).
+cache, these graphs and pool), with the captured forward running through the compiled layer and head (``_forward``:
+compiled at the first capture of a batch bucket, with static shapes but for the kv length, whose buckets share one
+graph): what ``reduce-overhead`` does, without cudagraph trees re-recording for every kv length.
+``bench/gpu_all.sh e2e-runtimes`` compares the two in one run (pending a GPU).
 
 Continuous batching works under every runtime: a prompt waiting for a place takes a finished row's, in place
 (``place_rows`` copies its prefilled cache slots into the row; the loop's state is written into the row's entries),
@@ -382,8 +383,8 @@ class DecodeRunner:
 
     def _forward(self, bb: int, kvb: int, has_adapter: bool, head: bool) -> torch.Tensor:
         """The one-token forward on the static buffers, for a capture: under ``"compile"`` through the compiled
-        layer and head (static shapes: their kernels are specialised to the bucket, and compiled at the capture's
-        warm-up), else eagerly."""
+        layer and head (static shapes, the batch bucket's, but for the kv length, which the mask marks dynamic;
+        compiled at the first capture's warm-up), else eagerly."""
         bufs = self._bufs
         aidx = bufs["adapter_idx"][:bb] if has_adapter else None
         if self.runtime == "compile" and self.regions is None:

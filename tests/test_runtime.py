@@ -210,11 +210,16 @@ def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated
         return real_compile(fn, **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()  # dynamo's caches are per process: count this test's graphs only
+    counters.clear()
     for names in (["qv", None, "qv"], [None, "qv", "qv"]):
         want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
         assert tokens(fastdebias.generate(comp, PROMPTS, adapter=names, max_new_tokens=NEW)) == want, names
     assert ("run_layer", {"dynamic": False}) in compiled and ("head", {"dynamic": False}) in compiled
     assert comp.runner.cache.k[0].shape[0] == 4 and len(comp.runner.graphs) > 1  # padded batch, kv buckets
+    # the layer, the head and the loop's step: one graph each, whatever the kv bucket and the adapter mix
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
     free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
     lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
     kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
