@@ -306,13 +306,16 @@ class DecodeRunner:
             try:
                 with _compiling_config():
                     self.graphs[key] = self._capture(*key)
-            except torch._dynamo.exc.BackendCompilerFailed as e:  # (before the RuntimeError it derives from)
-                # the compiled forward could not be built: capture the eager one instead, as "cuda_graph" does
-                _warn_eager("torch.compile of the forward", e, "capturing the eager forward in CUDA graphs")
-                self.runtime, self.regions, self.graphs = "cuda_graph", None, {}
-                return self.decode(*args)
-            except RuntimeError as e:  # e.g. an op that syncs with the host
-                return self._fall_back("CUDA graph capture", e, args)
+            except Exception as e:
+                if self.runtime == "compile":
+                    # whatever broke (dynamo, inductor, or the capture of their kernels): capture the eager forward
+                    # instead, as "cuda_graph" does; a fault of the forward itself shows again there
+                    _warn_eager("torch.compile of the forward", e, "capturing the eager forward in CUDA graphs")
+                    self.runtime, self.regions, self.graphs = "cuda_graph", None, {}
+                    return self.decode(*args)
+                if isinstance(e, RuntimeError):  # e.g. an op that syncs with the host
+                    return self._fall_back("CUDA graph capture", e, args)
+                raise
         graph, out = self.graphs[key]
         graph.replay()
         return out[:b]

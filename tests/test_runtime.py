@@ -230,12 +230,19 @@ def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated
     assert tokens(fastdebias.generate(comp, PROMPTS, temperature=0.9, seed=5, **kw)) == tokens(s1)
     assert comp.runtime == "compile"
 
-    monkeypatch.setattr(torch, "compile", _failing_compile)
-    model = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="compile", progress=False)
-    model.runner.on_cuda, model.runner.compile_step = True, False  # (the step's own fallback is tested above)
-    with pytest.warns(RuntimeWarning, match="torch.compile of the forward failed.*capturing the eager forward"):
-        got = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
-    assert got == free and model.runtime == "cuda_graph" and model.runner.static
+    def inductor_error(fn, **kw):  # an error of inductor's own (not wrapped in BackendCompilerFailed), at a call
+        def run(*a):
+            raise RuntimeError("InductorError: LoweringException")
+
+        return run
+
+    for broken in (_failing_compile, inductor_error):
+        monkeypatch.setattr(torch, "compile", broken)
+        model = fastdebias.load(llama_dir, {"qv": adapter_qv}, runtime="compile", progress=False)
+        model.runner.on_cuda, model.runner.compile_step = True, False  # (the step's own fallback is tested above)
+        with pytest.warns(RuntimeWarning, match="torch.compile of the forward failed.*capturing the eager forward"):
+            got = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
+        assert got == free and model.runtime == "cuda_graph" and model.runner.static
 
 
 def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
