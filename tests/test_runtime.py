@@ -102,19 +102,26 @@ def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, emulated_g
     assert static.runner.cache.k[0].shape[0] == 8
 
 
-def test_static_step_with_backtracking_and_sampling(llama_dir, emulated_graphs):
-    eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
-    static = as_cuda_graph(fastdebias.load(llama_dir, runtime="eager", progress=False))
+def _rewinds_equal_eager(eager, model, sampling: bool = True):
+    """Bans of each row's free-running tokens 3-5 (rewinds) and a repetition penalty: ``model``'s tokens and
+    interventions equal ``eager``'s, greedy and (``sampling``) seeded sampling. Returns (the free-running tokens,
+    the kwargs, the tokens under them)."""
     free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
     lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
     kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
-    a = fastdebias.generate(eager, PROMPTS, **kw)
-    b = fastdebias.generate(static, PROMPTS, **kw)
-    assert any(i.action == "rewound" for r in b for i in r.interventions)  # rewinds happened under the static step
-    assert tokens(b) == tokens(a)
-    s1 = fastdebias.generate(eager, PROMPTS, temperature=0.9, seed=5, **kw)
-    s2 = fastdebias.generate(static, PROMPTS, temperature=0.9, seed=5, **kw)
-    assert tokens(s1) == tokens(s2)
+    a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(model, PROMPTS, **kw)
+    assert any(i.action == "rewound" for r in b for i in r.interventions)  # rewinds happened under ``model``
+    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
+    if sampling:
+        s1 = fastdebias.generate(eager, PROMPTS, temperature=0.9, seed=5, **kw)
+        assert tokens(fastdebias.generate(model, PROMPTS, temperature=0.9, seed=5, **kw)) == tokens(s1)
+    return free, kw, tokens(a)
+
+
+def test_static_step_with_backtracking_and_sampling(llama_dir, emulated_graphs):
+    eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
+    static = as_cuda_graph(fastdebias.load(llama_dir, runtime="eager", progress=False))
+    _rewinds_equal_eager(eager, static)
 
 
 def test_static_step_with_triton_fused_head(llama_dir, adapter_qv, emulated_graphs):
@@ -144,12 +151,7 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, emulated_
     assert len(model.runner.graphs) == n > 1  # several kv buckets; the second mix reused every graph
     # the loop's step was captured once per forward graph and call, and replayed (its state updated in place)
     assert len(step_graphs) == 2 * n and all(g.replays > 0 for g in step_graphs)
-    free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
-    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
-    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
-    a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(model, PROMPTS, **kw)
-    assert any(i.action == "rewound" for r in b for i in r.interventions)
-    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
+    _, kw, want = _rewinds_equal_eager(eager, model, sampling=False)
     assert sum(g.replays for g in step_graphs[2 * n:]) > 0
 
     def broken_step(self, fn, args):
@@ -157,7 +159,7 @@ def test_graph_replay_logic_on_cpu(llama_dir, adapter_qv, adapter_all, emulated_
 
     monkeypatch.setattr(runtime.DecodeRunner, "_capture_graph", broken_step)
     with pytest.warns(RuntimeWarning, match="capture of the decode loop's step failed"):
-        assert tokens(fastdebias.generate(model, PROMPTS, **kw)) == tokens(a)
+        assert tokens(fastdebias.generate(model, PROMPTS, **kw)) == want
     assert model.runtime == "cuda_graph"  # the forward's graphs are kept
 
     def broken(self, *key):
@@ -220,14 +222,7 @@ def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated
     assert comp.runner.cache.k[0].shape[0] == 4 and len(comp.runner.graphs) > 1  # padded batch, kv buckets
     # the layer, the head and the loop's step: one graph each, whatever the kv bucket and the adapter mix
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
-    free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
-    lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
-    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
-    a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(comp, PROMPTS, **kw)
-    assert any(i.action == "rewound" for r in b for i in r.interventions)
-    assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]
-    s1 = fastdebias.generate(eager, PROMPTS, temperature=0.9, seed=5, **kw)
-    assert tokens(fastdebias.generate(comp, PROMPTS, temperature=0.9, seed=5, **kw)) == tokens(s1)
+    free, *_ = _rewinds_equal_eager(eager, comp)
     assert comp.runtime == "compile"
 
     def inductor_error(fn, **kw):  # an error of inductor's own (not wrapped in BackendCompilerFailed), at a call
