@@ -330,11 +330,6 @@ class LlamaDecoder(nn.Module):
                 mod.weight[lo:hi] = (mod.weight[lo:hi].float() + delta).to(mod.weight.dtype)
         self.adapter_names = []
 
-    def set_backend(self, backend: str) -> None:
-        for mod, _ in self.lora_targets().values():
-            mod.backend = backend
-            mod.packed = ops.pack_lora(mod.sizes, mod.loras, backend=backend)
-
     # ------------------------------------------------------------------------------------------- forward
 
     def forward(

@@ -25,8 +25,10 @@ prefill stays eager (chunked, one call per prompt batch). Manual graphs rather t
 as they are. The alternative is there to measure: ``"compile"`` on CUDA is this same static step (buckets, kept
 cache, these graphs and pool), with the captured forward running through the compiled layer and head (``_forward``:
 compiled at the first capture of a batch bucket, with static shapes but for the kv length, whose buckets share one
-graph): what ``reduce-overhead`` does, without cudagraph trees re-recording for every kv length.
-``bench/gpu_all.sh e2e-runtimes`` compares the two in one run (pending a GPU).
+graph): what ``reduce-overhead`` does, without cudagraph trees re-recording for every kv length. With the Triton
+backend dynamo takes the layer and the head each in one graph, every LoRA launch a Triton kernel node and the
+device limits of their meta rules a trace-time constant (``tests/trace_regions.py`` traces both on a CPU, kernels
+defined for an sm_90 target). ``bench/gpu_all.sh e2e-runtimes`` compares the two in one run (pending a GPU).
 
 Continuous batching works under every runtime: a prompt waiting for a place takes a finished row's, in place
 (``place_rows`` copies its prefilled cache slots into the row; the loop's state is written into the row's entries),

@@ -240,6 +240,64 @@ def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated
         assert got == free and model.runtime == "cuda_graph" and model.runner.static
 
 
+def _triton_has_cuda_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _triton_has_cuda_backend(), reason="needs triton with its CUDA backend")
+@pytest.mark.parametrize("dtype,names,batch", [("float32", ["qv"], 1), ("bfloat16", ["qv", "all"], 4)])
+def test_cuda_compiled_regions_trace_in_one_graph(llama_dir, adapter_qv, adapter_all, tmp_path, dtype, names, batch):
+    """On CUDA, ``runtime="compile"`` compiles the layer and the head with the Triton backend's LoRA launches inside.
+    Dynamo must take each region in one graph, every launch a Triton kernel node: a graph break (a host read in an
+    op, a device query it cannot trace) would split it. ``tests/trace_regions.py`` traces both with
+    ``fullgraph=True`` as the runtime calls them, the kernels defined as GPU kernels, and stops before anything
+    runs; it runs in a subprocess, since the kernels must be defined without ``TRITON_INTERPRET``."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    harness = Path(__file__).with_name("trace_regions.py")
+    adapters = [str({"qv": adapter_qv, "all": adapter_all}[n]) for n in names]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "trace.json"
+    cmd = [sys.executable, str(harness), str(llama_dir), *adapters, "--dtype", dtype, "--batch", str(batch)]
+    proc = subprocess.run([*cmd, "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
+    regions = json.loads(out.read_text())["regions"]
+    assert all(r["one_graph"] for r in regions.values()), regions
+    # q/k/v, o, gate/up and down: one launch each, plus a shrink each where two adapters share the batch (adapter
+    # "all" targets every projection); the head's lm_head, no adapter on it
+    per_projection = ["_lora_linear_kernel"] if len(names) == 1 else ["_lora_shrink_kernel", "_lora_linear_kernel"]
+    assert regions["layer"]["kernels"] == per_projection * 4, regions["layer"]
+    assert regions["head"]["kernels"] == ["_lora_linear_kernel"], regions["head"]
+
+
+def test_device_limits_are_a_trace_constant(monkeypatch):
+    """The Triton ops' meta rules read the SM count and shared memory at every launch; inside a compiled region
+    dynamo must call that once at trace time and keep the result, not trace the device query (which it may not be
+    able to: here one that parses JSON)."""
+    import json
+    import types
+
+    from fastdebias import ops
+
+    def query(device):
+        return types.SimpleNamespace(**json.loads('{"multi_processor_count": 7, "shared_memory_per_block_optin": 99}'))
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", query)
+    monkeypatch.setattr(ops, "_DEVICE_LIMITS", {})
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * ops.device_limits(torch.device("cuda", 0))[0] + ops.device_limits(
+        torch.device("cuda", 0))[1], fullgraph=True, backend="eager")  # fmt: skip
+    assert f(torch.ones(2)).tolist() == [106.0, 106.0]
+    assert ops.device_limits(torch.device("cpu")) == (132, 232448)  # off CUDA: an H100's, for the interpreter
+
+
 def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
     """The real torch.compile on CPU (a few seconds to compile the tiny model): one compiled graph serves every
     decoder layer, and new batch sizes, prompt and output lengths (kv and cache sizes) compile nothing new once

@@ -72,6 +72,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_DEVICE_LIMITS: dict[torch.device, tuple[int, int]] = {}
+
+
+@torch.compiler.assume_constant_result
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared memory one program may opt into) of ``device``, read once per device; off CUDA an H100's,
+    so that the interpreter runs the GPU's meta-parameter rules. The Triton ops' meta rules call it on every launch:
+    inside a ``torch.compile``d region (the CUDA ``"compile"`` runtime's layer and head) dynamo calls it once at
+    trace time and keeps the result as a constant, rather than tracing the device query."""
+    limits = _DEVICE_LIMITS.get(device)
+    if limits is None:
+        if device.type != "cuda":
+            limits = (132, 232448)
+        else:
+            props = torch.cuda.get_device_properties(device)
+            limits = (props.multi_processor_count, props.shared_memory_per_block_optin)
+        _DEVICE_LIMITS[device] = limits
+    return limits
+
+
 def pack_lora(sizes: list[int], loras: list, backend: str = "torch"):
     """Pre-pack a fused projection's per-slice LoRA pairs for ``backend``, once, at load time.
 

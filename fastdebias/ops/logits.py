@@ -28,7 +28,6 @@ the graph). The lexicon's fp32 bias tables are built and copied to the device on
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -53,6 +52,7 @@ from fastdebias.kernels.logits import (
     lm_head_meta,
     logits_meta,
 )
+from fastdebias.ops import device_limits as _device_limits
 from fastdebias.reference.logits import LogitsStep, check_lm_head_args, check_step_args, lm_head_logits, split_seed
 from fastdebias.reference.lora import lora_shrink
 
@@ -388,14 +388,6 @@ def _check_backend(device: torch.device) -> None:
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
-@functools.lru_cache(maxsize=None)
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SM count, shared memory per program) of ``device``; off CUDA an H100's, so the interpreter runs its rules."""
-    if device.type != "cuda":
-        return 132, 232448
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.shared_memory_per_block_optin
 
 
 def _num_sms(device: torch.device) -> int:

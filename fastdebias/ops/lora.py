@@ -7,7 +7,6 @@ on the device and the grid depends only on shapes, so a decode step using these 
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple, Sequence
 
@@ -16,6 +15,7 @@ import triton
 
 from fastdebias.errors import AdapterError, BackendError, GenerationError
 from fastdebias.kernels.lora import LoRAMeta, _lora_linear_kernel, _lora_shrink_kernel, lora_meta
+from fastdebias.ops import device_limits as _device_limits
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SLICES = 3
@@ -262,14 +262,6 @@ def _launch(
     )  # fmt: skip
     return y
 
-
-@functools.lru_cache(maxsize=None)
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SM count, shared memory per program) of ``device``; off CUDA an H100's, so the interpreter runs its rules."""
-    if device.type != "cuda":
-        return 132, 232448
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.shared_memory_per_block_optin
 
 
 def _interpreting() -> bool:
