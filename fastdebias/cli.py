@@ -54,6 +54,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as likely as the most likely one; 0.0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string; repeat for several")
@@ -174,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 merge=args.merge, backend=args.backend, runtime=args.runtime,
                                 progress=not args.quiet)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                      top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)
         kwargs.update(lexicon=None if str(lexicon).lower() == "none" else lexicon, lexicon_mode=args.lexicon_mode)

@@ -68,7 +68,7 @@ def _check_model(model) -> None:
         )
 
 
-def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p) -> None:
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
@@ -77,6 +77,8 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not _is_real(top_p) or not (0.0 < top_p <= 1.0):
         raise GenerationError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
+    if not _is_real(min_p) or not (0.0 <= min_p <= 1.0):
+        raise GenerationError(f"min_p must be in [0, 1] (0.0 = off), got {min_p!r}")
     rp = repetition_penalty
     if not _is_real(rp) or not (rp > 0 and math.isfinite(rp)):
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
@@ -411,7 +413,7 @@ class _Loop:
     # the per-row tensors (first dimension: the batch's rows)
     ROWS = ("t", "it", "out", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids")
 
-    def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p,
+    def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
                  repetition_penalty, generator, seed, row_ids, eos, lex, fused_step, n_iter) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
@@ -419,7 +421,8 @@ class _Loop:
         # each row's padded prompt length, on the device: a compiled step would otherwise specialise on it (a
         # recompile for every new prompt length); per row, since rows that join a running batch bring their own
         self.t = torch.full((b,), t, dtype=torch.long, device=dev)
-        self.temperature, self.top_k, self.top_p, self.penalty = temperature, top_k, top_p, repetition_penalty
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
+        self.penalty = repetition_penalty
         self.generator, self.seed, self.row_ids = generator, seed, row_ids
         self.fused_step = fused_step
         self.head_w, self.head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
@@ -470,8 +473,9 @@ class _Loop:
 @torch.compiler.disable
 def _triton_choice(s: _Loop, x: torch.Tensor, hidden: bool, hf_rows):
     """The Triton logits step in one fused pass: lexicon, position bans, repetition penalty, temperature,
-    top-k/top-p, choice, automaton advance and lookup of the chosen token. Opaque to ``torch.compile`` (launched as
-    is between the compiled parts of ``_advance``): its host-side values, the seed among them, are not guarded."""
+    top-k/top-p/min-p, choice, automaton advance and lookup of the chosen token. Opaque to ``torch.compile``
+    (launched as is between the compiled parts of ``_advance``): its host-side values, the seed among them, are not
+    guarded."""
     lex = s.lex
     bans = torch.where(lex.ban_pos == s.cur.view(s.b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
     head_args = (dict(hidden=x, lm_head=s.head_w, lm_head_lora=s.head_lora, adapter_idx=s.adapter_idx)
@@ -479,7 +483,7 @@ def _triton_choice(s: _Loop, x: torch.Tensor, hidden: bool, hf_rows):
     return ops.logits_step(
         **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
         banned_tokens=bans, counts=s.counts, repetition_penalty=s.penalty, temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, seed=s.seed, step=s.it, row_ids=s.row_ids, backend="triton",
+        top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed, step=s.it, row_ids=s.row_ids, backend="triton",
     )  # fmt: skip
 
 
@@ -506,7 +510,8 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
         dead = torch.isneginf(y).all(dim=-1) & ~done
         y = torch.where(dead.view(b, 1), torch.zeros_like(y), y)
-        nxt = choose_tokens(y, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=s.generator)
+        nxt = choose_tokens(y, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                            generator=s.generator)
         if lex is not None:
             bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
             next_state = lex.m.step(lex.state, nxt)
@@ -578,6 +583,7 @@ def _generate_batch(
     temperature: float,
     top_k: int,
     top_p: float,
+    min_p: float,
     repetition_penalty: float,
     generator: torch.Generator | None,
     seed: int | None,
@@ -616,9 +622,9 @@ def _generate_batch(
     tok = model.tokenizer
     hold_tokens = matcher.max_depth if (matcher is not None and lexicon_mode == "backtrack") else 0
     fused_step = model.backend == "triton"
-    # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p need the logits: unfused
+    # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p/min-p need the logits: unfused
     fused_head = fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and (
-        temperature == 0 or (not 0 < top_k < v and top_p >= 1.0))  # fmt: skip
+        temperature == 0 or (not 0 < top_k < v and top_p >= 1.0 and min_p == 0.0))  # fmt: skip
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
@@ -640,7 +646,7 @@ def _generate_batch(
             lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
         row_ids = torch.tensor([index[i] for i in members], dtype=torch.long, device=dev) if fused_step else None
         loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
+                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generator=generator,
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
@@ -816,6 +822,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     eos_token_id: int | list[int] | None = None,
@@ -837,7 +844,8 @@ def generate(
         one per prompt (several adapters in one batch).
     max_new_tokens : tokens to generate at most per prompt (>= 1).
     temperature : 0 is greedy (argmax); > 0 samples.
-    top_k, top_p : filters for sampling; ``0`` and ``1.0`` mean off.
+    top_k, top_p, min_p : filters for sampling (transformers' semantics, applied in that order); ``0``, ``1.0``
+        and ``0.0`` mean off. ``min_p`` keeps the tokens at least ``min_p`` times as likely as the most likely one.
     repetition_penalty : transformers' rule over the row's context (prompt and generated); 1.0 is off.
     seed : makes sampling reproducible (a device generator seeded once per call).
     eos_token_id : int or list; defaults to the checkpoint's.
@@ -860,7 +868,7 @@ def generate(
     list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``), one per prompt, in order.
     """
     _check_model(model)
-    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p)
     if seed is not None and not _is_int(seed):
         raise GenerationError(f"seed: expected an integer or None, got {seed!r}")
     ids = encode_prompts(model, prompts)
@@ -902,7 +910,7 @@ def generate(
     # more prompts than rows: prompts of similar lengths together (less left padding), results in the given order
     order = sorted(range(n), key=lambda i: len(ids[i])) if bs < n else list(range(n))
     kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-              repetition_penalty=float(repetition_penalty), generator=generator,
+              min_p=float(min_p), repetition_penalty=float(repetition_penalty), generator=generator,
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
               lexicon_mode=lexicon_mode, max_rewinds=max_rewinds)  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts

@@ -525,7 +525,8 @@ def _refine(iv_ptr, fsum_ptr, fmin_ptr, fmax_ptr, par, row, B, target, n_split, 
 
 @triton.jit(
     do_not_specialize=[
-        "seed_lo", "seed_hi", "step_val", "top_k", "chunk", "n_split", "launch", "phase", "it", "prev_phase"
+        "seed_lo", "seed_hi", "step_val", "top_k", "log_min_p", "chunk", "n_split", "launch", "phase", "it",
+        "prev_phase",
     ]
 )  # fmt: skip
 def _threshold_pass_kernel(
@@ -545,6 +546,7 @@ def _threshold_pass_kernel(
     out_idx_ptr,
     top_k,
     top_p,
+    log_min_p,
     chunk,
     n_split,
     seed_lo,
@@ -567,7 +569,8 @@ def _threshold_pass_kernel(
     """One launch of the top-k / top-p threshold search, or the final Gumbel-max over the kept tokens.
 
     ``phase``: 0 searches the k-th largest key (weights 1), 1 the top-p key (weights exp(z - max), target
-    top_p · the mass kept by top-k), 2 samples. ``it``: the pass within the phase. The first pass of a phase
+    top_p · the mass kept by top-k), 2 samples, among the kept keys (>= the threshold found) whose z is at least
+    max + ``log_min_p`` (min-p; -inf when off). ``it``: the pass within the phase. The first pass of a phase
     finishes the previous phase from its last partials.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -614,7 +617,7 @@ def _threshold_pass_kernel(
             cm = cols < c_hi
             z = tl.load(z_row + cols[None, :], mask=cm[None, :], other=NEG_INF)
             score = z + _gumbel(seed_lo, seed_hi, row_key, step, cols)
-            score = tl.where(cm[None, :] & (_ordered_key(z) >= lo), score, NEG_INF)
+            score = tl.where(cm[None, :] & (_ordered_key(z) >= lo) & (z >= m + log_min_p), score, NEG_INF)
             better = score > best_val  # strictly: a column's earlier tile wins ties
             best_idx = tl.where(better, cols[None, :], best_idx)
             best_val = tl.where(better, score, best_val)

@@ -55,3 +55,17 @@ def test_runtime_flag(llama_dir, capsys, monkeypatch):
     static = json.loads(capsys.readouterr().out.strip())
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip())["token_ids"] == static["token_ids"]
+
+
+def test_sampling_flags_reach_generate(llama_dir, capsys):
+    """--temperature/--seed/--min-p are generate's arguments: min-p 1.0 keeps the top token alone (the greedy
+    output, however hot); a bad value exits 2 naming it."""
+    base = ["generate", "--model", str(llama_dir), "--max-new-tokens", "6", "--json", "-q", "Old people"]
+    assert main(base) == 0
+    greedy = json.loads(capsys.readouterr().out.strip())["token_ids"]
+    assert main([*base, "--temperature", "5", "--seed", "1", "--min-p", "1.0"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["token_ids"] == greedy
+    assert main([*base, "--temperature", "5", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["token_ids"] != greedy
+    assert main([*base, "--min-p", "1.5"]) == 2
+    assert "min_p must be in [0, 1]" in capsys.readouterr().err

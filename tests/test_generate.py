@@ -14,7 +14,7 @@ from fastdebias.generate import (
     debias_prompts,
     srllm_prompt,
 )
-from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens, top_k_top_p_filter
+from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens, filter_logits
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3]]
 
@@ -53,27 +53,35 @@ def test_greedy_with_repetition_penalty_matches_transformers(llama_dir, model):
 
 
 def test_processors_match_transformers():
-    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 111, generator=g) * 3
     ids = torch.randint(0, 111, (3, 9), generator=g)
     seen = torch.zeros(3, 111, dtype=torch.bool).scatter_(1, ids, True)
     assert torch.equal(apply_repetition_penalty(logits, seen, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(ids, logits))
-    for k, p in [(5, 1.0), (0, 0.8), (7, 0.5), (200, 0.95)]:
+    for k, p, mp in [(5, 1.0, 0.0), (0, 0.8, 0.0), (7, 0.5, 0.0), (200, 0.95, 0.0), (0, 1.0, 0.1), (0, 1.0, 0.02),
+                     (20, 0.9, 0.05), (0, 1.0, 1.0)]:  # fmt: skip
         ref = logits
         if k:
             ref = TopKLogitsWarper(k)(ids, ref)
         if p < 1:
             ref = TopPLogitsWarper(p)(ids, ref)
-        assert torch.equal(top_k_top_p_filter(logits, k, p), ref)
+        if mp > 0:
+            ref = MinPLogitsWarper(mp)(ids, ref)
+        got = filter_logits(logits, k, p, mp)
+        assert torch.equal(got, ref), (k, p, mp)
+    # min-p 0.1 at temperature 3 keeps several tokens and drops others in every row; 1.0 keeps the most likely alone
+    kept = torch.isfinite(filter_logits(logits / 3, 0, 1.0, 0.1)).sum(-1)
+    assert (kept > 1).all() and (kept < 111).all()
+    assert torch.equal(torch.isfinite(filter_logits(logits, 0, 1.0, 1.0)).nonzero()[:, 1], logits.argmax(-1))
 
 
 def test_sampling_frequencies_follow_probabilities():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 50, generator=g).expand(20000, 50).contiguous()
     draws = choose_tokens(logits, temperature=0.7, top_k=10, generator=g)
-    probs = torch.softmax(top_k_top_p_filter(logits[:1] / 0.7, 10, 1.0), -1)[0]
+    probs = torch.softmax(filter_logits(logits[:1] / 0.7, 10, 1.0), -1)[0]
     freq = torch.bincount(draws, minlength=50).float() / draws.numel()
     assert set(draws.unique().tolist()) <= set(torch.nonzero(probs).flatten().tolist())
     assert torch.nn.functional.cosine_similarity(freq, probs, dim=0) > 0.99

@@ -29,7 +29,7 @@ from fastdebias.kernels.logits import LMHeadMeta, LogitsMeta, _passes, logits_me
 from fastdebias.matcher import BAN, build_matcher  # noqa: E402
 from fastdebias.ops import logits as tl_logits  # noqa: E402
 from fastdebias.reference import logits as ref  # noqa: E402
-from fastdebias.reference.sampling import apply_repetition_penalty, top_k_top_p_filter  # noqa: E402
+from fastdebias.reference.sampling import apply_repetition_penalty, filter_logits  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -48,6 +48,8 @@ MODES = {
     "top_k": {"temperature": 0.8, "top_k": 7},
     "top_p": {"temperature": 1.2, "top_p": 0.6},
     "top_k_top_p": {"temperature": 1.5, "top_k": 25, "top_p": 0.8},
+    "min_p": {"temperature": 0.9, "min_p": 0.05},
+    "top_k_top_p_min_p": {"temperature": 1.5, "top_k": 40, "top_p": 0.95, "min_p": 0.1},
 }
 
 
@@ -127,7 +129,7 @@ def reference_probs(logits: torch.Tensor, **kw) -> torch.Tensor:
             x[r, [t for t in row if t >= 0]] = float("-inf")
     if kw.get("counts") is not None:
         x = apply_repetition_penalty(x, kw["counts"] > 0, kw.get("repetition_penalty", 1.0))
-    x = top_k_top_p_filter(x / kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0))
+    x = filter_logits(x / kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0), kw.get("min_p", 0.0))
     return x.softmax(dim=-1)
 
 
@@ -411,9 +413,10 @@ def test_sampling_statistics():
     assert F.cosine_similarity(freq, p.cpu(), dim=0) > 0.99
 
 
-@pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_top_p"])
+@pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_top_p", "min_p", "top_k_top_p_min_p"])
 def test_filtered_sampling_stays_in_the_kept_set(mode):
-    """top-k/top-p: every draw (8 rows × 6 steps) inside the reference's kept set, and equal to the reference's."""
+    """top-k/top-p/min-p: every draw (8 rows × 6 steps) inside the reference's kept set, and equal to the
+    reference's."""
     logits, case = make_case(8, 1000, seed=31)
     kw = {**case, **MODES[mode]}
     kept = reference_probs(logits, **kw) > 0
@@ -567,6 +570,9 @@ def _bad_calls(logits, case):
     yield "top_k", lambda f: f(logits, **case, top_k=2.0)
     yield "top_p", lambda f: f(logits, **case, top_p=0.0)
     yield "top_p", lambda f: f(logits, **case, top_p=1.5)
+    yield "min_p", lambda f: f(logits, **case, min_p=-0.1)
+    yield "min_p", lambda f: f(logits, **case, min_p=1.5)
+    yield "min_p", lambda f: f(logits, **case, min_p=float("nan"))
     yield "seed", lambda f: f(logits, **case, seed=-1)
     yield "seed", lambda f: f(logits, **case, seed=2**62)
     yield "step", lambda f: f(logits, **case, step=-1)
@@ -636,7 +642,7 @@ def test_gpu_step_matches_reference(v, mode, dtype):
 
 
 @pytest.mark.parametrize("v", [32000, 32064, 49152, 128256])
-@pytest.mark.parametrize("mode", ["sample", "top_k", "top_p", "top_k_top_p"])
+@pytest.mark.parametrize("mode", ["sample", "top_k", "top_p", "top_k_top_p", "min_p"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_sampling_statistics_million_draws(v, mode):

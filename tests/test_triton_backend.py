@@ -78,3 +78,22 @@ def test_triton_backend_lm_head_lora_in_the_fused_step(llama_dir, tmp_path):
     assert [r.token_ids for r in fastdebias.generate(tri, PROMPTS, adapter=names, max_new_tokens=6)] == want
     base = [r.token_ids for r in fastdebias.generate(ref, PROMPTS, adapter=None, max_new_tokens=6)]
     assert want[1] == base[1] and (want[0] != base[0] or want[2] != base[2])  # the adapter is seen, per row
+
+
+def test_min_p_on_both_backends(llama_dir, adapter_qv):
+    """min-p end to end: at ``min_p=1.0`` only the most likely token survives, so sampling (hot, with a lexicon
+    and a repetition penalty) gives the greedy tokens on either backend; without it the same sampling does not. On
+    the Triton backend this also takes the unfused step (the fused lm_head + step does no filtering)."""
+    from fastdebias.lexicon import Lexicon
+
+    ref = fastdebias.load(llama_dir, adapter_qv, backend="torch", progress=False)
+    tri = fastdebias.load(llama_dir, adapter_qv, backend="triton", device=ref.device, dtype=ref.dtype, progress=False)
+    free = fastdebias.generate(ref, PROMPTS, max_new_tokens=8)
+    lex = Lexicon.from_token_sequences({tuple(free[0].token_ids[2:4]): float("-inf"), (free[1].token_ids[1],): -2.0})
+    kw = dict(max_new_tokens=8, lexicon=lex, repetition_penalty=1.3)
+    greedy = [r.token_ids for r in fastdebias.generate(ref, PROMPTS, **kw)]
+    for model in (ref, tri):
+        for seed in (1, 2):
+            hot = dict(temperature=5.0, seed=seed, **kw)
+            assert [r.token_ids for r in fastdebias.generate(model, PROMPTS, min_p=1.0, **hot)] == greedy
+            assert [r.token_ids for r in fastdebias.generate(model, PROMPTS, **hot)] != greedy

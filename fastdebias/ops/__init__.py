@@ -292,6 +292,7 @@ def logits_step(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
@@ -305,8 +306,8 @@ def logits_step(
     """
     step_args = dict(
         matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens, counts=counts,
-        repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        step=step, row_ids=row_ids,
+        repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        seed=seed, step=step, row_ids=row_ids,
     )  # fmt: skip
     fused = hidden is not None or lm_head is not None
     if fused == (logits is not None) or (fused and (hidden is None or lm_head is None)):

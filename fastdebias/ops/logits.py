@@ -9,15 +9,16 @@ Which path each case takes:
 case                                          launches
 ============================================  ===========================================================
 ``logits_step``, greedy or plain sampling     tile pass + finalize (2)
-``logits_step`` with top-k and/or top-p       tile pass (writes z) + ``n_pass`` per threshold + sample + finalize
+``logits_step`` with top-k, top-p or min-p    tile pass (writes z) + ``n_pass`` per threshold + sample + finalize
+                                              (min-p alone: no threshold pass; the sample applies it)
 ``lm_head_step``, greedy or plain sampling    fused h·Wᵀ + epilogue (never writes [B, V]) + finalize (2)
   ... with an lm_head LoRA                    + the shrink ``[B, R]`` in torch; the expand inside the tiles (3)
-``lm_head_step`` with top-k and/or top-p      ``F.linear`` (+ LoRA) then ``logits_step`` (unfused)
+``lm_head_step`` with top-k, top-p or min-p   ``F.linear`` (+ LoRA) then ``logits_step`` (unfused)
 ============================================  ===========================================================
 
 In ``generate`` (``backend="triton"``): the first token after the prefill takes ``logits_step`` on the prefill's
 logits; then batches of up to ``generate.FUSED_HEAD_MAX_ROWS`` (8) rows decoding greedily or with plain sampling
-take ``lm_head_step`` (the decoder stops at the final norm), and larger batches or top-k/top-p take the unfused
+take ``lm_head_step`` (the decoder stops at the final norm), and larger batches or top-k/top-p/min-p the unfused
 step (measured on the H100: the fused kernel wins at batch 1-8 and loses from 64).
 
 Nothing here reads a device tensor back to the host and every grid depends on shapes only, so a decode step
@@ -55,6 +56,7 @@ from fastdebias.kernels.logits import (
 from fastdebias.ops import device_limits as _device_limits
 from fastdebias.reference.logits import LogitsStep, check_lm_head_args, check_step_args, lm_head_logits, split_seed
 from fastdebias.reference.lora import lora_shrink
+from fastdebias.reference.sampling import log_min_p
 
 __all__ = ["LogitsStep", "lm_head_step", "logits_step"]
 
@@ -71,6 +73,7 @@ def logits_step(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
@@ -88,19 +91,21 @@ def logits_step(
     an ulp (the kernels and torch may round ``log`` differently). The top-k and top-p thresholds are exact
     searches, so the kept sets are transformers' with one deliberate exception: tokens tied with the top-p
     boundary token are all kept (transformers keeps the ones its sort happens to put last); and a boundary whose
-    cumulative mass lies within rounding of ``top_p`` may fall either way.
+    cumulative mass lies within rounding of ``top_p`` may fall either way. min-p keeps exactly the reference's set
+    (``z >= max(z) + log(min_p)``, the same fp32 operations); it runs as the sampling launch of the filtered path,
+    with no search pass of its own.
     """
     check_step_args(
         logits, matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens,
         counts=counts, repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, step=step, row_ids=row_ids,
+        seed=seed, step=step, row_ids=row_ids, min_p=min_p,
     )  # fmt: skip
     _check_backend(logits.device)
     b, v = logits.shape
     if meta is None:
         meta = logits_meta(b, v, _num_sms(logits.device), _interpreting())
     k = top_k if 0 < top_k < v else 0  # k >= V keeps every token
-    filtered = temperature > 0 and (k > 0 or top_p < 1.0)
+    filtered = temperature > 0 and (k > 0 or top_p < 1.0 or min_p > 0.0)
     mode = MODE_GREEDY if temperature == 0 else (MODE_FILTER if filtered else MODE_SAMPLE)
     common = _Common(logits, matcher, states, mask_phrases, banned_tokens, counts, repetition_penalty, temperature,
                      seed, step, row_ids)  # fmt: skip
@@ -123,7 +128,7 @@ def logits_step(
         num_warps=meta.num_warps,
     )  # fmt: skip
     if filtered:
-        part_val, part_idx = _threshold_search(z, part_val, k, top_p, common, meta)
+        part_val, part_idx = _threshold_search(z, part_val, k, top_p, min_p, common, meta)
     return _finalize(part_val, part_idx, top_val, top_idx, common, meta.block_b)
 
 
@@ -142,6 +147,7 @@ def lm_head_step(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
@@ -150,7 +156,7 @@ def lm_head_step(
     """The lm_head and the logits step fused: ``logits_step(F.linear(hidden, lm_head), ...)`` without the logits.
 
     Greedy and plain temperature sampling compute h·Wᵀ tile by tile and choose from the tiles' candidates; with
-    top-k or top-p the logits are computed with ``F.linear`` and go through the unfused ``logits_step``.
+    top-k, top-p or min-p the logits are computed with ``F.linear`` and go through the unfused ``logits_step``.
 
     Parameters
     ----------
@@ -171,14 +177,14 @@ def lm_head_step(
     b, v = hidden.shape[0], lm_head.shape[0]
     step_args = dict(
         matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens, counts=counts,
-        repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        step=step, row_ids=row_ids,
+        repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        seed=seed, step=step, row_ids=row_ids,
     )  # fmt: skip
     # a zero-stride stand-in with the logits' shape, dtype and device: validation without allocating [B, V]
     check_step_args(hidden.new_empty(()).expand(b, v), **step_args, name="lm_head output")
     _check_backend(hidden.device)
     k = top_k if 0 < top_k < v else 0
-    if temperature > 0 and (k > 0 or top_p < 1.0):
+    if temperature > 0 and (k > 0 or top_p < 1.0 or min_p > 0.0):
         return logits_step(lm_head_logits(hidden, lm_head, lora, adapter_idx), **step_args)
     if meta is None:
         meta = lm_head_meta(b, v, hidden.shape[1], hidden.element_size(), *_device_limits(hidden.device))
@@ -296,9 +302,10 @@ class _Common:
 
 
 def _threshold_search(
-    z: torch.Tensor, tile_max: torch.Tensor, k: int, top_p: float, common: _Common, meta: LogitsMeta
+    z: torch.Tensor, tile_max: torch.Tensor, k: int, top_p: float, min_p: float, common: _Common, meta: LogitsMeta
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the top-k / top-p threshold passes and the final Gumbel-max; returns its [B, split] candidates."""
+    """Launch the top-k / top-p threshold passes and the final Gumbel-max (which applies min-p); returns its
+    [B, split] candidates."""
     b, v = z.shape
     chunk = triton.cdiv(triton.cdiv(v, meta.split), meta.pass_block_n) * meta.pass_block_n
     n_split = triton.cdiv(v, chunk)
@@ -321,7 +328,7 @@ def _threshold_search(
             tile_max, tile_max.stride(0), tile_max.shape[1],
             iv, target, fsum, fmin, fmax, b,
             out_val, out_idx,
-            k, float(top_p), chunk, n_split,
+            k, float(top_p), log_min_p(min_p), chunk, n_split,
             common.seed_lo, common.seed_hi, common.row_ids, common.step, common.stride_step, common.step_val,
             launch, phase, it, prev_phase,
             HAS_ROW_IDS=common.flags()["HAS_ROW_IDS"],

@@ -7,8 +7,8 @@ its processors, and so does this step):
    automaton state (``mask_phrases`` picks transformers' last-token masking of phrase bans, per row if a tensor);
 2. extra per-row bans (``banned_tokens``: the positions a backtracking rewind banned);
 3. the repetition penalty over the row's context (transformers' rule: divide positive logits, multiply negative);
-4. the choice: argmax when ``temperature == 0``; otherwise temperature, top-k, top-p (transformers' semantics,
-   ``fastdebias.reference.sampling.top_k_top_p_filter``), and Gumbel-max sampling;
+4. the choice: argmax when ``temperature == 0``; otherwise temperature, top-k, top-p, min-p (transformers'
+   semantics, ``fastdebias.reference.sampling.filter_logits``), and Gumbel-max sampling;
 5. the automaton advanced by the chosen token, and what the lexicon did to it (``PhraseMatcher.lookup``).
 
 A row in which every token is banned chooses ``-1``, keeps its state and is flagged ``all_banned``: never a NaN,
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastdebias.errors import GenerationError
 from fastdebias.reference.lora import lora_linear
-from fastdebias.reference.sampling import apply_repetition_penalty, top_k_top_p_filter
+from fastdebias.reference.sampling import apply_repetition_penalty, filter_logits
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -90,6 +90,7 @@ def check_step_args(
     top_k: int,
     top_p: float,
     seed: int,
+    min_p: float = 0.0,
     step: int | torch.Tensor,
     row_ids: torch.Tensor | None,
     name: str = "logits",
@@ -145,6 +146,8 @@ def check_step_args(
         raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not _finite_number(top_p) or not 0.0 < top_p <= 1.0:
         raise GenerationError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
+    if not _finite_number(min_p) or not 0.0 <= min_p <= 1.0:
+        raise GenerationError(f"min_p must be in [0, 1] (0.0 = off), got {min_p!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise GenerationError(f"seed must be an integer in [0, 2**62), got {seed!r}")
     if isinstance(step, torch.Tensor):
@@ -292,6 +295,7 @@ def logits_step(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
@@ -308,8 +312,9 @@ def logits_step(
     banned_tokens : [B, K] int32/int64 ids set to -inf in each row after the lexicon; negative ids are ignored.
     counts : [B, V] integer/bool context counts; tokens with a count > 0 get the repetition penalty.
     repetition_penalty : > 0; 1.0 is off.
-    temperature : 0 is greedy (top_k and top_p are then ignored); > 0 samples.
+    temperature : 0 is greedy (top_k, top_p and min_p are then ignored); > 0 samples.
     top_k, top_p : 0 and 1.0 are off. Ties at the top-k boundary are all kept (transformers' rule).
+    min_p : in [0, 1], 0.0 is off: keep the tokens at least ``min_p`` times as likely as the most likely one.
     seed : int in [0, 2**62), the key of the noise.
     step : int in [0, 2**32), or an int tensor ([], [1] or [B]) on the device: the noise's step counter.
     row_ids : [B] integer noise stream of each row (default: the row index).
@@ -321,7 +326,7 @@ def logits_step(
     check_step_args(
         logits, matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens,
         counts=counts, repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, step=step, row_ids=row_ids,
+        seed=seed, step=step, row_ids=row_ids, min_p=min_p,
     )  # fmt: skip
     b, v = logits.shape
     raw = logits.float()
@@ -340,7 +345,7 @@ def logits_step(
     if temperature == 0.0:
         chosen = x.argmax(dim=-1)
     else:
-        z = top_k_top_p_filter(x / temperature, top_k, top_p)
+        z = filter_logits(x / temperature, top_k, top_p, min_p)
         if row_ids is None:
             row_ids = torch.arange(b, device=x.device)
         chosen = (z + gumbel_noise(seed, row_ids, step, v, x.device)).argmax(dim=-1)

@@ -1,12 +1,15 @@
 """Reference logits processing and token choice (the oracle for the fused Triton logits step).
 
 Semantics follow transformers' processors, in transformers' order: repetition penalty → temperature → top-k →
-top-p → sample. Sampling is an exponential race (argmax of p / Exp(1), equivalent to Gumbel-max), which needs no
+top-p → min-p → sample. Sampling is an exponential race (argmax of p / Exp(1), equivalent to Gumbel-max), which needs no
 host sync, unlike rejection loops.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -19,8 +22,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set filtered logits to -inf. ``top_k=0`` and ``top_p=1.0`` are off. Same tie rules as transformers."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Set filtered logits to -inf: top-k, then top-p, then min-p. ``top_k=0``, ``top_p=1.0`` and ``min_p=0.0`` are
+    off. Same tie rules as transformers.
+
+    min-p (transformers' ``MinPLogitsWarper``) keeps the tokens whose probability is at least ``min_p`` times the
+    most likely one's, that is ``z >= max(z) + log(min_p)``; that form (``log(min_p)`` rounded to fp32, one fp32
+    addition) is what the Triton step computes, so the two keep the same set. transformers compares probabilities
+    instead, which may round a token within an ulp of the boundary the other way."""
     if top_k > 0:
         k = min(top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -31,7 +40,15 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         remove = cum <= (1 - top_p)
         remove[..., -1:] = False  # always keep the most likely token
         logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    if min_p > 0.0:
+        floor = logits.amax(dim=-1, keepdim=True) + log_min_p(min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
+
+
+def log_min_p(min_p: float) -> float:
+    """``log(min_p)`` rounded to fp32 (-inf for 0: off), the one value the reference and the kernels add."""
+    return float(np.float32(math.log(min_p))) if min_p > 0.0 else float("-inf")
 
 
 def choose_tokens(
@@ -40,12 +57,13 @@ def choose_tokens(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pick the next token per row: argmax when ``temperature == 0``, else a sample. logits: [B, V] fp32 → [B] int64."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = top_k_top_p_filter(logits / temperature, top_k, top_p)
+    logits = filter_logits(logits / temperature, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
