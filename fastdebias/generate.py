@@ -949,19 +949,36 @@ CHAT_EXAMPLES = (
 )
 
 
-def chat_messages(text: str, examples=CHAT_EXAMPLES) -> list[dict]:
+def chat_messages(text: str, examples=CHAT_EXAMPLES, *, system_turn: bool = True) -> list[dict]:
     """The debiasing chat for ``text``: the system message, each example as a user turn and the assistant's
-    answer, then ``text`` as the last user turn."""
+    answer, then ``text`` as the last user turn. ``system_turn=False``: no system turn, its text heads the first
+    user turn instead (for templates that allow only alternating user and assistant turns)."""
     msgs = [{"role": "system", "content": CHAT_SYSTEM}]
     for biased, fair in examples:
         msgs += [{"role": "user", "content": CHAT_USER.format(text=biased)}, {"role": "assistant", "content": fair}]
-    return msgs + [{"role": "user", "content": CHAT_USER.format(text=text)}]
+    msgs += [{"role": "user", "content": CHAT_USER.format(text=text)}]
+    if not system_turn:
+        msgs = msgs[1:]
+        msgs[0] = {"role": "user", "content": f"{CHAT_SYSTEM}\n\n{msgs[0]['content']}"}
+    return msgs
 
 
 def chat_prompt_ids(tokenizer, text: str, examples=CHAT_EXAMPLES) -> list[int]:
     """Token ids of ``chat_messages(text, examples)`` rendered by the tokenizer's chat template, up to where the
-    assistant's answer begins (the template adds its own special tokens)."""
-    chat = tokenizer.apply_chat_template(chat_messages(text, examples), add_generation_prompt=True, tokenize=False)
+    assistant's answer begins (the template adds its own special tokens). A template that refuses the system turn
+    (Mistral's and Gemma's raise unless turns alternate user / assistant) gets the system text at the head of the
+    first user turn instead; if that fails too, the first error is raised."""
+
+    def render(msgs):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    try:
+        chat = render(chat_messages(text, examples))
+    except Exception as first:  # noqa: BLE001 (a template raises what it likes: jinja2's TemplateError, ...)
+        try:
+            chat = render(chat_messages(text, examples, system_turn=False))
+        except Exception:  # noqa: BLE001
+            raise first from None
     return tokenizer(chat, add_special_tokens=False)["input_ids"]
 
 
@@ -998,7 +1015,14 @@ def debias_prompts(model, texts: Sequence[str], *, prompt_format: str = "auto", 
             f"prompt_format='chat' needs a chat template, and the tokenizer of {model.path} has none: use "
             "prompt_format='srllm' or a template='...{text}...'"
         )
-    return [chat_prompt_ids(tok, t) for t in texts], []
+    try:
+        return [chat_prompt_ids(tok, t) for t in texts], []
+    except Exception as e:  # noqa: BLE001 (whatever the template raised, as a typed error naming the fix)
+        raise TokenizerError(
+            f"{model.path}: the tokenizer's chat template cannot render the debiasing chat ({type(e).__name__}: "
+            f"{e}); fix the template (tokenizer_config.json or chat_template.jinja), or use prompt_format='srllm' "
+            "or a template='...{text}...'"
+        ) from e
 
 
 def debias(

@@ -8,6 +8,7 @@ import torch
 import fastdebias
 from fastdebias.generate import (
     CHAT_EXAMPLES,
+    CHAT_SYSTEM,
     SRLLM_END,
     chat_messages,
     debias_prompt_format,
@@ -171,6 +172,40 @@ def test_chat_prompt_holds_the_worked_examples(embedded_dir):
     assert stops == [] and text.endswith("Sentence: Blondes are dumb.<|im_end|>\n<|im_start|>assistant\n")
     pos = [text.index(part) for biased, fair in CHAT_EXAMPLES for part in (biased, fair)]
     assert pos == sorted(pos)
+
+
+# A template in the style of Mistral's and Gemma's (written for this test): turns must alternate user / assistant
+# from a user turn, and a system turn is an error raised from inside the template.
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('turns must alternate') }}{% endif %}"
+    "{% if m['role'] == 'user' %}[U] {{ m['content'] }} [/U]{% else %}{{ m['content'] }}</s>{% endif %}"
+    "{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template,works", [(ALTERNATING_TEMPLATE, True), ("{% for m in messages %}{{", False)])
+def test_chat_template_that_refuses_a_system_turn(llama_dir, tmp_path, template, works):
+    """A chat template that allows only alternating user / assistant turns gets the system text at the head of the
+    first user turn; one that cannot render the chat at all (here a syntax error) is a TokenizerError naming the
+    way out, not the template engine's traceback."""
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(llama_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    m = fastdebias.load(d, progress=False)
+    assert debias_prompt_format(m) == "chat"
+    if not works:
+        with pytest.raises(fastdebias.TokenizerError, match=r"chat template cannot render.*prompt_format='srllm'"):
+            fastdebias.debias(m, ["Old people"], max_new_tokens=2)
+        return
+    ids, _ = debias_prompts(m, ["Old people"])
+    text = m.tokenizer.decode(ids[0])
+    assert text.startswith(f"[U] {CHAT_SYSTEM}") and text.count("[U]") == len(CHAT_EXAMPLES) + 1
+    assert text.endswith("Sentence: Old people [/U]")  # (673 tokens with this tiny tokenizer: past its context)
 
 
 def test_debias_srllm_stops_at_literal_marker(llama_dir, adapter_qv):
