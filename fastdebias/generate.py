@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fastdebias import ops
 from fastdebias.errors import GenerationError, TokenizerError, check_unicode, token_id_list
 from fastdebias.model import KVCache
-from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens
+from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens, effective_temperature
 
 
 class _FirstAdapter:
@@ -843,7 +843,8 @@ def generate(
     adapter : omitted → the first loaded adapter; ``None`` → no adapter; a name; or a list of names/None,
         one per prompt (several adapters in one batch).
     max_new_tokens : tokens to generate at most per prompt (>= 1).
-    temperature : 0 is greedy (argmax); > 0 samples.
+    temperature : 0 is greedy (argmax), and so is anything below 1e-5 (as in vLLM: dividing the logits by it would
+        overflow); above, samples.
     top_k, top_p, min_p : filters for sampling (transformers' semantics, applied in that order); ``0``, ``1.0``
         and ``0.0`` mean off. ``min_p`` keeps the tokens at least ``min_p`` times as likely as the most likely one.
     repetition_penalty : transformers' rule over the row's context (prompt and generated); 1.0 is off.
@@ -869,6 +870,7 @@ def generate(
     """
     _check_model(model)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p)
+    temperature = effective_temperature(temperature)  # below 1e-5: greedy
     if seed is not None and not _is_int(seed):
         raise GenerationError(f"seed: expected an integer or None, got {seed!r}")
     ids = encode_prompts(model, prompts)

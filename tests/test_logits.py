@@ -753,3 +753,12 @@ def test_gpu_int64_row_offsets():
     out = tl_logits.logits_step(logits)
     assert out.next_ids[-1].item() == 12345
     assert torch.equal(out.next_ids, logits.float().argmax(dim=-1))
+
+
+def test_tiny_temperature_is_greedy():
+    """The step itself: a temperature below 1e-5 chooses the argmax (both implementations), never NaN's token."""
+    logits, case = make_case(4, 111, seed=91)
+    want = ref.logits_step(logits, **case)
+    for t in (1e-40, 1e-20):
+        for f in (ref.logits_step, tl_logits.logits_step):
+            assert_same(f(logits, **case, temperature=t, seed=3), want)

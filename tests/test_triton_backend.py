@@ -97,3 +97,15 @@ def test_min_p_on_both_backends(llama_dir, adapter_qv):
             hot = dict(temperature=5.0, seed=seed, **kw)
             assert [r.token_ids for r in fastdebias.generate(model, PROMPTS, min_p=1.0, **hot)] == greedy
             assert [r.token_ids for r in fastdebias.generate(model, PROMPTS, **hot)] != greedy
+
+
+def test_tiny_temperatures_are_greedy_on_both_backends(llama_dir, adapter_qv):
+    """Below 1e-5 a temperature is greedy (vLLM's rule): 1/T overflows fp32 from ~1e-38, which without the rule
+    gave infinities and NaNs (token 0 every step), not the near-certain argmax."""
+    ref = fastdebias.load(llama_dir, adapter_qv, backend="torch", progress=False)
+    tri = fastdebias.load(llama_dir, adapter_qv, backend="triton", device=ref.device, dtype=ref.dtype, progress=False)
+    greedy = [r.token_ids for r in fastdebias.generate(ref, PROMPTS, max_new_tokens=6)]
+    for model in (ref, tri):
+        for t in (1e-40, 1e-30, 9e-6):
+            got = [r.token_ids for r in fastdebias.generate(model, PROMPTS, max_new_tokens=6, temperature=t, seed=0)]
+            assert got == greedy, (model.backend, t)

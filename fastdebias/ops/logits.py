@@ -56,7 +56,7 @@ from fastdebias.kernels.logits import (
 from fastdebias.ops import device_limits as _device_limits
 from fastdebias.reference.logits import LogitsStep, check_lm_head_args, check_step_args, lm_head_logits, split_seed
 from fastdebias.reference.lora import lora_shrink
-from fastdebias.reference.sampling import log_min_p
+from fastdebias.reference.sampling import effective_temperature, log_min_p
 
 __all__ = ["LogitsStep", "lm_head_step", "logits_step"]
 
@@ -101,6 +101,7 @@ def logits_step(
         seed=seed, step=step, row_ids=row_ids, min_p=min_p,
     )  # fmt: skip
     _check_backend(logits.device)
+    temperature = effective_temperature(temperature)
     b, v = logits.shape
     if meta is None:
         meta = logits_meta(b, v, _num_sms(logits.device), _interpreting())
@@ -183,6 +184,7 @@ def lm_head_step(
     # a zero-stride stand-in with the logits' shape, dtype and device: validation without allocating [B, V]
     check_step_args(hidden.new_empty(()).expand(b, v), **step_args, name="lm_head output")
     _check_backend(hidden.device)
+    temperature = step_args["temperature"] = effective_temperature(temperature)
     k = top_k if 0 < top_k < v else 0
     if temperature > 0 and (k > 0 or top_p < 1.0 or min_p > 0.0):
         return logits_step(lm_head_logits(hidden, lm_head, lora, adapter_idx), **step_args)

@@ -7,8 +7,9 @@ its processors, and so does this step):
    automaton state (``mask_phrases`` picks transformers' last-token masking of phrase bans, per row if a tensor);
 2. extra per-row bans (``banned_tokens``: the positions a backtracking rewind banned);
 3. the repetition penalty over the row's context (transformers' rule: divide positive logits, multiply negative);
-4. the choice: argmax when ``temperature == 0``; otherwise temperature, top-k, top-p, min-p (transformers'
-   semantics, ``fastdebias.reference.sampling.filter_logits``), and Gumbel-max sampling;
+4. the choice: argmax when ``temperature == 0`` (or below ``sampling.GREEDY_BELOW``, 1e-5); otherwise
+   temperature, top-k, top-p, min-p (transformers' semantics, ``fastdebias.reference.sampling.filter_logits``),
+   and Gumbel-max sampling;
 5. the automaton advanced by the chosen token, and what the lexicon did to it (``PhraseMatcher.lookup``).
 
 A row in which every token is banned chooses ``-1``, keeps its state and is flagged ``all_banned``: never a NaN,
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from fastdebias.errors import GenerationError
 from fastdebias.reference.lora import lora_linear
-from fastdebias.reference.sampling import apply_repetition_penalty, filter_logits
+from fastdebias.reference.sampling import apply_repetition_penalty, effective_temperature, filter_logits
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -312,7 +313,7 @@ def logits_step(
     banned_tokens : [B, K] int32/int64 ids set to -inf in each row after the lexicon; negative ids are ignored.
     counts : [B, V] integer/bool context counts; tokens with a count > 0 get the repetition penalty.
     repetition_penalty : > 0; 1.0 is off.
-    temperature : 0 is greedy (top_k, top_p and min_p are then ignored); > 0 samples.
+    temperature : 0 (or below 1e-5) is greedy (top_k, top_p and min_p are then ignored); above, samples.
     top_k, top_p : 0 and 1.0 are off. Ties at the top-k boundary are all kept (transformers' rule).
     min_p : in [0, 1], 0.0 is off: keep the tokens at least ``min_p`` times as likely as the most likely one.
     seed : int in [0, 2**62), the key of the noise.
@@ -329,6 +330,7 @@ def logits_step(
         seed=seed, step=step, row_ids=row_ids, min_p=min_p,
     )  # fmt: skip
     b, v = logits.shape
+    temperature = effective_temperature(temperature)
     raw = logits.float()
     top = raw.argmax(dim=-1)
     x = raw

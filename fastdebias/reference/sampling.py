@@ -12,6 +12,15 @@ import math
 import numpy as np
 import torch
 
+# Temperatures below this sample greedily (argmax), as in vLLM: 1/T overflows fp32 from about 1e-38 (z = y / T
+# would hold infinities, and softmax NaNs), and long before that the distribution is all but the argmax's.
+GREEDY_BELOW = 1e-5
+
+
+def effective_temperature(temperature: float) -> float:
+    """``temperature``, or 0.0 (greedy) below ``GREEDY_BELOW``."""
+    return 0.0 if temperature < GREEDY_BELOW else temperature
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' rule on every token already in the context: divide positive logits, multiply negative ones.
@@ -60,7 +69,9 @@ def choose_tokens(
     min_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick the next token per row: argmax when ``temperature == 0``, else a sample. logits: [B, V] fp32 → [B] int64."""
+    """Pick the next token per row: argmax when ``temperature`` is 0 (or below ``GREEDY_BELOW``), else a sample.
+    logits: [B, V] fp32 → [B] int64."""
+    temperature = effective_temperature(temperature)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p, min_p)
