@@ -530,6 +530,15 @@ def load_adapter(adapter_dir: Path, name: str, config, module_shapes: dict[str, 
             f"{wpath}: no LoRA weights for targeted module {missing[0]!r}{_more(missing)}: the adapter file is "
             f"incomplete, or it was trained for a different base model{_layer_hint(pairs, config)}"
         )
+    untargeted = [m for m in pairs if m not in set(targeted)]
+    if untargeted:  # peft would not apply these (its layers exist for targeted modules only): outputs would differ
+        scope = f"target_modules={cfg.target_modules!r}" + (
+            f", layers_to_transform={cfg.layers_to_transform!r}" if cfg.layers_to_transform is not None else "")
+        raise AdapterError(
+            f"{wpath}: tensor {keys[untargeted[0]]!r}{_more(untargeted)} is for module {untargeted[0]!r}, which "
+            f"{cfg_path.name} does not target ({scope}); peft would leave it out: fix the config to name every "
+            "module the weights cover, or re-save the adapter with peft"
+        )
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module, ab in pairs.items():
         a, b = ab["A"], ab["B"]

@@ -111,6 +111,14 @@ def _eos_ids(model_dir: Path, config, tokenizer) -> list[int]:
             f"{source}: field 'eos_token_id' = {eos!r} must be a token id (a non-negative integer) or a list of "
             "them; fix it to the tokenizer's end-of-sequence id"
         )
+    v = config.vocab_size
+    outside = [e for e in ids if isinstance(e, int) and not 0 <= e < v]
+    if outside:  # found at load, where the file is known, not blamed on generate's eos_token_id argument later
+        where = f"{source}: field 'eos_token_id'" if source is not None else f"{model_dir}: the tokenizer's eos token"
+        raise CheckpointError(
+            f"{where} = {eos!r} holds id(s) {outside} outside the vocabulary [0, {v}) of config.json; fix it to "
+            "the tokenizer's end-of-sequence id"
+        )
     return [int(e) for e in ids]
 
 

@@ -72,11 +72,21 @@ def test_adapter_config_missing_target_modules_and_not_an_object(tmp_path, llama
 
 
 @pytest.mark.parametrize("content", [{"eos_token_id": "abc"}, {"eos_token_id": [2, None]}, {"eos_token_id": -1},
-                                     {"eos_token_id": True}])
+                                     {"eos_token_id": True}, {"eos_token_id": 99999}, {"eos_token_id": [2, 251]}])
 def test_generation_config_bad_eos(tmp_path, llama_dir, content):
     d = copy(llama_dir, tmp_path / "m")
     (d / "generation_config.json").write_text(json.dumps(content))
     with pytest.raises(CheckpointError, match=r"generation_config\.json: field 'eos_token_id'"):
+        fastdebias.load(d, progress=False)
+
+
+def test_config_eos_outside_the_vocabulary(tmp_path, llama_dir):
+    """config.json's eos id (no generation_config.json) is checked against the vocabulary at load too."""
+    d = copy(llama_dir, tmp_path / "m")
+    (d / "generation_config.json").unlink(missing_ok=True)
+    edit_json(d / "config.json", eos_token_id=4000)
+    with pytest.raises(CheckpointError, match=r"config\.json: field 'eos_token_id' = 4000 holds id\(s\) \[4000\] "
+                                              r"outside the vocabulary \[0, 251\)"):  # fmt: skip
         fastdebias.load(d, progress=False)
 
 
@@ -206,6 +216,17 @@ def test_adapter_for_a_bigger_or_deeper_base(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(AdapterError, match=r"no LoRA weights for targeted module 'model\.layers\.2\..*different "
                                            r"base model \(its weights cover layers 0-1; this model has 3\)"):
         fastdebias.load(deeper, ad, progress=False)
+
+
+@pytest.mark.parametrize("fields,module", [({"target_modules": ["q_proj"]}, r"model\.layers\.0\.self_attn\.v_proj"),
+                                           ({"layers_to_transform": [0]}, r"model\.layers\.1\.self_attn\.q_proj")])
+def test_adapter_weights_the_config_does_not_target(tmp_path, llama_dir, adapter_qv, fields, module):
+    """Weights for modules the config does not target (a hand-edited target_modules or layers_to_transform): peft
+    would leave them out, so applying them would break parity with peft; an AdapterError says which."""
+    ad = copy(adapter_qv, tmp_path / "ad")
+    edit_json(ad / "adapter_config.json", **fields)
+    with pytest.raises(AdapterError, match=rf"is for module '{module}', which adapter_config\.json does not target"):
+        fastdebias.load(llama_dir, ad, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ config.json values
