@@ -22,6 +22,7 @@ Semantics are transformers': penalties as ``generate(sequence_bias=...)``, bans 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import numbers
@@ -287,8 +288,10 @@ class Lexicon:
         """From a file, by extension: ``.jsonl``, ``.csv`` (with a header) or ``.txt`` (bans).
 
         JSONL: one object per line, ``{"phrase": str, "action": "ban" | float, "category": str}``; ``action``
-        defaults to ``"ban"`` and ``category`` to ``category``; other keys are ignored. CSV: a header naming a
-        ``phrase`` column and optionally ``action`` and ``category`` columns (empty cells take the defaults).
+        defaults to ``"ban"`` and ``category`` to ``category``. CSV: a header naming a ``phrase`` column and
+        optionally ``action`` and ``category`` columns (empty cells take the defaults). Any other key or column is
+        an error (a misspelt ``action``, or a ``bias`` column, would otherwise turn every penalty into a ban), but
+        for those whose name starts with ``_`` (notes, sources), which are ignored.
         TXT: one phrase per line, all bans. Blank lines are skipped everywhere, and lines starting with ``#`` in
         ``.txt`` files.
         """
@@ -344,6 +347,12 @@ class Lexicon:
         if isinstance(spec, str) and spec.lower() == "default":
             return cls.default()
         if isinstance(spec, (str, os.PathLike)):
+            p = Path(spec)
+            if not p.suffix and not p.exists():  # a misspelt keyword more likely than a file without an extension
+                raise LexiconError(
+                    f"lexicon={spec!r}: not 'default' or 'none', and no such file; give 'default', 'none' (or None), "
+                    "a Lexicon, or the path of a .jsonl, .csv or .txt lexicon file"
+                )
             return cls.load(spec)
         raise LexiconError(f"lexicon={spec!r}: give a Lexicon, a file path, 'default' or None")
 
@@ -571,6 +580,25 @@ def _unusable(ids: tuple[int, ...], special: set[int], vocab_size: int) -> str:
     return ""
 
 
+_FIELDS = ("phrase", "action", "category")
+# names people give the action column: the bias, under another name
+_ACTION_ALIASES = ("bias", "penalty", "weight", "score", "value", "logit_bias", "ban")
+
+
+def _check_fields(path: Path, where: str, names: Iterable[str], kind: str) -> None:
+    """A lexicon file's keys (JSONL) or header columns (CSV) are ``_FIELDS``, or start with ``_`` (ignored)."""
+    for name in names:
+        if name in _FIELDS or (isinstance(name, str) and name.startswith("_")):
+            continue
+        close = difflib.get_close_matches(str(name).lower(), _FIELDS, n=1, cutoff=0.7)
+        hint = (f"; did you mean {close[0]!r}?" if close else
+                "; put the bias in 'action': a number, or \"ban\"" if str(name).lower() in _ACTION_ALIASES else "")
+        raise LexiconError(
+            f"{path}, {where}: unknown {kind} {name!r} (an entry has the {kind}s 'phrase', 'action' and 'category'; "
+            f"{kind}s whose name starts with '_' are ignored){hint}"
+        )
+
+
 def _read_jsonl(path: Path, text: str) -> Iterable[tuple[int, Any, Any, Any]]:
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -585,6 +613,7 @@ def _read_jsonl(path: Path, text: str) -> Iterable[tuple[int, Any, Any, Any]]:
             raise LexiconError(f'{path}, line {n}: expected a JSON object {{"phrase": ...}}, got {line.strip()!r}')
         if "phrase" not in row:
             raise LexiconError(f'{path}, line {n}: no "phrase" field; every line needs one')
+        _check_fields(path, f"line {n}", row, "field")
         phrase = row["phrase"]
         if not isinstance(phrase, str):
             raise LexiconError(f'{path}, line {n}: "phrase" must be a string, got {phrase!r}')
@@ -620,6 +649,7 @@ def _csv_rows(path: Path, reader: csv.DictReader) -> Iterable[tuple[int, Any, An
             f"{path}, line 1: the header {reader.fieldnames} has no 'phrase' column; the first line must name "
             "the columns, e.g. phrase,action,category"
         )
+    _check_fields(path, "line 1", fields, "column")
     reader.fieldnames = fields
     for row in reader:
         n = reader.line_num

@@ -112,7 +112,7 @@ def test_load_jsonl(tmp_path):
     p = tmp_path / "lex.jsonl"
     rows = [
         {"phrase": "old people can't", "action": "ban", "category": "age"},
-        {"phrase": "bossy", "action": -3.5, "category": "gender", "note": "extra keys are ignored"},
+        {"phrase": "bossy", "action": -3.5, "category": "gender", "_note": "keys starting with _ are ignored"},
         {"phrase": "thug"},
         {"phrase": "kind", "action": "1.5"},
     ]
@@ -137,7 +137,7 @@ def test_load_csv(tmp_path):
         ("kind", 0.5, "uncategorised"),
     ]
     q = tmp_path / "only_phrase.csv"
-    q.write_text("phrase\nfoo\nbar\n")
+    q.write_text("phrase,_source\nfoo,a list\nbar,\n")  # columns starting with _ are notes, ignored
     assert [(e.phrase, e.action) for e in Lexicon.load(q)] == [("foo", "ban"), ("bar", "ban")]
 
 
@@ -170,6 +170,12 @@ def test_load_txt(tmp_path):
         ("a.csv", "phrase,action\nx,ban\n ,-1\n", r"line 3: empty phrase"),
         ("a.csv", "phrase,action\nx,ban,extra\n", r"line 2: more cells than header columns"),
         ("a.yaml", "x", r"a.yaml: unsupported lexicon file type '.yaml'; use .jsonl, .csv or .txt"),
+        # a key or column that is not an entry's: an error, not an entry banned by default
+        ("a.jsonl", '{"phrase": "x", "bias": -1.0}\n', r"line 1: unknown field 'bias' .*put the bias in 'action'"),
+        ("a.jsonl", '{"phrase": "x"}\n{"phrase": "y", "actoin": -2}\n', r"line 2: unknown field 'actoin'.*did you "
+                                                                         r"mean 'action'\?"),
+        ("a.csv", "phrase,bias,category\nx,-1,age\n", r"a.csv, line 1: unknown column 'bias'"),
+        ("a.csv", "phrase,action,categroy\nx,-1,age\n", r"unknown column 'categroy'.*did you mean 'category'\?"),
     ],
 )
 def test_file_errors_name_file_and_line(tmp_path, name, content, message):
@@ -222,6 +228,10 @@ def test_resolve(tmp_path, monkeypatch):
     assert [e.phrase for e in Lexicon.resolve("default")] == ["z"]
     with pytest.raises(LexiconError, match=r"lexicon=3: give a Lexicon"):
         Lexicon.resolve(3)
+    with pytest.raises(LexiconError, match=r"lexicon='defualt': not 'default' or 'none', and no such file"):
+        Lexicon.resolve("defualt")
+    with pytest.raises(LexiconError, match=r"no such lexicon file"):  # a path with an extension: the file's error
+        Lexicon.resolve(str(tmp_path / "missing.jsonl"))
 
 
 # -- variants and compilation -------------------------------------------------------------------------------
