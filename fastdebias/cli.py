@@ -58,7 +58,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="keep tokens at least this fraction as likely as the most likely one; 0.0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string; repeat for several")
+    p.add_argument("--stop", action="append", type=_unescape,
+                   help=r"stop string; repeat for several (\n, \t, \r and \\ are read as escapes: --stop '\n\n')")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lexicon", default=None, metavar="PATH|default|none",
                    help="bias lexicon (.jsonl/.csv/.txt); debias defaults to 'default', generate to 'none'")
@@ -95,7 +96,26 @@ def _check_utf8(texts: list[str], where: str, unit: str) -> None:
         check_text(text, f"{where}, {unit} {n}")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(value: str) -> str:
+    """``--stop '\\n\\n'`` means two newlines, as a shell passes it (a backslash and an n, twice): ``\\n``, ``\\t``,
+    ``\\r`` and ``\\\\`` are read as escapes; any other backslash stays as it is."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value) and value[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[value[i + 1]])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
 def _read_inputs(args) -> list[str]:
+    if args.texts and args.file:
+        raise FastDebiasError("give the texts as arguments or with --file, not both (--file would be left unread)")
     if args.texts:
         _check_utf8(args.texts, "input texts", "argument")
         return list(args.texts)

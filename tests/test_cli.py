@@ -69,3 +69,28 @@ def test_sampling_flags_reach_generate(llama_dir, capsys):
     assert json.loads(capsys.readouterr().out.strip())["token_ids"] != greedy
     assert main([*base, "--min-p", "1.5"]) == 2
     assert "min_p must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_stop_escapes_and_file_with_arguments(llama_dir, tmp_path, capsys, monkeypatch):
+    r"""--stop '\n' is a newline, as the README's example writes it (the shell passes a backslash and an n); texts
+    given both as arguments and with --file are refused rather than --file left unread."""
+    from fastdebias.cli import _unescape
+
+    assert _unescape(r"\n\n") == "\n\n" and _unescape(r"a\tb\r") == "a\tb\r" and _unescape(r"x\\n") == r"x\n"
+    assert _unescape(r"\q C:\dir") == r"\q C:\dir"  # other backslashes stay
+    seen = {}
+    real = fastdebias.generate
+
+    def spy(model, prompts, **kw):
+        seen.update(kw)
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(fastdebias, "generate", spy)
+    argv = ["generate", "--model", str(llama_dir), "--max-new-tokens", "3", "-q", "--stop", r"\n", "--stop", "x"]
+    assert main([*argv, "Old people"]) == 0
+    assert seen["stop"] == ["\n", "x"]
+    capsys.readouterr()
+    f = tmp_path / "in.txt"
+    f.write_text("Old people\n")
+    assert main(["debias", "--model", str(llama_dir), "--file", str(f), "-q", "extra"]) == 2
+    assert "not both" in capsys.readouterr().err
