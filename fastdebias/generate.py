@@ -892,7 +892,7 @@ def generate(
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if lexicon_mode not in ("backtrack", "hf"):
         raise GenerationError(f"lexicon_mode must be 'backtrack' or 'hf', got {lexicon_mode!r}")
-    if isinstance(max_rewinds, bool) or not isinstance(max_rewinds, int) or max_rewinds < 0:
+    if not _is_int(max_rewinds) or max_rewinds < 0:
         raise GenerationError(f"max_rewinds must be an integer >= 0, got {max_rewinds!r}")
     matcher = None
     if lexicon is not None:
@@ -911,10 +911,10 @@ def generate(
         generator = torch.Generator(device=model.device).manual_seed(int(seed) % 2**64)
     # more prompts than rows: prompts of similar lengths together (less left padding), results in the given order
     order = sorted(range(n), key=lambda i: len(ids[i])) if bs < n else list(range(n))
-    kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+    kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
               min_p=float(min_p), repetition_penalty=float(repetition_penalty), generator=generator,
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
-              lexicon_mode=lexicon_mode, max_rewinds=max_rewinds)  # fmt: skip
+              lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
     show = progress if progress is not None else bs < n
     with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:

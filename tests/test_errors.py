@@ -274,6 +274,9 @@ def test_generate_accepts_what_it_should(model):
     want = ids([[1, 2, 3]])
     assert ids([torch.tensor([1, 2, 3])]) == want and ids([[np.int64(1), 2, 3]]) == want
     assert ids([[1, 2, 3]], eos_token_id=torch.tensor([want[1]])) == want[:2]
+    lex = fastdebias.Lexicon.from_token_sequences({(want[2],): -1.0})  # numpy integers for the integer arguments
+    assert ids([[1, 2, 3]], max_new_tokens=np.int64(4), top_k=np.int32(0), max_rewinds=np.int64(2), lexicon=lex) \
+        == ids([[1, 2, 3]], lexicon=lex, max_rewinds=2)  # fmt: skip
     for seed in (2**70, -5, np.int32(7)):  # any integer seeds the sampler; the same one gives the same tokens
         assert ids([[1, 2]], temperature=1.0, seed=seed) == ids([[1, 2]], temperature=1.0, seed=seed)
     calls = []  # any callable that takes (prompt_index, new_text) streams: *args, a default, a bound method
