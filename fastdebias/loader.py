@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -268,6 +269,13 @@ def load_base_weights(
                 if name not in shapes:
                     if name == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # tied checkpoints sometimes still store the (identical) head
+                    layer = re.match(r"model\.layers\.(\d+)\.", name)
+                    if layer and int(layer.group(1)) >= config.num_hidden_layers:  # not an extra: a truncated model
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} is for layer {layer.group(1)}, but config.json says "
+                            f"num_hidden_layers={config.num_hidden_layers}; the weights and config.json do not "
+                            "belong together"
+                        )
                     warnings.warn(f"{path}: ignoring unexpected tensor {name!r}", stacklevel=3)
                     continue
                 if tuple(t.shape) != shapes[name]:

@@ -229,6 +229,16 @@ def test_adapter_weights_the_config_does_not_target(tmp_path, llama_dir, adapter
         fastdebias.load(llama_dir, ad, progress=False)
 
 
+def test_config_with_fewer_layers_than_the_weights(tmp_path, llama_dir):
+    """num_hidden_layers lower than the weights' layers: not extras to skip with a warning (that ran a truncated
+    model), a CheckpointError."""
+    d = copy(llama_dir, tmp_path / "m")
+    edit_json(d / "config.json", num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\..*' is for layer 1, but config\.json says "
+                                              r"num_hidden_layers=1"):  # fmt: skip
+        fastdebias.load(d, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ config.json values
 
 
