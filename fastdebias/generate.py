@@ -849,7 +849,8 @@ def generate(
         and ``0.0`` mean off. ``min_p`` keeps the tokens at least ``min_p`` times as likely as the most likely one.
     repetition_penalty : transformers' rule over the row's context (prompt and generated); 1.0 is off.
     seed : makes sampling reproducible (a device generator seeded once per call).
-    eos_token_id : int or list; defaults to the checkpoint's.
+    eos_token_id : int or list; defaults to the checkpoint's; ``[]``: none (rows run to ``max_new_tokens`` or a
+        stop string).
     stop : strings that end a sequence; they are excluded from ``.text``.
     stream : callback ``stream(prompt_index, new_text)`` called as each prompt's text grows (a callback, not
         an iterator). Text that might still become a stop string is held back until it cannot.
