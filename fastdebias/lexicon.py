@@ -293,7 +293,7 @@ class Lexicon:
         an error (a misspelt ``action``, or a ``bias`` column, would otherwise turn every penalty into a ban), but
         for those whose name starts with ``_`` (notes, sources), which are ignored.
         TXT: one phrase per line, all bans. Blank lines are skipped everywhere, and lines starting with ``#`` in
-        ``.txt`` files.
+        ``.txt`` files. A file with no entry is an error.
         """
         if not isinstance(path, (str, os.PathLike)):
             raise LexiconError(
@@ -321,6 +321,11 @@ class Lexicon:
                 entries.append(Entry(phrase, action, category if cat is None or cat == "" else cat))
             except LexiconError as err:
                 raise LexiconError(f"{p}, line {line}: {err}") from None
+        if not entries:  # a lexicon file that bans nothing is a wrong file far more often than an intent
+            raise LexiconError(
+                f"{p}: holds no entries (only blank lines{', comments' if suffix == '.txt' else ''} or a header); "
+                "give a lexicon with at least one entry, or lexicon=None for none"
+            )
         return cls(entries, space_variants=space_variants, case_variants=case_variants)
 
     @classmethod

@@ -170,6 +170,9 @@ def test_load_txt(tmp_path):
         ("a.csv", "phrase,action\nx,ban\n ,-1\n", r"line 3: empty phrase"),
         ("a.csv", "phrase,action\nx,ban,extra\n", r"line 2: more cells than header columns"),
         ("a.yaml", "x", r"a.yaml: unsupported lexicon file type '.yaml'; use .jsonl, .csv or .txt"),
+        ("a.jsonl", "\n\n", r"a.jsonl: holds no entries .*lexicon=None for none"),
+        ("a.txt", "# all commented\n# out\n", r"a.txt: holds no entries \(only blank lines, comments or a header\)"),
+        ("a.csv", "phrase,action\n\n", r"a.csv: holds no entries"),
         # a key or column that is not an entry's: an error, not an entry banned by default
         ("a.jsonl", '{"phrase": "x", "bias": -1.0}\n', r"line 1: unknown field 'bias' .*put the bias in 'action'"),
         ("a.jsonl", '{"phrase": "x"}\n{"phrase": "y", "actoin": -2}\n', r"line 2: unknown field 'actoin'.*did you "
