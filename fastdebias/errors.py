@@ -55,10 +55,15 @@ def check_unicode(text: str, where: str, error: type[FastDebiasError]) -> None:
 
 
 def token_id_list(value: Any, vocab_size: int, what: str, error: type[FastDebiasError]) -> list[int]:
-    """An int token id, a sequence of them or an integer tensor → a list of ints in ``[0, vocab_size)``. Strings,
-    floats and bools are refused rather than converted (``int("21")`` would read a typo as an id)."""
+    """An int token id, a sequence of them, or an integer tensor or numpy array → a list of ints in
+    ``[0, vocab_size)``. Strings, floats and bools are refused rather than converted (``int("21")`` would read a
+    typo as an id)."""
     import torch
 
+    if type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":  # (a numpy integer is an Integral)
+        if value.dtype.kind not in "iu":
+            raise error(f"{what}: a numpy array of dtype {value.dtype}; give integer token ids")
+        value = value.reshape(-1).tolist()
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise error(f"{what}: a {value.dtype} tensor; give integer token ids")

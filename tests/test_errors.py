@@ -274,6 +274,9 @@ def test_generate_accepts_what_it_should(model):
     want = ids([[1, 2, 3]])
     assert ids([torch.tensor([1, 2, 3])]) == want and ids([[np.int64(1), 2, 3]]) == want
     assert ids([[1, 2, 3]], eos_token_id=torch.tensor([want[1]])) == want[:2]
+    assert ids([[1, 2, 3]], eos_token_id=np.array([want[1]])) == want[:2]  # a numpy array of ids, as a tensor
+    with pytest.raises(GenerationError, match=r"eos_token_id: a numpy array of dtype float64; give integer token"):
+        ids([[1, 2, 3]], eos_token_id=np.array([2.0]))
     lex = fastdebias.Lexicon.from_token_sequences({(want[2],): -1.0})  # numpy integers for the integer arguments
     assert ids([[1, 2, 3]], max_new_tokens=np.int64(4), top_k=np.int32(0), max_rewinds=np.int64(2), lexicon=lex) \
         == ids([[1, 2, 3]], lexicon=lex, max_rewinds=2)  # fmt: skip
