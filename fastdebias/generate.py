@@ -16,6 +16,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -82,6 +83,12 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
     rp = repetition_penalty
     if not _is_real(rp) or not (rp > 0 and math.isfinite(rp)):
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+
+
+def _row_seed(seed: int, index: int) -> int:
+    """The torch generator seed of prompt ``index`` under ``seed``: both mixed by numpy's SeedSequence (well spread,
+    and the same on every platform and numpy version), so that neighbouring prompts get unrelated streams."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
 def _check_stream(stream) -> None:
@@ -414,7 +421,7 @@ class _Loop:
     ROWS = ("t", "it", "out", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids")
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
-                 repetition_penalty, generator, seed, row_ids, eos, lex, fused_step, n_iter) -> None:  # fmt: skip
+                 repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new, self.n_iter = b, max_new_tokens, n_iter
@@ -423,7 +430,9 @@ class _Loop:
         self.t = torch.full((b,), t, dtype=torch.long, device=dev)
         self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
         self.penalty = repetition_penalty
-        self.generator, self.seed, self.row_ids = generator, seed, row_ids
+        # the torch backend's seeded sampling: a generator per row, seeded by (seed, prompt index), so that a row's
+        # draws do not depend on the batch; host objects, reordered with the rows (``select``, ``assign``)
+        self.generators, self.seed, self.row_ids = generators, seed, row_ids
         self.fused_step = fused_step
         self.head_w, self.head_lora = model.decoder.lm_head.weight, model.decoder.lm_head.loras[0]
         # (a contiguous copy: a compiled step guards on strides, and prompt[:, -1]'s stride is the prompt length,
@@ -457,6 +466,8 @@ class _Loop:
         self.ar = torch.arange(self.b, device=keep.device)
         if self.lex is not None:
             self.lex.select(keep)
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in keep.tolist()]
 
     def assign(self, rows: torch.Tensor, other: _Loop) -> None:
         """Rows ``rows`` (a [k] index tensor) become the rows of ``other`` (k prompts joining the batch, with the
@@ -468,6 +479,9 @@ class _Loop:
                 t[rows] = getattr(other, name)
         if self.lex is not None:
             self.lex.assign(rows, other.lex)
+        if self.generators is not None:
+            for r, g in zip(rows.tolist(), other.generators):
+                self.generators[r] = g
 
 
 @torch.compiler.disable
@@ -511,7 +525,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         dead = torch.isneginf(y).all(dim=-1) & ~done
         y = torch.where(dead.view(b, 1), torch.zeros_like(y), y)
         nxt = choose_tokens(y, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                            generator=s.generator)
+                            generator=s.generators)
         if lex is not None:
             bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
             next_state = lex.m.step(lex.state, nxt)
@@ -585,7 +599,6 @@ def _generate_batch(
     top_p: float,
     min_p: float,
     repetition_penalty: float,
-    generator: torch.Generator | None,
     seed: int | None,
     eos: list[int],
     stop: list[str],
@@ -645,8 +658,11 @@ def _generate_batch(
         if matcher is not None:
             lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
         row_ids = torch.tensor([index[i] for i in members], dtype=torch.long, device=dev) if fused_step else None
+        gens = None
+        if not fused_step and temperature > 0 and seed is not None:
+            gens = [torch.Generator(device=dev).manual_seed(_row_seed(seed, index[i])) for i in members]
         loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generator=generator,
+                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generators=gens,
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
@@ -848,7 +864,9 @@ def generate(
     top_k, top_p, min_p : filters for sampling (transformers' semantics, applied in that order); ``0``, ``1.0``
         and ``0.0`` mean off. ``min_p`` keeps the tokens at least ``min_p`` times as likely as the most likely one.
     repetition_penalty : transformers' rule over the row's context (prompt and generated); 1.0 is off.
-    seed : makes sampling reproducible (a device generator seeded once per call).
+    seed : makes sampling reproducible, each prompt's draws independent of the batch it is decoded in (the Triton
+        backend keys its noise by seed, prompt index and step; the torch backend seeds a generator per prompt from
+        the seed and the prompt's index).
     eos_token_id : int or list; defaults to the checkpoint's; ``[]``: none (rows run to ``max_new_tokens`` or a
         stop string).
     stop : strings that end a sequence; they are excluded from ``.text``.
@@ -906,14 +924,10 @@ def generate(
     n = len(ids)
     bs = batch_size or model.runner.default_batch_size(n, max(len(x) for x in ids), max_new_tokens, model.dtype,
                                                        model.device)  # fmt: skip
-    generator = None
-    if seed is not None and temperature > 0:
-        # (modulo 2**64: what manual_seed does itself with the negative seeds it takes, for any integer)
-        generator = torch.Generator(device=model.device).manual_seed(int(seed) % 2**64)
     # more prompts than rows: prompts of similar lengths together (less left padding), results in the given order
     order = sorted(range(n), key=lambda i: len(ids[i])) if bs < n else list(range(n))
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-              min_p=float(min_p), repetition_penalty=float(repetition_penalty), generator=generator,
+              min_p=float(min_p), repetition_penalty=float(repetition_penalty),
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
               lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts

@@ -25,6 +25,20 @@ def model(llama_dir):
     return fastdebias.load(llama_dir, progress=False)
 
 
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+    """The torch backend seeds a generator per prompt (seed, prompt index): the same tokens whether the prompts run
+    together, a row at a time, or two rows with the third taking a finished row's place; prompts of one call draw
+    different streams (two copies of one prompt sample differently)."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], [1, 8, 9, 10]]
+    kw = dict(max_new_tokens=10, temperature=1.5, seed=11)
+    whole = [r.token_ids for r in fastdebias.generate(model, prompts, **kw)]
+    for bs in (1, 3):
+        assert [r.token_ids for r in fastdebias.generate(model, prompts, batch_size=bs, **kw)] == whole, bs
+    assert whole[0] != whole[2]
+    greedy = [r.token_ids for r in fastdebias.generate(model, prompts, max_new_tokens=10)]
+    assert whole != greedy
+
+
 def test_same_seed_same_tokens_and_different_seed_differs(model):
     kw = dict(max_new_tokens=16, temperature=1.5)
     a = [r.token_ids for r in fastdebias.generate(model, PROMPTS, seed=7, **kw)]

@@ -8,6 +8,7 @@ host sync, unlike rejection loops.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -67,14 +68,18 @@ def choose_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Pick the next token per row: argmax when ``temperature`` is 0 (or below ``GREEDY_BELOW``), else a sample.
-    logits: [B, V] fp32 → [B] int64."""
+    logits: [B, V] fp32 → [B] int64. ``generator``: one for the batch, or one per row (each row's draws then depend
+    on its own generator only, not on the batch it is in)."""
     temperature = effective_temperature(temperature)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if isinstance(generator, Sequence):
+        race = torch.stack([torch.empty_like(p).exponential_(1.0, generator=g) for p, g in zip(probs, generator)])
+    else:
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
