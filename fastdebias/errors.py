@@ -58,9 +58,10 @@ def token_id_list(value: Any, vocab_size: int, what: str, error: type[FastDebias
     """An int token id, a sequence of them, or an integer tensor or numpy array → a list of ints in
     ``[0, vocab_size)``. Strings, floats and bools are refused rather than converted (``int("21")`` would read a
     typo as an id)."""
+    import numpy as np
     import torch
 
-    if type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":  # (a numpy integer is an Integral)
+    if isinstance(value, np.ndarray):  # (a numpy integer scalar is already an Integral)
         if value.dtype.kind not in "iu":
             raise error(f"{what}: a numpy array of dtype {value.dtype}; give integer token ids")
         value = value.reshape(-1).tolist()

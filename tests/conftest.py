@@ -44,6 +44,18 @@ CORPUS = [
 ] * 4
 
 
+def triton_cuda_backend(tools: bool = False) -> bool:
+    """Whether the installed triton has its CUDA backend (compiles for a GPU without one: the compile-only checks),
+    with ``tools`` also the ptxas and cuobjdump it ships (cubins and their resource usage)."""
+    try:
+        import triton
+        from triton.backends import backends
+    except ImportError:
+        return False
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return "nvidia" in backends and (not tools or all((bin_dir / t).exists() for t in ("ptxas", "cuobjdump")))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")

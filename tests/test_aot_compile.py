@@ -17,23 +17,16 @@ from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
+
+from .conftest import triton_cuda_backend  # noqa: E402
 
 HARNESS = Path(__file__).with_name("aot_compile.py")
 KERNELS = {"_logits_tile_kernel", "_threshold_pass_kernel", "_finalize_kernel", "_lm_head_tile_kernel",
            "_lora_shrink_kernel", "_lora_linear_kernel"}  # fmt: skip
 
 
-def _has_cuda_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    nvidia = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return "nvidia" in backends and (nvidia / "ptxas").exists() and (nvidia / "cuobjdump").exists()
-
-
-@pytest.mark.skipif(not _has_cuda_backend(), reason="this triton has no CUDA backend with ptxas and cuobjdump")
+@pytest.mark.skipif(not triton_cuda_backend(tools=True), reason="triton has no CUDA backend with ptxas, cuobjdump")
 @pytest.mark.parametrize("arch,smem", [(90, 232448), (80, 166912), (89, 101376)])
 def test_every_kernel_compiles_within_the_gpus_limits(tmp_path, arch, smem):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

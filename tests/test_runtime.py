@@ -24,7 +24,7 @@ from fastdebias.errors import FastDebiasError
 from fastdebias.generate import prefill
 from fastdebias.lexicon import Lexicon
 
-from .conftest import TOLERANCES, as_cuda_graph
+from .conftest import TOLERANCES, as_cuda_graph, triton_cuda_backend
 
 generate_module = importlib.import_module("fastdebias.generate")  # the module (fastdebias.generate is the function)
 
@@ -240,15 +240,7 @@ def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated
         assert got == free and model.runtime == "cuda_graph" and model.runner.static
 
 
-def _triton_has_cuda_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
-@pytest.mark.skipif(not _triton_has_cuda_backend(), reason="needs triton with its CUDA backend")
+@pytest.mark.skipif(not triton_cuda_backend(), reason="needs triton with its CUDA backend")
 @pytest.mark.parametrize("dtype,names,batch", [("float32", ["qv"], 1), ("bfloat16", ["qv", "all"], 4)])
 def test_cuda_compiled_regions_trace_in_one_graph(llama_dir, adapter_qv, adapter_all, tmp_path, dtype, names, batch):
     """On CUDA, ``runtime="compile"`` compiles the layer and the head with the Triton backend's LoRA launches inside.
@@ -376,7 +368,6 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
     one graph (a graph break in every projection once made the compiled SmolLM2 step 2.6x slower). Without oneDNN
     (another CPU architecture) it is F.linear itself."""
     from fastdebias import ops
-
 
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows + 3, 40, generator=gen)[3:].to(dtype)  # a view at an offset, as the model's rows are

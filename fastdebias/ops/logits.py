@@ -398,6 +398,5 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-
 def _num_sms(device: torch.device) -> int:
     return _device_limits(device)[0]

@@ -263,7 +263,6 @@ def _launch(
     return y
 
 
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

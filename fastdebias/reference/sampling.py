@@ -78,8 +78,10 @@ def choose_tokens(
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p, min_p)
     probs = logits.softmax(dim=-1)
-    if isinstance(generator, Sequence):
-        race = torch.stack([torch.empty_like(p).exponential_(1.0, generator=g) for p, g in zip(probs, generator)])
+    race = torch.empty_like(probs)
+    if isinstance(generator, Sequence):  # each row's draws from its own generator, in place
+        for row, g in zip(race, generator):
+            row.exponential_(1.0, generator=g)
     else:
-        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        race.exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
