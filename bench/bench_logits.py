@@ -17,7 +17,10 @@ penalty of 1.1 over a 256-token context, to fp32 logits [B, V], and chooses one 
 - ``torch``: the same step in plain torch ops, as ``fastdebias.generate`` runs it today
   (``PhraseMatcher.apply`` → ``apply_repetition_penalty`` → ``choose_tokens`` → ``lookup`` → ``step``);
 - ``transformers``: ``SequenceBiasLogitsProcessor`` + ``NoBadWordsLogitsProcessor`` + repetition penalty +
-  temperature + top-k + top-p warpers, then softmax + ``torch.multinomial`` (argmax when greedy).
+  temperature + top-k + top-p + min-p warpers, then softmax + ``torch.multinomial`` (argmax when greedy).
+
+Modes: ``greedy``; ``sample`` (temperature 0.7); ``top_k_top_p`` (50, 0.9); ``min_p`` (0.05, alone: the Triton step
+takes no threshold search for it).
 
 GPU times are ``triton.testing.do_bench`` medians (with 20th/80th percentiles) of CUDA-graph replays where the
 code can be captured (triton and torch; transformers' processors build tensors from Python lists every call and
@@ -42,6 +45,7 @@ import triton
 import triton.testing
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     NoBadWordsLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
@@ -64,6 +68,7 @@ MODES = {
     "greedy": {"temperature": 0.0},
     "sample": {"temperature": 0.7},
     "top_k_top_p": {"temperature": 0.7, "top_k": 50, "top_p": 0.9},
+    "min_p": {"temperature": 0.7, "min_p": 0.05},
 }
 QUANTILES = [0.5, 0.2, 0.8]
 DEVICE = "cuda"
@@ -99,19 +104,21 @@ def make_case(b: int, v: int, device: str) -> dict:
     )  # fmt: skip
 
 
-def torch_step(c: dict, temperature: float, top_k: int = 0, top_p: float = 1.0):
+def torch_step(c: dict, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """What ``fastdebias.generate`` runs per step today, in plain torch ops."""
     m, states = c["matcher"], c["states"]
     x = m.apply(c["logits"], states)
     x = apply_repetition_penalty(x, c["counts"] > 0, PENALTY)
     dead = torch.isneginf(x).all(dim=-1)
     x = torch.where(dead.view(-1, 1), torch.zeros_like(x), x)
-    nxt = choose_tokens(x, temperature=temperature, top_k=top_k, top_p=top_p)
+    nxt = choose_tokens(x, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     entry = m.lookup(states, nxt)[2]
     return nxt, m.step(states, nxt), dead, entry
 
 
-def hf_pipeline(c: dict, temperature: float, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
+def hf_pipeline(
+    c: dict, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> LogitsProcessorList:
     procs = LogitsProcessorList()
     if c["seq_bias"]:
         procs.append(SequenceBiasLogitsProcessor(c["seq_bias"]))
@@ -124,6 +131,8 @@ def hf_pipeline(c: dict, temperature: float, top_k: int = 0, top_p: float = 1.0)
             procs.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p))
+        if min_p > 0.0:
+            procs.append(MinPLogitsWarper(min_p))
     return procs
 
 

@@ -3,7 +3,7 @@
 #   bash bench/gpu_all.sh tests      # the `gpu`-marked tests (kernels, decoder, CUDA graphs)       ~4 min
 #   bash bench/gpu_all.sh goals      # every H100 goal of issue 6 in one run: batch 1, SR-LLM shape, all five systems,
 #                                    # lexicon 0/10k/100k (not part of all: e2e + e2e-compile cover it, in two runs)
-#   bash bench/gpu_all.sh kernels    # bench_lora.py and bench_logits.py                            ~4 min
+#   bash bench/gpu_all.sh kernels    # bench_lora.py and bench_logits.py                            ~5 min
 #   bash bench/gpu_all.sh filter-sweep  # bench_logits.py --filter-sweep: top-k/top-p pass metas vs the rule  ~5 min
 #   bash bench/gpu_all.sh e2e        # fastdebias bench --synthetic llama2-7b vs hf-eager (issue 6)  ~9 min
 #   bash bench/gpu_all.sh e2e-compile  # the same vs transformers static cache + torch.compile        ~9 min
@@ -39,7 +39,7 @@ if [ "$stage" = goals ]; then
 fi
 if [ "$stage" = kernels ] || [ "$stage" = all ]; then
   timeout 150 python3 bench/bench_lora.py --out "$OUT" 2>&1 | tail -5
-  timeout 150 python3 bench/bench_logits.py --out "$OUT" 2>&1 | tail -5
+  timeout 240 python3 bench/bench_logits.py --out "$OUT" 2>&1 | tail -5
 fi
 if [ "$stage" = filter-sweep ] || [ "$stage" = all ]; then
   # 18 threshold-pass metas x 8 shapes: which one logits_meta should pick (logits_filter_sweep_<device>.md)

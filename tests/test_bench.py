@@ -266,7 +266,7 @@ def test_logits_bench_runs(tmp_path, monkeypatch):
                   lm_head_dtype="torch.float16", steps=steps, lm_head=heads)  # fmt: skip
     mod.write_markdown(result, tmp_path / "logits.md")
     text = (tmp_path / "logits.md").read_text()
-    assert "| 300 | 2 | top_k_top_p |" in text and "| 300 | 2 | sample |" in text
+    assert all(f"| 300 | 2 | {mode} |" in text for mode in ("greedy", "sample", "top_k_top_p", "min_p"))
 
 
 def test_logits_filter_sweep_runs(tmp_path, monkeypatch):
