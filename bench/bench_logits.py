@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from fastdebias.bench import copy_bandwidth_gbs, device_tag, git_commit
 from fastdebias.matcher import BAN, build_matcher
 from fastdebias.reference import logits as ref
 from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens
@@ -180,20 +179,6 @@ def test_cpu_step(benchmark, request, impl, b, v, mode):
 # ------------------------------------------------------------------------------------------------------ GPU
 
 
-def _device_tag() -> str:
-    return torch.cuda.get_device_name().replace(" ", "-")
-
-
-def _commit() -> str:
-    if os.environ.get("FASTDEBIAS_COMMIT"):
-        return os.environ["FASTDEBIAS_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _time(fn, graph: bool = True, warmup: int = 25, rep: int = 100) -> tuple[list[float], bool]:
     """([median, p20, p80] µs, captured) of ``fn``, replayed from a CUDA graph when it can be captured."""
     fn()  # compile, build the lexicon tables, allocate outside the capture
@@ -214,13 +199,6 @@ def _time(fn, graph: bool = True, warmup: int = 25, rep: int = 100) -> tuple[lis
             torch.cuda.synchronize()
     times = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES)
     return [t * 1e3 for t in times], captured
-
-
-def measure_hbm_gbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    t = triton.testing.do_bench(lambda: dst.copy_(src), quantiles=QUANTILES)[0]
-    return 2 * src.numel() / (t * 1e-3) / 1e9
 
 
 def _step_rows(b: int, v: int, hbm: float) -> list[dict]:
@@ -426,14 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  commit {_commit()}")
-    hbm = measure_hbm_gbps()
+    commit = git_commit()[0]
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  commit {commit}")
+    hbm = copy_bandwidth_gbs(torch.device(DEVICE))
     print(f"HBM device-to-device copy: {hbm:.0f} GB/s", flush=True)
     if args.filter_sweep:
         result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                      commit=_commit(), timer="triton.testing.do_bench [median, p20, p80] us, CUDA-graph replays",
+                      commit=commit, timer="triton.testing.do_bench [median, p20, p80] us, CUDA-graph replays",
                       sweep=run_filter_sweep())  # fmt: skip
-        stem = f"logits_filter_sweep_{_device_tag()}"
+        stem = f"logits_filter_sweep_{device_tag(torch.device(DEVICE))}"
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         write_sweep_markdown(result, args.out / f"{stem}.md")
         print(f"wrote {args.out / stem}.json and .md")
@@ -445,14 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         triton=triton.__version__,
         transformers=transformers.__version__,
         python=platform.python_version(),
-        commit=_commit(),
+        commit=commit,
         hbm_copy_gbps=hbm,
         timer="triton.testing.do_bench medians [median, p20, p80] in us; CUDA-graph replays where capturable",
         lm_head_dtype=str(dtype),
         steps=run_step_benchmark(hbm),
         lm_head=run_lm_head_benchmark(dtype),
     )
-    stem = f"logits_{_device_tag()}"
+    stem = f"logits_{device_tag(torch.device(DEVICE))}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     write_markdown(result, args.out / f"{stem}.md")
     print(f"wrote {args.out / stem}.json and .md")

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from fastdebias.bench import copy_bandwidth_gbs, device_tag, git_commit
 from fastdebias.ops.lora import LoRAMeta, _device_limits, lora_linear, lora_meta
 from fastdebias.reference import lora as ref
 
@@ -90,20 +90,6 @@ def test_reference_lora_linear(benchmark, request, m, k, n, r, n_adapters):
 # ------------------------------------------------------------------------------------------------------ GPU
 
 
-def _device_tag() -> str:
-    return torch.cuda.get_device_name().replace(" ", "-")
-
-
-def _commit() -> str:
-    if os.environ.get("FASTDEBIAS_COMMIT"):
-        return os.environ["FASTDEBIAS_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _time(fn, warmup: int = 25, rep: int = 100, graph: bool = True) -> list[float]:
     """[median, p20, p80] in microseconds of ``fn`` replayed from a CUDA graph (as a captured decode step runs it).
 
@@ -124,13 +110,6 @@ def _time(fn, warmup: int = 25, rep: int = 100, graph: bool = True) -> list[floa
             fn()
         fn = g.replay
     return [t * 1e3 for t in triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES)]
-
-
-def measure_hbm_gbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    t = _time(lambda: dst.copy_(src), graph=False)[0]
-    return 2 * src.numel() / (t * 1e-6) / 1e9
 
 
 def _run_case(spec: tuple) -> None:
@@ -167,7 +146,7 @@ def _bytes(c: dict, m: int, k: int, n: int, r: int, n_adapters: int, with_lora: 
 def run_benchmark(dtype: torch.dtype) -> dict:
     cases = [(m, k, n, r, na) for _, k, n in SHAPES for m in BATCHES for r in RANKS for na in ADAPTERS]
     precompile([(*case, str(dtype).split(".")[1], None) for case in cases])
-    hbm = measure_hbm_gbps()
+    hbm = copy_bandwidth_gbs(torch.device(DEVICE))
     print(f"HBM device-to-device copy: {hbm:.0f} GB/s", flush=True)
     rows, base_cache = [], {}
     for name, k, n in SHAPES:
@@ -212,7 +191,7 @@ def run_benchmark(dtype: torch.dtype) -> dict:
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
-        commit=_commit(),
+        commit=git_commit()[0],
         hbm_copy_gbps=hbm,
         timer="triton.testing.do_bench of CUDA-graph replays (PEFT with 8 adapters: eager, it cannot be captured), "
         "L2 flushed per call; times in us as [median, p20, p80]",
@@ -309,13 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  commit {_commit()}")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  commit {git_commit()[0]}")
     if args.sweep:
         result = run_sweep(dtype)
-        (args.out / f"lora_sweep_{_device_tag()}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        path = args.out / f"lora_sweep_{device_tag(torch.device(DEVICE))}.json"
+        path.write_text(json.dumps(result, indent=1), encoding="utf-8")
         return 0
     result = run_benchmark(dtype)
-    stem = f"lora_{_device_tag()}" + ("" if dtype == torch.float16 else f"_{args.dtype}")
+    stem = f"lora_{device_tag(torch.device(DEVICE))}" + ("" if dtype == torch.float16 else f"_{args.dtype}")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     write_markdown(result, args.out / f"{stem}.md")
     print(f"wrote {args.out / stem}.json and .md")

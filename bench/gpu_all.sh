@@ -15,12 +15,17 @@
 #   bash bench/gpu_all.sh all        # all of them in turn
 # Results and logs go under bench/results/ (or $OUT if set). Uses the machine's own torch/triton/transformers with
 # fastdebias from this tree: no install needed (fastdebias/kernels is a symlink to kernels/).
+# Results name the commit they ran. A copy of the working tree without .git cannot tell it: write the checkout's
+# `git rev-parse --short HEAD` into the command (FASTDEBIAS_COMMIT=1d2745e bash bench/gpu_all.sh goals).
 set -u
 stage="${1:-all}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "${FASTDEBIAS_COMMIT:-}" ] && ! git rev-parse --short HEAD >/dev/null 2>&1; then
+  echo "gpu_all.sh: no git checkout and FASTDEBIAS_COMMIT unset: results will say commit 'unknown'" >&2
+fi
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" | tee "$OUT/gpu_env_$dev.txt"
