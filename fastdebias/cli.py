@@ -65,6 +65,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="bias lexicon (.jsonl/.csv/.txt); debias defaults to 'default', generate to 'none'")
     p.add_argument("--lexicon-mode", default="backtrack", choices=["backtrack", "hf"])
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
+    p.add_argument("--logprobs", action="store_true",
+                   help="the model's log-probability of each output token (raw logits): a 'logprobs' list in --json, "
+                        "else their sum and mean after each output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
@@ -197,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 progress=not args.quiet)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                      stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False)
+                      stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False,
+                      logprobs=args.logprobs)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)
         kwargs.update(lexicon=None if str(lexicon).lower() == "none" else lexicon, lexicon_mode=args.lexicon_mode)
         if args.use_adapter is not None:
@@ -213,12 +217,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         interventions = [dict(step=i.step, phrase=i.phrase, category=i.category, action=i.action,
                               token_id=i.token_id) for i in out.interventions]
         if args.json:
-            print(json.dumps({"input": text, "output": out.text, "finish_reason": out.finish_reason,
-                              "token_ids": out.token_ids, "interventions": interventions}, ensure_ascii=False))
+            row = {"input": text, "output": out.text, "finish_reason": out.finish_reason, "token_ids": out.token_ids,
+                   "interventions": interventions}
+            if out.logprobs is not None:
+                row["logprobs"] = out.logprobs
+            print(json.dumps(row, ensure_ascii=False))
         else:
             print(f"> {text}\n{out.text}")
             for i in interventions:
                 print(f"  [{i['action']} at step {i['step']}: {i['phrase']!r} ({i['category']})]")
+            if out.logprobs:
+                total = sum(out.logprobs)
+                print(f"  [logprob {total:.2f}, mean {total / len(out.logprobs):.3f} over {len(out.logprobs)} tokens]")
             print()
     return 0
 

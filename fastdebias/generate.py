@@ -44,6 +44,9 @@ class GenerationResult:
     finish_reason: str  # "eos" | "stop" | "length" | "banned" (every token was banned)
     prompt_tokens: int = 0
     interventions: list = field(default_factory=list)
+    # with ``generate(logprobs=True)``: the model's log-probability of each of ``token_ids`` (raw logits, before the
+    # lexicon, penalties, temperature and filters); None otherwise
+    logprobs: list[float] | None = None
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -418,10 +421,11 @@ class _Loop:
     compiled or captured step reads and writes the same addresses at every step), and the step's settings."""
 
     # the per-row tensors (first dimension: the batch's rows)
-    ROWS = ("t", "it", "out", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids")
+    ROWS = ("t", "it", "out", "lp", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids")
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
-                 repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter) -> None:  # fmt: skip
+                 repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter,
+                 logprobs=False) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new, self.n_iter = b, max_new_tokens, n_iter
@@ -448,6 +452,8 @@ class _Loop:
             real = (torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)).int()
             self.counts = torch.zeros(b, v, dtype=torch.int32, device=dev).scatter_add_(1, prompt, real)
         self.out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
+        # with logprobs: each kept token's log-probability under the model's raw logits, beside ``out``
+        self.lp = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
         self.cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
         self.all_banned = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -535,6 +541,10 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     rewind = active & (ban_len >= 2) & ~hf_rows if lex is not None and lex.backtrack else None
     commit = active & ~rewind if rewind is not None else active
     ar, out = s.ar, s.out
+    wpos = cur.clamp(max=s.max_new - 1)
+    if s.lp is not None:  # the model's own log-probability of the chosen token (``x``: the raw fp32 logits)
+        chosen = x.gather(1, nxt.view(b, 1)).squeeze(1) - torch.logsumexp(x, dim=-1)
+        s.lp[ar, wpos] = torch.where(commit, chosen, s.lp[ar, wpos])
     if lex is not None:
         penalised = commit & torch.isfinite(bias) & (bias != 0)
         lex.record(ar, s.it, 0, penalised, cur, entry, 0, nxt)
@@ -549,7 +559,6 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         # slot 1 holds this (action 1 = banned, 0 = penalised) or, in a rewinding row, the rewind: one write
         slot1 = (displaced, cur, top_entry, masked.long(), top)
     nxt = torch.where(commit, nxt, torch.full_like(nxt, s.pad_token))
-    wpos = cur.clamp(max=s.max_new - 1)
     out[ar, wpos] = torch.where(commit, nxt, out[ar, wpos])
     if s.counts is not None:
         s.counts.scatter_add_(1, nxt.view(b, 1), commit.int().view(b, 1))
@@ -609,6 +618,7 @@ def _generate_batch(
     max_rewinds: int = 8,
     max_rows: int | None = None,
     on_finished: Callable[[int], None] | None = None,
+    logprobs: bool = False,
 ) -> list[GenerationResult]:
     """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
 
@@ -635,8 +645,8 @@ def _generate_batch(
     tok = model.tokenizer
     hold_tokens = matcher.max_depth if (matcher is not None and lexicon_mode == "backtrack") else 0
     fused_step = model.backend == "triton"
-    # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p/min-p need the logits: unfused
-    fused_head = fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and (
+    # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p/min-p and logprobs need the logits
+    fused_head = fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and not logprobs and (
         temperature == 0 or (not 0 < top_k < v and top_p >= 1.0 and min_p == 0.0))  # fmt: skip
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -663,7 +673,8 @@ def _generate_batch(
             gens = [torch.Generator(device=dev).manual_seed(_row_seed(seed, index[i])) for i in members]
         loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generators=gens,
-                     seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter)  # fmt: skip
+                     seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter,
+                     logprobs=logprobs)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
@@ -674,7 +685,7 @@ def _generate_batch(
     # none wait, finished rows leave the batch (``_retire_rows``); what each prompt produced waits in ``finished``
     live = list(range(max_rows))
     pending = list(range(max_rows, n))[::-1]  # (popped from the end)
-    finished: dict[int, tuple[list[int], bool, list]] = {}
+    finished: dict[int, tuple[list[int], bool, list, list[float] | None]] = {}
     s, x, cache, start, t = start_rows(live)
     prompt_len, joined = [t] * max_rows, [0] * max_rows  # host copies: each row's padded prompt and first step
 
@@ -766,7 +777,7 @@ def _generate_batch(
     results = []
     eos_set = set(eos)
     for i in range(n):
-        seq, banned, interventions = finished[i]
+        seq, banned, interventions, lp = finished[i]
         reason = "banned" if banned else "length"
         for j, x in enumerate(seq):
             if x in eos_set:
@@ -782,7 +793,8 @@ def _generate_batch(
                     if _cut_at_stop(tok.decode(seq[:j], skip_special_tokens=True), stop)[1]:
                         seq = seq[:j]
                         break
-        res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]))
+        res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]),
+                               logprobs=lp[: len(seq)] if lp is not None else None)  # fmt: skip
         if matcher is not None:
             res.interventions = interventions
         results.append(res)
@@ -790,14 +802,17 @@ def _generate_batch(
 
 
 def _harvest(s: _Loop, live: list[int], finished: dict, rows: list[int]) -> None:
-    """Read out what the batch's rows ``rows`` produced (ids, whether every token was banned, interventions) into
-    ``finished``, under their prompts' indices (``live``): one read of each tensor for all of them."""
+    """Read out what the batch's rows ``rows`` produced (ids, whether every token was banned, interventions, and
+    the ids' log-probabilities if asked for) into ``finished``, under their prompts' indices (``live``): one read of
+    each tensor for all of them."""
     gen = s.out[rows].tolist()
     lengths = s.cur[rows].tolist()
     banned = s.all_banned[rows].tolist()
     logs = s.lex.results(rows) if s.lex is not None else [[] for _ in rows]
+    lps = s.lp[rows].tolist() if s.lp is not None else [None] * len(rows)
     for j, i in enumerate(rows):
-        finished[live[i]] = (gen[j][: lengths[j]], banned[j], logs[j])
+        lp = lps[j][: lengths[j]] if lps[j] is not None else None
+        finished[live[i]] = (gen[j][: lengths[j]], banned[j], logs[j], lp)
 
 
 def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None,
@@ -849,6 +864,7 @@ def generate(
     lexicon=None,
     lexicon_mode: str = "backtrack",
     max_rewinds: int = 8,
+    logprobs: bool = False,
 ) -> list[GenerationResult]:
     """Generate a continuation for each prompt.
 
@@ -882,10 +898,16 @@ def generate(
         phrase began and ban its first token there (at most ``max_rewinds`` times per row, then ``"hf"``);
         ``"hf"``: transformers' ``sequence_bias``/``bad_words_ids`` semantics (only the last token is masked).
         Penalties behave as in ``"hf"`` in both modes. Each result's ``.interventions`` lists what fired.
+    logprobs : also return, in each result's ``.logprobs``, the model's log-probability of each of its
+        ``token_ids``: the log-softmax of the logits the model produced at that position, before the lexicon,
+        penalties, temperature and filters (vLLM's default "raw" logprobs; transformers' ``output_logits``), so a
+        token the lexicon pushed the model away from its first choice toward shows as improbable. Costs one more
+        pass over the logits per step, and takes the unfused lm_head on the Triton backend.
 
     Returns
     -------
-    list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``), one per prompt, in order.
+    list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``, ``.interventions``, ``.logprobs``),
+    one per prompt, in order.
     """
     _check_model(model)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p)
@@ -913,6 +935,8 @@ def generate(
         raise GenerationError(f"lexicon_mode must be 'backtrack' or 'hf', got {lexicon_mode!r}")
     if not _is_int(max_rewinds) or max_rewinds < 0:
         raise GenerationError(f"max_rewinds must be an integer >= 0, got {max_rewinds!r}")
+    if not isinstance(logprobs, (bool, np.bool_)):
+        raise GenerationError(f"logprobs must be True or False, got {logprobs!r}")
     matcher = None
     if lexicon is not None:
         from fastdebias.lexicon import Lexicon
@@ -929,7 +953,7 @@ def generate(
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
               min_p=float(min_p), repetition_penalty=float(repetition_penalty),
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
-              lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds))  # fmt: skip
+              lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
     show = progress if progress is not None else bs < n
     with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:
