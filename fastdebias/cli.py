@@ -51,6 +51,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(~5-10 s with a warm inductor cache) to decode ~2x faster at batch 1 "
                         "(for large --file jobs); on GPU, compile = CUDA graphs of the compiled forward")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens (0 = off)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
@@ -198,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = fastdebias.load(args.model, adapter, dtype=args.dtype, device=args.device,
                                 merge=args.merge, backend=args.backend, runtime=args.runtime,
                                 progress=not args.quiet)
-        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                      repetition_penalty=args.repetition_penalty, seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False,
                       logprobs=args.logprobs)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)

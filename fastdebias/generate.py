@@ -425,7 +425,7 @@ class _Loop:
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
                  repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter,
-                 logprobs=False) -> None:  # fmt: skip
+                 logprobs=False, min_new_tokens=0) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new, self.n_iter = b, max_new_tokens, n_iter
@@ -445,6 +445,8 @@ class _Loop:
         self.adapter_idx, self.prompt_last, self.lex = adapter_idx, last, lex
         self.ar = torch.arange(b, device=dev)
         self.eos = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
+        # EOS ids are banned while a row has kept fewer tokens than this (nothing to ban without EOS ids)
+        self.min_new = min_new_tokens if eos else 0
         self.pad_token = eos[0] if eos else 0
         self.positions = torch.arange(max_new_tokens, device=dev).view(1, -1)
         self.counts = None
@@ -498,6 +500,9 @@ def _triton_choice(s: _Loop, x: torch.Tensor, hidden: bool, hf_rows):
     guarded."""
     lex = s.lex
     bans = torch.where(lex.ban_pos == s.cur.view(s.b, 1), lex.ban_tok, -1) if lex and lex.backtrack else None
+    if s.min_new:
+        early = torch.where((s.cur < s.min_new).view(s.b, 1), s.eos.view(1, -1), -1)
+        bans = early if bans is None else torch.cat([bans, early], dim=1)
     head_args = (dict(hidden=x, lm_head=s.head_w, lm_head_lora=s.head_lora, adapter_idx=s.adapter_idx)
                  if hidden else dict(logits=x))  # fmt: skip
     return ops.logits_step(
@@ -525,6 +530,9 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         y = x
         if lex is not None:
             y = lex.apply(y, cur, hf_rows)
+        if s.min_new:  # EOS banned in rows that have kept fewer than min_new_tokens
+            e = s.eos.view(1, -1).expand(b, -1)
+            y = y.scatter(1, e, torch.where((cur < s.min_new).view(b, 1), float("-inf"), y.gather(1, e)))
         if s.counts is not None:
             y = apply_repetition_penalty(y, s.counts > 0, s.penalty)
         # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
@@ -619,6 +627,7 @@ def _generate_batch(
     max_rows: int | None = None,
     on_finished: Callable[[int], None] | None = None,
     logprobs: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[GenerationResult]:
     """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
 
@@ -674,7 +683,7 @@ def _generate_batch(
         loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generators=gens,
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter,
-                     logprobs=logprobs)  # fmt: skip
+                     logprobs=logprobs, min_new_tokens=min_new_tokens)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
@@ -865,6 +874,7 @@ def generate(
     lexicon_mode: str = "backtrack",
     max_rewinds: int = 8,
     logprobs: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[GenerationResult]:
     """Generate a continuation for each prompt.
 
@@ -875,6 +885,8 @@ def generate(
     adapter : omitted → the first loaded adapter; ``None`` → no adapter; a name; or a list of names/None,
         one per prompt (several adapters in one batch).
     max_new_tokens : tokens to generate at most per prompt (>= 1).
+    min_new_tokens : the EOS ids are banned until a row has this many tokens (transformers' ``min_new_tokens``,
+        vLLM's ``min_tokens``; stop strings still end a row earlier); 0 to ``max_new_tokens``.
     temperature : 0 is greedy (argmax), and so is anything below 1e-5 (as in vLLM: dividing the logits by it would
         overflow); above, samples.
     top_k, top_p, min_p : filters for sampling (transformers' semantics, applied in that order); ``0``, ``1.0``
@@ -937,6 +949,10 @@ def generate(
         raise GenerationError(f"max_rewinds must be an integer >= 0, got {max_rewinds!r}")
     if not isinstance(logprobs, (bool, np.bool_)):
         raise GenerationError(f"logprobs must be True or False, got {logprobs!r}")
+    if not _is_int(min_new_tokens) or not 0 <= min_new_tokens <= max_new_tokens:
+        raise GenerationError(
+            f"min_new_tokens must be an integer from 0 to max_new_tokens={max_new_tokens}, got {min_new_tokens!r}"
+        )
     matcher = None
     if lexicon is not None:
         from fastdebias.lexicon import Lexicon
@@ -953,7 +969,8 @@ def generate(
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
               min_p=float(min_p), repetition_penalty=float(repetition_penalty),
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
-              lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs))  # fmt: skip
+              lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs),
+              min_new_tokens=int(min_new_tokens))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
     show = progress if progress is not None else bs < n
     with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:

@@ -71,6 +71,20 @@ def test_sampling_flags_reach_generate(llama_dir, capsys):
     assert "min_p must be in [0, 1]" in capsys.readouterr().err
 
 
+def test_min_new_tokens_flag(llama_dir, capsys, monkeypatch):
+    """--min-new-tokens reaches generate (whose behaviour tests/test_generate.py checks); out of range exits 2
+    naming it."""
+    import fastdebias
+
+    seen, real = [], fastdebias.generate
+    monkeypatch.setattr(fastdebias, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    base = ["generate", "--model", str(llama_dir), "--max-new-tokens", "8", "--json", "-q", "Old people"]
+    assert main([*base, "--min-new-tokens", "5"]) == 0
+    assert seen[-1]["min_new_tokens"] == 5 and len(json.loads(capsys.readouterr().out)["token_ids"]) >= 5
+    assert main([*base, "--min-new-tokens", "9"]) == 2
+    assert "min_new_tokens must be an integer from 0 to max_new_tokens=8" in capsys.readouterr().err
+
+
 def test_stop_escapes_and_file_with_arguments(llama_dir, tmp_path, capsys, monkeypatch):
     r"""--stop '\n' is a newline, as the README's example writes it (the shell passes a backslash and an n); texts
     given both as arguments and with --file are refused rather than --file left unread."""

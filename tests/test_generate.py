@@ -285,3 +285,55 @@ def test_default_batch_size_fits_free_memory(model, monkeypatch):
     assert model.runner.default_batch_size(5, longest, 6, model.dtype, model.device) == 5  # all fit: one batch
     monkeypatch.setattr(runtime, "available_memory", lambda device: 0)
     assert model.runner.default_batch_size(10, longest, 6, model.dtype, model.device) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_min_new_tokens_matches_transformers(llama_dir, backend):
+    """EOS banned until a row holds ``min_new_tokens`` tokens, as transformers' ``min_new_tokens``: greedy tokens
+    equal ``model.generate``'s, on both backends (the Triton one through its per-row bans, fused lm_head included)."""
+    from transformers import AutoModelForCausalLM
+
+    model = fastdebias.load(llama_dir, backend=backend, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+    free = fastdebias.generate(model, PROMPTS, max_new_tokens=10, eos_token_id=[])
+    eos = [free[0].token_ids[1], free[1].token_ids[2]]  # both rows would end early
+    early = fastdebias.generate(model, PROMPTS, max_new_tokens=10, eos_token_id=eos)
+    assert all(len(r.token_ids) <= 3 and r.finish_reason == "eos" for r in early)
+    outs = fastdebias.generate(model, PROMPTS, max_new_tokens=10, eos_token_id=eos, min_new_tokens=6)
+    for p, r in zip(PROMPTS, outs):
+        assert len(r.token_ids) >= 6 and not set(r.token_ids[:5]) & set(eos)
+        ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, min_new_tokens=6, eos_token_id=eos,
+                          pad_token_id=0)[0, len(p):].tolist()  # fmt: skip
+        assert r.token_ids == ref[: len(r.token_ids)] and len(r.token_ids) == len(ref)
+
+
+def test_min_new_tokens_through_rewinds_sampling_and_joins(model):
+    """Sampling, backtracking rewinds (a row's kept length can go back below the minimum) and prompts that join a
+    running batch: no result ends with EOS before ``min_new_tokens``; without it, some do."""
+    from fastdebias.lexicon import Lexicon
+
+    prompts = PROMPTS + [[1, 8, 9, 10], [1, 77, 78]]
+    free = [r.token_ids for r in fastdebias.generate(model, prompts, max_new_tokens=12, eos_token_id=[])]
+    phrases = {tuple(r[1:3]) for r in free}
+    lex = Lexicon.from_token_sequences({p: float("-inf") for p in phrases})
+    kw = dict(max_new_tokens=12, lexicon=lex, batch_size=2)
+    for extra in ({}, dict(temperature=1.2, seed=4)):
+        run = fastdebias.generate(model, prompts, eos_token_id=[], **kw, **extra)
+        # each row's 4th token as EOS (not one inside a phrase: that would stop the phrase, not rewind it)
+        eos = sorted({r.token_ids[3] for r in run} - {t for p in phrases for t in p})
+        base = fastdebias.generate(model, prompts, eos_token_id=eos, **kw, **extra)
+        assert any(r.finish_reason == "eos" and len(r.token_ids) < 7 for r in base)
+        outs = fastdebias.generate(model, prompts, eos_token_id=eos, min_new_tokens=7, **kw, **extra)
+        if not extra:
+            assert any(i.action == "rewound" for r in outs for i in r.interventions)
+        for r in outs:
+            assert len(r.token_ids) >= 7 or r.finish_reason == "banned", r
+            assert not set(r.token_ids[:6]) & set(eos)
+
+
+@pytest.mark.parametrize("bad", [-1, 11, 2.0, "3", True])
+def test_min_new_tokens_bad_values_are_named(model, bad):
+    from fastdebias.errors import GenerationError
+
+    with pytest.raises(GenerationError, match=r"min_new_tokens must be an integer from 0 to max_new_tokens=10"):
+        fastdebias.generate(model, PROMPTS, max_new_tokens=10, min_new_tokens=bad)

@@ -124,6 +124,23 @@ def test_static_step_with_backtracking_and_sampling(llama_dir, emulated_graphs):
     _rewinds_equal_eager(eager, static)
 
 
+def test_static_compiled_step_with_min_new_tokens(llama_dir, emulated_graphs):
+    """``min_new_tokens`` inside the captured (and compiled) step: EOS banned per row until it holds that many
+    tokens, as eager; two rows for four prompts, so joining rows start with their own (zero) lengths."""
+    eager = fastdebias.load(llama_dir, runtime="eager", progress=False)
+    static = as_cuda_graph(fastdebias.load(llama_dir, runtime="eager", progress=False), compile_step=True)
+    prompts = PROMPTS + [[1, 60, 61]]
+    free = tokens(fastdebias.generate(eager, prompts, max_new_tokens=NEW, eos_token_id=[]))
+    kw = dict(max_new_tokens=NEW, eos_token_id=sorted({r[2] for r in free}), batch_size=2)
+    assert any(len(r) < 6 for r in tokens(fastdebias.generate(eager, prompts, **kw)))
+    want = fastdebias.generate(eager, prompts, min_new_tokens=6, **kw)
+    assert all(len(r.token_ids) >= 6 for r in want)
+    got = fastdebias.generate(static, prompts, min_new_tokens=6, **kw)
+    assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in want]
+    assert sum(g.replays for g in emulated_graphs) > 0
+    assert static.runner._step_fns.get(generate_module._advance) is not None
+
+
 def test_static_step_with_triton_fused_head(llama_dir, adapter_qv, emulated_graphs):
     """backend="triton" (interpreted on CPU) under (emulated) graphs: the static step returns hidden states for the
     fused lm_head + step."""
