@@ -23,7 +23,12 @@ from tqdm.auto import tqdm
 from fastdebias import ops
 from fastdebias.errors import GenerationError, TokenizerError, check_unicode, token_id_list
 from fastdebias.model import KVCache
-from fastdebias.reference.sampling import apply_repetition_penalty, choose_tokens, effective_temperature
+from fastdebias.reference.sampling import (
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    choose_tokens,
+    effective_temperature,
+)
 
 
 class _FirstAdapter:
@@ -421,11 +426,13 @@ class _Loop:
     compiled or captured step reads and writes the same addresses at every step), and the step's settings."""
 
     # the per-row tensors (first dimension: the batch's rows)
-    ROWS = ("t", "it", "out", "lp", "cur", "done", "all_banned", "counts", "prompt_last", "adapter_idx", "row_ids")
+    ROWS = ("t", "it", "out", "lp", "cur", "done", "all_banned", "counts", "out_counts", "prompt_last", "adapter_idx",
+            "row_ids")
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
                  repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter,
-                 logprobs=False, min_new_tokens=0) -> None:  # fmt: skip
+                 logprobs=False, min_new_tokens=0, presence_penalty=0.0,
+                 frequency_penalty=0.0) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new, self.n_iter = b, max_new_tokens, n_iter
@@ -453,6 +460,11 @@ class _Loop:
         if repetition_penalty != 1.0:  # token counts of the context (counts, not flags, so a rewind can undo them)
             real = (torch.arange(t, device=dev).view(1, t) >= start.view(b, 1)).int()
             self.counts = torch.zeros(b, v, dtype=torch.int32, device=dev).scatter_add_(1, prompt, real)
+        # vLLM's presence/frequency penalties: counts of the row's generated tokens only (undone by rewinds too)
+        self.presence, self.frequency = presence_penalty, frequency_penalty
+        self.out_counts = None
+        if presence_penalty != 0.0 or frequency_penalty != 0.0:
+            self.out_counts = torch.zeros(b, v, dtype=torch.int32, device=dev)
         self.out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
         # with logprobs: each kept token's log-probability under the model's raw logits, beside ``out``
         self.lp = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
@@ -507,7 +519,8 @@ def _triton_choice(s: _Loop, x: torch.Tensor, hidden: bool, hf_rows):
                  if hidden else dict(logits=x))  # fmt: skip
     return ops.logits_step(
         **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,
-        banned_tokens=bans, counts=s.counts, repetition_penalty=s.penalty, temperature=s.temperature,
+        banned_tokens=bans, counts=s.counts, repetition_penalty=s.penalty, output_counts=s.out_counts,
+        presence_penalty=s.presence, frequency_penalty=s.frequency, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed, step=s.it, row_ids=s.row_ids, backend="triton",
     )  # fmt: skip
 
@@ -535,6 +548,8 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
             y = y.scatter(1, e, torch.where((cur < s.min_new).view(b, 1), float("-inf"), y.gather(1, e)))
         if s.counts is not None:
             y = apply_repetition_penalty(y, s.counts > 0, s.penalty)
+        if s.out_counts is not None:
+            y = apply_presence_frequency(y, s.out_counts, s.presence, s.frequency)
         # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
         dead = torch.isneginf(y).all(dim=-1) & ~done
         y = torch.where(dead.view(b, 1), torch.zeros_like(y), y)
@@ -568,8 +583,9 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         slot1 = (displaced, cur, top_entry, masked.long(), top)
     nxt = torch.where(commit, nxt, torch.full_like(nxt, s.pad_token))
     out[ar, wpos] = torch.where(commit, nxt, out[ar, wpos])
-    if s.counts is not None:
-        s.counts.scatter_add_(1, nxt.view(b, 1), commit.int().view(b, 1))
+    for c in (s.counts, s.out_counts):
+        if c is not None:
+            c.scatter_add_(1, nxt.view(b, 1), commit.int().view(b, 1))
     if lex is not None:
         lex.state.copy_(torch.where(commit, next_state, lex.state))
         if lex.backtrack:
@@ -583,9 +599,11 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
             lex.ban_pos.masked_fill_(stale & rewind.view(b, 1), -1)
             lex.ban_pos[ar, slot] = torch.where(rewind, p, lex.ban_pos[ar, slot])
             lex.ban_tok[ar, slot] = torch.where(rewind, first, lex.ban_tok[ar, slot])
-            if s.counts is not None:
+            if s.counts is not None or s.out_counts is not None:
                 drop = (s.positions >= p.view(b, 1)) & (s.positions < cur.view(b, 1)) & rewind.view(b, 1)
-                s.counts.scatter_add_(1, out, -drop.int())
+                for c in (s.counts, s.out_counts):
+                    if c is not None:
+                        c.scatter_add_(1, out, -drop.int())
             lex.rewinds += rewind.long()
             new_cur = torch.where(rewind, p, cur + commit.long())
             lex.state.copy_(torch.where(rewind, lex.hist[ar, new_cur], lex.state))
@@ -628,6 +646,8 @@ def _generate_batch(
     on_finished: Callable[[int], None] | None = None,
     logprobs: bool = False,
     min_new_tokens: int = 0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> list[GenerationResult]:
     """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
 
@@ -683,7 +703,8 @@ def _generate_batch(
         loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generators=gens,
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter,
-                     logprobs=logprobs, min_new_tokens=min_new_tokens)  # fmt: skip
+                     logprobs=logprobs, min_new_tokens=min_new_tokens, presence_penalty=presence_penalty,
+                     frequency_penalty=frequency_penalty)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
@@ -864,6 +885,8 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int | None = None,
     eos_token_id: int | list[int] | None = None,
     stop: str | list[str] | None = None,
@@ -892,6 +915,9 @@ def generate(
     top_k, top_p, min_p : filters for sampling (transformers' semantics, applied in that order); ``0``, ``1.0``
         and ``0.0`` mean off. ``min_p`` keeps the tokens at least ``min_p`` times as likely as the most likely one.
     repetition_penalty : transformers' rule over the row's context (prompt and generated); 1.0 is off.
+    presence_penalty, frequency_penalty : vLLM's (OpenAI's), in [-2, 2], 0.0 is off: after the repetition penalty,
+        each token's logit loses ``frequency_penalty`` times its count among the row's generated tokens (not the
+        prompt), and ``presence_penalty`` if that count is at least 1; negative values favour repeats.
     seed : makes sampling reproducible, each prompt's draws independent of the batch it is decoded in (the Triton
         backend keys its noise by seed, prompt index and step; the torch backend seeds a generator per prompt from
         the seed and the prompt's index).
@@ -949,6 +975,9 @@ def generate(
         raise GenerationError(f"max_rewinds must be an integer >= 0, got {max_rewinds!r}")
     if not isinstance(logprobs, (bool, np.bool_)):
         raise GenerationError(f"logprobs must be True or False, got {logprobs!r}")
+    for name, val in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _is_real(val) or not -2.0 <= val <= 2.0:
+            raise GenerationError(f"{name} must be a number in [-2, 2] (0.0 = off), as in vLLM; got {val!r}")
     if not _is_int(min_new_tokens) or not 0 <= min_new_tokens <= max_new_tokens:
         raise GenerationError(
             f"min_new_tokens must be an integer from 0 to max_new_tokens={max_new_tokens}, got {min_new_tokens!r}"
@@ -970,7 +999,8 @@ def generate(
               min_p=float(min_p), repetition_penalty=float(repetition_penalty),
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
               lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs),
-              min_new_tokens=int(min_new_tokens))  # fmt: skip
+              min_new_tokens=int(min_new_tokens), presence_penalty=float(presence_penalty),
+              frequency_penalty=float(frequency_penalty))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
     show = progress if progress is not None else bs < n
     with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:

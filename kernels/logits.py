@@ -5,7 +5,8 @@ shapes only, so it never syncs with the host and a CUDA graph can capture it:
 
 * **tile pass** (``_logits_tile_kernel``, grid ``(B / BLOCK_M, V / BLOCK_N)``): loads one tile of logits, upcasts
   to fp32 and applies, in order, the lexicon's length-1 biases, the biased/banned tokens of the row's automaton
-  state, the extra bans, the repetition penalty and the temperature (``_tile_epilogue``), then reduces the tile to
+  state, the extra bans, the repetition penalty, vLLM's frequency and presence penalties (over ``output_counts``)
+  and the temperature (``_tile_epilogue``), then reduces the tile to
   one candidate per row: the argmax (greedy) or the Gumbel-max ``argmax(z + G)`` (sampling), plus the argmax of
   the raw logits. The state's biased tokens are sorted (``PhraseMatcher``'s layout), so a tile finds the ones
   inside it with two binary searches and usually touches none.
@@ -36,6 +37,8 @@ from typing import NamedTuple
 
 import triton
 import triton.language as tl
+
+from fastdebias.kernels.lora import cast, dot_operand
 
 # Globals read inside @triton.jit functions must be tl.constexpr (triton 3.6 refuses plain globals).
 NEG_INF = tl.constexpr(float("-inf"))
@@ -229,6 +232,11 @@ def _tile_epilogue(
     stride_cn,
     penalty,
     inv_penalty,
+    ocounts_ptr,
+    stride_om,
+    stride_on,
+    frequency,
+    presence,
     inv_temp,
     seed_lo,
     seed_hi,
@@ -249,6 +257,7 @@ def _tile_epilogue(
     PER_ROW_MASK: tl.constexpr,
     HAS_BANS: tl.constexpr,
     HAS_PENALTY: tl.constexpr,
+    HAS_FREQ_PRES: tl.constexpr,
     HAS_ROW_IDS: tl.constexpr,
     STEP_IS_TENSOR: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -292,6 +301,12 @@ def _tile_epilogue(
         seen = tl.load(counts_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=valid, other=0)
         # transformers' rule; x · (1/p) is what torch computes for x / p on CUDA, so both agree bit for bit there
         y = tl.where(seen.to(tl.int32) > 0, tl.where(y < 0, y * penalty, y * inv_penalty), y)
+    if HAS_FREQ_PRES:
+        # vLLM's frequency then presence penalty over the row's generated tokens: two fp32 subtractions, as torch
+        c = tl.load(ocounts_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, mask=valid, other=0)
+        c = c.to(tl.float32)
+        y = y - frequency * c
+        y = y - presence * tl.where(c > 0, 1.0, 0.0)
 
     if MODE == 0:
         score = y
@@ -337,6 +352,11 @@ def _logits_tile_kernel(
     stride_cn,
     penalty,
     inv_penalty,
+    ocounts_ptr,
+    stride_om,
+    stride_on,
+    frequency,
+    presence,
     inv_temp,
     seed_lo,
     seed_hi,
@@ -357,6 +377,7 @@ def _logits_tile_kernel(
     PER_ROW_MASK: tl.constexpr,
     HAS_BANS: tl.constexpr,
     HAS_PENALTY: tl.constexpr,
+    HAS_FREQ_PRES: tl.constexpr,
     HAS_ROW_IDS: tl.constexpr,
     STEP_IS_TENSOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -374,10 +395,12 @@ def _logits_tile_kernel(
     _tile_epilogue(
         raw, rows, row_mask, cols, col_mask, pid_n,
         l1_ptr, states_ptr, out_start_ptr, out_last_ptr, out_token_ptr, bias_hf_ptr, bias_soft_ptr, mask_rows_ptr,
-        log_out, bans_ptr, stride_bans, n_bans, counts_ptr, stride_cm, stride_cn, penalty, inv_penalty, inv_temp,
+        log_out, bans_ptr, stride_bans, n_bans, counts_ptr, stride_cm, stride_cn, penalty, inv_penalty,
+        ocounts_ptr, stride_om, stride_on, frequency, presence, inv_temp,
         seed_lo, seed_hi, row_ids_ptr, step_ptr, stride_step, step_val, z_ptr, stride_zm,
         part_val_ptr, part_idx_ptr, top_val_ptr, top_idx_ptr, stride_pm,
-        MODE, HAS_LEXICON, HAS_PAIRS, PER_ROW_MASK, HAS_BANS, HAS_PENALTY, HAS_ROW_IDS, STEP_IS_TENSOR, BLOCK_N,
+        MODE, HAS_LEXICON, HAS_PAIRS, PER_ROW_MASK, HAS_BANS, HAS_PENALTY, HAS_FREQ_PRES, HAS_ROW_IDS, STEP_IS_TENSOR,
+        BLOCK_N,
     )  # fmt: skip
 
 
@@ -417,6 +440,11 @@ def _lm_head_tile_kernel(
     stride_cn,
     penalty,
     inv_penalty,
+    ocounts_ptr,
+    stride_om,
+    stride_on,
+    frequency,
+    presence,
     inv_temp,
     seed_lo,
     seed_hi,
@@ -435,6 +463,7 @@ def _lm_head_tile_kernel(
     PER_ROW_MASK: tl.constexpr,
     HAS_BANS: tl.constexpr,
     HAS_PENALTY: tl.constexpr,
+    HAS_FREQ_PRES: tl.constexpr,
     HAS_ROW_IDS: tl.constexpr,
     STEP_IS_TENSOR: tl.constexpr,
     ROUND_LOGITS: tl.constexpr,
@@ -468,7 +497,7 @@ def _lm_head_tile_kernel(
         mask_k = kk < K
         x = tl.load(h_rows + kk[None, :] * stride_hk, mask=row_mask[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :] * stride_wk, mask=col_mask[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dot_operand(x), tl.trans(dot_operand(w)), acc, input_precision=DOT_PRECISION)
     if HAS_LORA:
         a = tl.load(aidx_ptr + rows, mask=row_mask, other=-1)
         rr = tl.arange(0, BLOCK_R)
@@ -482,15 +511,17 @@ def _lm_head_tile_kernel(
             acc = tl.dot(xs_j, tl.trans(bt.to(tl.float32)), acc, input_precision=DOT_PRECISION)
     if ROUND_LOGITS:
         # the unfused path stores the lm_head output in the weights' dtype before the step upcasts it
-        acc = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+        acc = cast(acc, h_ptr.dtype.element_ty).to(tl.float32)
     raw = tl.where(row_mask[:, None] & col_mask[None, :], acc, NEG_INF)
     _tile_epilogue(
         raw, rows, row_mask, cols, col_mask, pid_n,
         l1_ptr, states_ptr, out_start_ptr, out_last_ptr, out_token_ptr, bias_hf_ptr, bias_soft_ptr, mask_rows_ptr,
-        log_out, bans_ptr, stride_bans, n_bans, counts_ptr, stride_cm, stride_cn, penalty, inv_penalty, inv_temp,
+        log_out, bans_ptr, stride_bans, n_bans, counts_ptr, stride_cm, stride_cn, penalty, inv_penalty,
+        ocounts_ptr, stride_om, stride_on, frequency, presence, inv_temp,
         seed_lo, seed_hi, row_ids_ptr, step_ptr, stride_step, step_val, h_ptr, 0,
         part_val_ptr, part_idx_ptr, top_val_ptr, top_idx_ptr, stride_pm,
-        MODE, HAS_LEXICON, HAS_PAIRS, PER_ROW_MASK, HAS_BANS, HAS_PENALTY, HAS_ROW_IDS, STEP_IS_TENSOR, BLOCK_N,
+        MODE, HAS_LEXICON, HAS_PAIRS, PER_ROW_MASK, HAS_BANS, HAS_PENALTY, HAS_FREQ_PRES, HAS_ROW_IDS, STEP_IS_TENSOR,
+        BLOCK_N,
     )  # fmt: skip
 
 

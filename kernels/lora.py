@@ -24,10 +24,18 @@ untouched, so they are bit-identical to the same kernel launched with ``HAS_LORA
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import triton
 import triton.language as tl
+
+# Under the interpreter (TRITON_INTERPRET=1, read when this module is imported) bf16 is not what a GPU makes of it:
+# ``tl.dot`` multiplies bf16 operands as their raw bits (numpy has no bf16) and returns garbage, and fp32 -> bf16
+# casts truncate instead of rounding to nearest. There, and only there, ``dot_operand`` upcasts bf16 operands to
+# fp32 (exact) and ``cast`` rounds to nearest even by hand. Compiled kernels never take those branches (a
+# constexpr), so GPU code is unchanged.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # Largest M served by the decode shape class (one M-block: W is streamed from HBM exactly once).
 DECODE_MAX_M = 64
@@ -131,6 +139,26 @@ def lora_meta(
 
 
 @triton.jit
+def dot_operand(t):
+    """``t`` as ``tl.dot`` should take it: itself, or under the interpreter a bf16 tile upcast to fp32."""
+    if INTERPRETED:
+        if t.dtype == tl.bfloat16:
+            t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def cast(t, dtype: tl.constexpr):
+    """``t.to(dtype)``; under the interpreter an fp32 -> bf16 cast rounded to nearest even, as a GPU does."""
+    if INTERPRETED:
+        if dtype == tl.bfloat16:
+            bits = t.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            t = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)  # exactly a bf16 value: the cast below is exact
+    return t.to(dtype)
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -181,7 +209,7 @@ def _lora_shrink_kernel(
             mask_k = kk < k_hi
             x = tl.load(x_rows + kk[None, :] * stride_xk, mask=rows[:, None] & mask_k[None, :], other=0.0)
             a = tl.load(a_rows + kk[None, :] * stride_ak, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(dot_operand(x), tl.trans(dot_operand(a)), acc, input_precision=DOT_PRECISION)
         # scale: [n_slices, n_adapters] fp32; stacked-rank row j belongs to slice j // R
         s = tl.load(scale_ptr + (offs_r // R) * stride_ss + adapter, mask=mask_r, other=0.0)
         ws = xa_ptr + pid_s * stride_wss + offs_m.to(tl.int64)[:, None] * stride_wsm + offs_r[None, :]
@@ -280,17 +308,18 @@ def _lora_linear_kernel(
         mask_k = kk < K
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        x = dot_operand(x)
+        acc = tl.dot(x, tl.trans(dot_operand(w)), acc, input_precision=DOT_PRECISION)
         if HAS_LORA and FUSE_SHRINK:
             a = tl.load(a_rows + kk[None, :] * stride_ak, mask=mask_a & mask_k[None, :], other=0.0)
-            xa = tl.dot(x, tl.trans(a), xa, input_precision=DOT_PRECISION)
+            xa = tl.dot(x, tl.trans(dot_operand(a)), xa, input_precision=DOT_PRECISION)
 
     if HAS_LORA:
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if FUSE_SHRINK:
             # The expand runs in the input dtype on tensor cores, like the reference's second F.linear.
-            xs = (xa * s[None, :]).to(x_ptr.dtype.element_ty)
-            delta = tl.dot(xs, b, delta, input_precision=DOT_PRECISION)
+            xs = cast(xa * s[None, :], x_ptr.dtype.element_ty)
+            delta = tl.dot(dot_operand(xs), dot_operand(b), delta, input_precision=DOT_PRECISION)
         else:
             ws_rows = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_wsm
             n_chunks = tl.cdiv(RT, BLOCK_R)
@@ -309,8 +338,9 @@ def _lora_linear_kernel(
                 b = tl.load(
                     b_cols + tl.cast(j, tl.int64) * stride_ba + (rr % R)[:, None] * stride_br, mask=mask_b, other=0.0
                 )
-                delta = tl.dot(xs.to(x_ptr.dtype.element_ty), b, delta, input_precision=DOT_PRECISION)
+                xs = dot_operand(cast(xs, x_ptr.dtype.element_ty))
+                delta = tl.dot(xs, dot_operand(b), delta, input_precision=DOT_PRECISION)
         acc = tl.where(valid[:, None] & col_lora[None, :], acc + delta, acc)
 
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y, cast(acc, y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

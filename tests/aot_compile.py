@@ -143,13 +143,14 @@ def logits_cases(quick: bool):
         full = dict(matcher=_matcher(v), states=torch.zeros(b, dtype=torch.int64),
                     mask_phrases=torch.arange(b) % 2 == 0, banned_tokens=torch.zeros(b, 2, dtype=torch.int64),
                     counts=torch.zeros(b, v, dtype=torch.int32), repetition_penalty=1.3,
+                    output_counts=torch.zeros(b, v, dtype=torch.int32), presence_penalty=0.5, frequency_penalty=0.3,
                     row_ids=torch.arange(b), step=torch.zeros((), dtype=torch.int64))  # fmt: skip
         for mode, kw in modes.items():
             for flags in (False, True):
                 if quick and (mode, flags) not in quick_set:
                     continue
                 dtype = torch.float32 if flags or mode != "greedy" else torch.bfloat16
-                name = f"logits_step B={b} V={v} {mode} {'lexicon+bans+penalty+row_ids+step' if flags else 'plain'}"
+                name = f"logits_step B={b} V={v} {mode} {'lexicon+bans+penalties+row_ids+step' if flags else 'plain'}"
                 yield (f"{name} {str(dtype)[6:]}",
                        partial(_logits, logits_step, b, v, dtype, {**kw, **(full if flags else {})}))  # fmt: skip
 
@@ -202,16 +203,18 @@ def lm_head_cases(quick: bool):
             for temp in (0.0, 0.7):
                 if quick and (lora, temp) not in {(False, 0.0), (True, 0.7)}:
                     continue
-                name = f"lm_head_step B={b} V={v} K={k} {str(dt)[6:]} lora={lora} T={temp}"
+                name = f"lm_head_step B={b} V={v} K={k} {str(dt)[6:]} lora+penalties={lora} T={temp}"
                 yield name, partial(_lm_head, lm_head_step, b, v, k, dt, lora, temp)
 
 
 def _lm_head(lm_head_step, b, v, k, dt, lora, temp):
     kw = {}
-    if lora:
+    if lora:  # (and the penalties' epilogue)
         r = 64
         kw = dict(lora=(torch.empty(2, r, k, dtype=dt), torch.empty(2, v, r, dtype=dt), torch.ones(2)),
-                  adapter_idx=torch.zeros(b, dtype=torch.int32))  # fmt: skip
+                  adapter_idx=torch.zeros(b, dtype=torch.int32), counts=torch.zeros(b, v, dtype=torch.int32),
+                  repetition_penalty=1.3, output_counts=torch.zeros(b, v, dtype=torch.int32), presence_penalty=0.5,
+                  frequency_penalty=0.3)  # fmt: skip
     return lm_head_step(torch.empty(b, k, dtype=dt), torch.empty(v, k, dtype=dt), temperature=temp,
                         row_ids=torch.arange(b), **kw)  # fmt: skip
 

@@ -58,8 +58,8 @@ def test_runtime_flag(llama_dir, capsys, monkeypatch):
 
 
 def test_sampling_flags_reach_generate(llama_dir, capsys):
-    """--temperature/--seed/--min-p are generate's arguments: min-p 1.0 keeps the top token alone (the greedy
-    output, however hot); a bad value exits 2 naming it."""
+    """--temperature/--seed/--min-p/--presence-penalty/--frequency-penalty are generate's arguments: min-p 1.0 keeps
+    the top token alone (the greedy output, however hot); a bad value exits 2 naming it."""
     base = ["generate", "--model", str(llama_dir), "--max-new-tokens", "6", "--json", "-q", "Old people"]
     assert main(base) == 0
     greedy = json.loads(capsys.readouterr().out.strip())["token_ids"]
@@ -69,6 +69,11 @@ def test_sampling_flags_reach_generate(llama_dir, capsys):
     assert json.loads(capsys.readouterr().out.strip())["token_ids"] != greedy
     assert main([*base, "--min-p", "1.5"]) == 2
     assert "min_p must be in [0, 1]" in capsys.readouterr().err
+    # vLLM's penalties: negative ones reward repeats and change the greedy output; out of [-2, 2] is named
+    assert main([*base, "--frequency-penalty", "-2", "--presence-penalty", "-2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["token_ids"] != greedy
+    assert main([*base, "--presence-penalty", "3"]) == 2
+    assert "presence_penalty must be a number in [-2, 2]" in capsys.readouterr().err
 
 
 def test_min_new_tokens_flag(llama_dir, capsys, monkeypatch):

@@ -337,3 +337,83 @@ def test_min_new_tokens_bad_values_are_named(model, bad):
 
     with pytest.raises(GenerationError, match=r"min_new_tokens must be an integer from 0 to max_new_tokens=10"):
         fastdebias.generate(model, PROMPTS, max_new_tokens=10, min_new_tokens=bad)
+
+
+class _VllmPenalties:
+    """vLLM's presence/frequency penalties as a transformers logits processor (after its repetition penalty):
+    counts of the tokens generated after ``prompt_len``."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        out = input_ids[:, self.prompt_len:]
+        c = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+        return scores - self.frequency * c - self.presence * (c > 0).to(scores.dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("presence,frequency,rep",
+                         [(1.5, 0.0, 1.0), (0.0, 2.0, 1.0), (0.7, 0.9, 1.05), (-1.5, -0.5, 1.5)])  # fmt: skip
+def test_presence_frequency_penalties_match_a_transformers_processor(llama_dir, backend, presence, frequency, rep):
+    """Greedy tokens equal transformers' ``generate`` with the repetition penalty and vLLM's formula as a processor
+    after it, on both backends (the Triton one in its fused lm_head + step and the unfused step)."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    model = fastdebias.load(llama_dir, backend=backend, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+    kw = dict(max_new_tokens=16, eos_token_id=[], repetition_penalty=rep)
+    plain = [r.token_ids for r in fastdebias.generate(model, PROMPTS, **kw)]
+    got = [r.token_ids for r in fastdebias.generate(model, PROMPTS, presence_penalty=presence,
+                                                    frequency_penalty=frequency, **kw)]  # fmt: skip
+    assert got != plain
+    for p, row in zip(PROMPTS, got):
+        procs = LogitsProcessorList([_VllmPenalties(len(p), presence, frequency)])
+        ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16, repetition_penalty=rep,
+                          logits_processor=procs, pad_token_id=0)[0, len(p):].tolist()  # fmt: skip
+        assert row == ref
+
+
+def test_penalty_counts_follow_rewinds_and_joins(model, monkeypatch):
+    """Backtracking rewinds take their tokens back out of the counts, and rows that join a running batch start from
+    their own prompt: whenever rows are read out, each row's context counts equal its prompt's plus its kept
+    tokens', and its output counts its kept tokens' alone."""
+    import importlib
+
+    from fastdebias.lexicon import Lexicon
+
+    gen = importlib.import_module("fastdebias.generate")  # (fastdebias.generate is the function)
+
+    prompts = PROMPTS + [[1, 8, 9, 10], [1, 77, 78], [1, 5, 6, 7, 8, 9]]
+    free = [r.token_ids for r in fastdebias.generate(model, prompts, max_new_tokens=12, eos_token_id=[])]
+    lex = Lexicon.from_token_sequences({tuple(r[2:4]): float("-inf") for r in free})
+    checked = []
+    real = gen._harvest
+
+    def harvest(s, live, finished, rows):
+        for i in rows:
+            kept = s.out[i, : s.cur[i]]
+            v = s.out_counts.shape[1]
+            want_out = torch.bincount(kept, minlength=v)
+            assert torch.equal(s.out_counts[i].long(), want_out), i
+            # (``live`` indexes the call's prompts sorted by length: find the row's prompt by its counts)
+            ctx = (s.counts[i] - s.out_counts[i]).long()
+            match = [j for j, q in enumerate(prompts) if torch.equal(ctx, torch.bincount(torch.tensor(q), minlength=v))]
+            assert len(match) == 1, i
+            checked.append(match[0])
+        return real(s, live, finished, rows)
+
+    monkeypatch.setattr(gen, "_harvest", harvest)
+    outs = fastdebias.generate(model, prompts, max_new_tokens=12, eos_token_id=[], lexicon=lex, batch_size=2,
+                               repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5)  # fmt: skip
+    assert any(i.action == "rewound" for r in outs for i in r.interventions)
+    assert sorted(checked) == list(range(len(prompts)))
+
+
+@pytest.mark.parametrize("name,bad", [("presence_penalty", 2.5), ("frequency_penalty", -3), ("presence_penalty", "1"),
+                                      ("frequency_penalty", float("nan")), ("presence_penalty", True)])
+def test_presence_frequency_bad_values_are_named(model, name, bad):
+    from fastdebias.errors import GenerationError
+
+    with pytest.raises(GenerationError, match=rf"{name} must be a number in \[-2, 2\]"):
+        fastdebias.generate(model, PROMPTS, max_new_tokens=4, **{name: bad})

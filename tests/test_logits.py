@@ -102,6 +102,11 @@ def make_case(b: int, v: int, seed: int, *, lexicon: bool = True, penalty: bool 
         top = logits.topk(3, dim=-1).indices  # penalise some of the current favourites too
         counts.scatter_(1, top[:, :1], 2)
         case.update(counts=counts.to(DEVICE), repetition_penalty=1.35)
+        # vLLM's penalties over "generated" tokens: the last 3 of the history and some favourites, 1-3 times each
+        out = torch.zeros(b, v, dtype=torch.int32).scatter_add_(1, hist[:, 3:], torch.ones(b, 3, dtype=torch.int32))
+        reps = torch.randint(1, 4, (len(range(1, b, 2)), 2), generator=g, dtype=torch.int32)
+        out[1::2].scatter_(1, top[1::2, 1:3], reps)
+        case.update(output_counts=out.to(DEVICE), presence_penalty=0.6, frequency_penalty=0.45)
     if bans:
         ids = torch.randint(0, v, (b, 3), generator=g)
         ids[::2, 0] = logits[::2].argmax(dim=-1)  # even rows lose their favourite
@@ -129,6 +134,9 @@ def reference_probs(logits: torch.Tensor, **kw) -> torch.Tensor:
             x[r, [t for t in row if t >= 0]] = float("-inf")
     if kw.get("counts") is not None:
         x = apply_repetition_penalty(x, kw["counts"] > 0, kw.get("repetition_penalty", 1.0))
+    if kw.get("output_counts") is not None:
+        c = kw["output_counts"].float()
+        x = x - kw.get("frequency_penalty", 0.0) * c - kw.get("presence_penalty", 0.0) * (c > 0).float()
     x = filter_logits(x / kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0), kw.get("min_p", 0.0))
     return x.softmax(dim=-1)
 
@@ -284,6 +292,30 @@ def test_repetition_penalty_after_lexicon():
     logits[0, 6:9] = -10.0
     got = tl_logits.logits_step(logits, counts=counts, **{**kw, "matcher": m_down})  # (-1 - 2) · 2 = -6 < -5
     assert got.next_ids.tolist() == [9]
+
+
+def test_presence_frequency_after_repetition_penalty():
+    """vLLM's order and formula: the repetition penalty (over the context), then ``- frequency·count`` and
+    ``- presence·[count > 0]`` over the generated tokens; negative values reward repeats."""
+    v = 111
+    logits = torch.full((1, v), -10.0, device=DEVICE)
+    logits[0, 5], logits[0, 9], logits[0, 12] = 6.0, 4.5, 3.0
+    counts = torch.zeros(1, v, dtype=torch.int32, device=DEVICE)
+    counts[0, 5] = 1  # in the context: 6 / 1.2 = 5 before the others
+    out = torch.zeros(1, v, dtype=torch.int32, device=DEVICE)
+    out[0, 5], out[0, 9] = 2, 1
+    kw = dict(counts=counts, repetition_penalty=1.2, output_counts=out)
+    for fn in (tl_logits.logits_step, ref.logits_step):
+        pick = lambda **p: fn(logits, **kw, **p).next_ids.item()  # noqa: E731
+        assert pick() == 5  # 6 / 1.2 = 5 > 4.5 > 3
+        # 5 - 2 · 0.6 = 3.8 < 4.5 - 0.6 = 3.9 (before the repetition penalty: (6 - 1.2) / 1.2 = 4 would win)
+        assert pick(frequency_penalty=0.6) == 9
+        assert pick(frequency_penalty=0.6, presence_penalty=1.0) == 12  # 2.8 and 2.9 < 3
+        assert pick(frequency_penalty=0.6, presence_penalty=-1.0) == 9  # 4.8 < 4.9
+        assert pick(presence_penalty=-2.0) == 5  # 7 > 6.5
+    for mode in ("greedy", "sample", "top_k_top_p"):
+        p = dict(presence_penalty=0.25, frequency_penalty=-0.5, **MODES[mode], seed=3)
+        assert_same(tl_logits.logits_step(logits, **kw, **p), ref.logits_step(logits, **kw, **p))
 
 
 @triton.jit
@@ -483,7 +515,7 @@ def test_all_banned_rows():
 # ---------------------------------------------------------------------------------------------- fused lm_head
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["greedy", "sample", "top_k_top_p"])
 def test_lm_head_step_equals_unfused(dtype, mode):
     """Fused (greedy, sample) or its documented fallback (top-k/top-p: F.linear + logits_step) equals unfused."""
@@ -500,7 +532,7 @@ def test_lm_head_step_equals_unfused(dtype, mode):
     assert_same(ref.lm_head_step(hidden, w, **kw), want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rank", [5, 20])  # padded to BLOCK_R = 16 and 32 (masked ranks)
 def test_lm_head_step_with_lora_equals_reference(dtype, rank):
     """The lm_head LoRA added inside the fused tiles: rows of two adapters and rows without one, in one batch."""
@@ -564,6 +596,11 @@ def _bad_calls(logits, case):
     yield "counts", lambda f: f(logits, **{**case, "counts": torch.zeros(b, v - 1, dtype=torch.int32)})
     yield "counts", lambda f: f(logits, **{**case, "counts": torch.zeros(b, v)})
     yield "repetition_penalty", lambda f: f(logits, **{**case, "repetition_penalty": 0.0})
+    yield "output_counts", lambda f: f(logits, **{**case, "output_counts": torch.zeros(b, v, device=DEVICE)})
+    yield "output_counts", lambda f: f(logits, **{**case, "output_counts": case["counts"][:, :-1]})
+    yield "need output_counts", lambda f: f(logits, **{**case, "output_counts": None})
+    yield "presence_penalty", lambda f: f(logits, **{**case, "presence_penalty": float("inf")})
+    yield "frequency_penalty", lambda f: f(logits, **{**case, "frequency_penalty": "0.5"})
     yield "temperature", lambda f: f(logits, **case, temperature=-1.0)
     yield "temperature", lambda f: f(logits, **case, temperature=float("nan"))
     yield "top_k", lambda f: f(logits, **case, top_k=-1)

@@ -1,7 +1,9 @@
 """Triton multi-adapter LoRA linear (fastdebias.ops.lora) against the PyTorch reference (fastdebias.reference.lora).
 
-On a CPU-only machine the kernels run under the Triton interpreter (fp32 and fp16, small shapes); bf16, Llama-size
-shapes, CUDA-graph replay and the no-host-sync check carry the ``gpu`` marker and skip without CUDA.
+On a CPU-only machine the kernels run under the Triton interpreter (fp32, fp16 and bf16, small shapes: the kernels
+upcast bf16 ``tl.dot`` operands and round bf16 casts by hand there, ``fastdebias.kernels.lora.dot_operand`` and
+``cast``); Llama-size shapes, CUDA-graph replay and the no-host-sync check carry the ``gpu`` marker and skip without
+CUDA.
 """
 
 import functools
@@ -15,6 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from fastdebias.errors import AdapterError, BackendError, FastDebiasError, GenerationError  # noqa: E402
 from fastdebias.ops import lora as tl_lora  # noqa: E402
@@ -90,7 +94,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,k,n,r,n_adapters,pattern", CASES)
 def test_matches_reference(m, k, n, r, n_adapters, pattern, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + k + n + r)
@@ -104,7 +108,30 @@ def test_matches_reference(m, k, n, r, n_adapters, pattern, dtype):
         assert (expected - F.linear(x, w))[idx >= 0].abs().max() > 0.1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@triton.jit
+def _cast_probe_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
+    from fastdebias.kernels.lora import cast
+
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    tl.store(y_ptr + offs, cast(tl.load(x_ptr + offs, mask=m), y_ptr.dtype.element_ty), mask=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_kernel_casts_round_as_torch_does(dtype):
+    """The kernels' fp32 -> 16-bit casts round to nearest even as torch (and a GPU) do, over 60 decades, ties and
+    the largest finite values included (the interpreter's own bf16 cast truncates: ``cast`` rounds by hand there)."""
+    g = torch.Generator().manual_seed(0)
+    lim = 30 if dtype == torch.bfloat16 else 4
+    x = torch.randn(4096, generator=g) * torch.logspace(-lim, lim, 4096)
+    x[:6] = torch.tensor([float("inf"), -float("inf"), 0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)])
+    x = x.to(DEVICE)
+    y = torch.empty(4096, dtype=dtype, device=DEVICE)
+    _cast_probe_kernel[(1,)](x, y, 4096, BLOCK=4096)
+    assert torch.equal(y, x.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_base_projection_matches_reference(dtype):
     gen = torch.Generator().manual_seed(1)
     for m, k, n in [(1, 7, 7), (3, 257, 123), (130, 123, 257)]:
@@ -155,7 +182,7 @@ SLICED = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,k,sizes,ranks,n_adapters,pattern", SLICED)
 def test_sliced_matches_reference(m, k, sizes, ranks, n_adapters, pattern, dtype):
     gen = torch.Generator().manual_seed(m + k + sum(sizes))

@@ -103,12 +103,12 @@ def test_static_step_equals_eager(llama_dir, adapter_qv, adapter_all, emulated_g
 
 
 def _rewinds_equal_eager(eager, model, sampling: bool = True):
-    """Bans of each row's free-running tokens 3-5 (rewinds) and a repetition penalty: ``model``'s tokens and
+    """Bans of each row's free-running tokens 3-5 (rewinds) and the three penalties: ``model``'s tokens and
     interventions equal ``eager``'s, greedy and (``sampling``) seeded sampling. Returns (the free-running tokens,
     the kwargs, the tokens under them)."""
     free = tokens(fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW))
     lex = Lexicon.from_token_sequences({tuple(r[3:6]): float("-inf") for r in free})
-    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2)
+    kw = dict(max_new_tokens=NEW, lexicon=lex, repetition_penalty=1.2, presence_penalty=0.4, frequency_penalty=0.3)
     a, b = fastdebias.generate(eager, PROMPTS, **kw), fastdebias.generate(model, PROMPTS, **kw)
     assert any(i.action == "rewound" for r in b for i in r.interventions)  # rewinds happened under ``model``
     assert tokens(b) == tokens(a) and [r.interventions for r in b] == [r.interventions for r in a]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import fastdebias
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3], [1, 8, 9]]
@@ -40,8 +42,10 @@ def test_triton_backend_with_lexicon_penalty_and_sampling(llama_dir, adapter_qv)
         assert not any(tuple(r.token_ids[i:i + 2]) == phrase for i in range(len(r.token_ids) - 1))
 
 
-def test_triton_backend_fp16_as_accurate_as_torch(tmp_path):
-    """fp16 logits vs the fp32 truth (mean over a batch that takes the prefill path, M > 64 rows)."""
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_triton_backend_half_as_accurate_as_torch(tmp_path, half):
+    """fp16/bf16 logits vs the fp32 truth (mean over a batch that takes the prefill path, M > 64 rows). (bf16 under
+    the interpreter: its tl.dot operands are upcast there, ``fastdebias.kernels.lora.dot_operand``.)"""
     import torch
 
     from fastdebias.generate import prefill
@@ -51,7 +55,8 @@ def test_triton_backend_fp16_as_accurate_as_torch(tmp_path):
     m = make_llama(tmp_path / "m", hidden_size=128, intermediate=256, heads=4, kv_heads=2)
     a = make_adapter(m, tmp_path / "a", r=16)
     g = torch.Generator().manual_seed(0)
-    ids = [[1] + torch.randint(3, 250, (n,), generator=g).tolist() for n in (70, 40, 9, 3)]
+    # 12 rows: the mean error over the last positions of only a few rows is too noisy to compare two paths by
+    ids = [[1] + torch.randint(3, 250, (n,), generator=g).tolist() for n in (70, 40, 9, 3, 65, 20, 33, 5, 12, 50, 2, 7)]
     idx = torch.zeros(len(ids), dtype=torch.int32)
 
     def logits(dtype, backend):
@@ -59,8 +64,8 @@ def test_triton_backend_fp16_as_accurate_as_torch(tmp_path):
 
     truth = logits("float32", "torch")
     torch.testing.assert_close(logits("float32", "triton"), truth, rtol=1e-4, atol=1e-4)
-    err_torch = (logits("float16", "torch") - truth).abs().mean().item()
-    err_triton = (logits("float16", "triton") - truth).abs().mean().item()
+    err_torch = (logits(half, "torch") - truth).abs().mean().item()
+    err_triton = (logits(half, "triton") - truth).abs().mean().item()
     assert err_triton <= 1.25 * err_torch, (err_triton, err_torch)
 
 

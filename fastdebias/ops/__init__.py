@@ -296,6 +296,9 @@ def logits_step(
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     backend: str = "torch",
 ) -> _ref_logits.LogitsStep:
     """One bias-aware decode step: [B, V] ``logits``, or ``hidden`` [B, K] and the ``lm_head`` [V, K] weight (fused).
@@ -307,7 +310,8 @@ def logits_step(
     step_args = dict(
         matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens, counts=counts,
         repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        seed=seed, step=step, row_ids=row_ids,
+        seed=seed, step=step, row_ids=row_ids, output_counts=output_counts, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )  # fmt: skip
     fused = hidden is not None or lm_head is not None
     if fused == (logits is not None) or (fused and (hidden is None or lm_head is None)):

@@ -77,6 +77,9 @@ def logits_step(
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     meta: LogitsMeta | None = None,
 ) -> LogitsStep:
     """One bias-aware decode step on [B, V] logits in a few Triton launches, no host sync.
@@ -98,7 +101,8 @@ def logits_step(
     check_step_args(
         logits, matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens,
         counts=counts, repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, step=step, row_ids=row_ids, min_p=min_p,
+        seed=seed, step=step, row_ids=row_ids, min_p=min_p, output_counts=output_counts,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
     )  # fmt: skip
     _check_backend(logits.device)
     temperature = effective_temperature(temperature)
@@ -109,7 +113,7 @@ def logits_step(
     filtered = temperature > 0 and (k > 0 or top_p < 1.0 or min_p > 0.0)
     mode = MODE_GREEDY if temperature == 0 else (MODE_FILTER if filtered else MODE_SAMPLE)
     common = _Common(logits, matcher, states, mask_phrases, banned_tokens, counts, repetition_penalty, temperature,
-                     seed, step, row_ids)  # fmt: skip
+                     seed, step, row_ids, output_counts, presence_penalty, frequency_penalty)  # fmt: skip
     nt = triton.cdiv(v, meta.block_n)
     part_val = torch.empty(b, nt, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(b, nt, dtype=torch.int32, device=logits.device)
@@ -152,6 +156,9 @@ def lm_head_step(
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     meta: LMHeadMeta | None = None,
 ) -> LogitsStep:
     """The lm_head and the logits step fused: ``logits_step(F.linear(hidden, lm_head), ...)`` without the logits.
@@ -179,7 +186,8 @@ def lm_head_step(
     step_args = dict(
         matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens, counts=counts,
         repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        seed=seed, step=step, row_ids=row_ids,
+        seed=seed, step=step, row_ids=row_ids, output_counts=output_counts, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )  # fmt: skip
     # a zero-stride stand-in with the logits' shape, dtype and device: validation without allocating [B, V]
     check_step_args(hidden.new_empty(()).expand(b, v), **step_args, name="lm_head output")
@@ -192,7 +200,7 @@ def lm_head_step(
         meta = lm_head_meta(b, v, hidden.shape[1], hidden.element_size(), *_device_limits(hidden.device))
     like = hidden.new_empty(()).expand(b, v)
     common = _Common(like, matcher, states, mask_phrases, banned_tokens, counts, repetition_penalty, temperature,
-                     seed, step, row_ids)  # fmt: skip
+                     seed, step, row_ids, output_counts, presence_penalty, frequency_penalty)  # fmt: skip
     nt = triton.cdiv(v, meta.block_n)
     part_val = torch.empty(b, nt, dtype=torch.float32, device=hidden.device)
     part_idx = torch.empty(b, nt, dtype=torch.int32, device=hidden.device)
@@ -239,7 +247,7 @@ class _Common:
     """Kernel arguments shared by the tile pass, the fused lm_head, the threshold passes and the finalize."""
 
     def __init__(self, like, matcher, states, mask_phrases, banned_tokens, counts, penalty, temperature, seed, step,
-                 row_ids) -> None:  # fmt: skip
+                 row_ids, output_counts=None, presence=0.0, frequency=0.0) -> None:  # fmt: skip
         b, v = like.shape
         self.b, self.v, self.device = b, v, like.device
         # Unused pointer arguments: any tensor will do, the constexpr flags compile their uses away.
@@ -264,6 +272,9 @@ class _Common:
         self.penalty = float(penalty)
         # x / p as torch computes it on CUDA: x · fl32(1 / fl32(p)); same for the temperature
         self.inv_penalty = _fp32_reciprocal(penalty)
+        self.has_freq_pres = output_counts is not None and (presence != 0.0 or frequency != 0.0)
+        self.ocounts = output_counts if self.has_freq_pres else dummy
+        self.presence, self.frequency = float(presence), float(frequency)
         self.inv_temp = _fp32_reciprocal(temperature) if temperature > 0 else 1.0
         self.seed_lo, self.seed_hi = split_seed(seed)
         self.row_ids = row_ids.contiguous() if row_ids is not None else dummy
@@ -287,7 +298,10 @@ class _Common:
             self.bans, self.bans.stride(0) if self.has_bans else 0, self.bans.shape[1] if self.has_bans else 0,
             self.counts, self.counts.stride(0) if self.has_penalty else 0,
             self.counts.stride(1) if self.has_penalty else 0,
-            self.penalty, self.inv_penalty, self.inv_temp,
+            self.penalty, self.inv_penalty,
+            self.ocounts, self.ocounts.stride(0) if self.has_freq_pres else 0,
+            self.ocounts.stride(1) if self.has_freq_pres else 0, self.frequency, self.presence,
+            self.inv_temp,
             self.seed_lo, self.seed_hi, self.row_ids, self.step, self.stride_step, self.step_val,
         )  # fmt: skip
 
@@ -298,6 +312,7 @@ class _Common:
             PER_ROW_MASK=self.per_row_mask,
             HAS_BANS=self.has_bans,
             HAS_PENALTY=self.has_penalty,
+            HAS_FREQ_PRES=self.has_freq_pres,
             HAS_ROW_IDS=self.row_ids is not self.dummy,
             STEP_IS_TENSOR=self.step_is_tensor,
         )

@@ -7,6 +7,7 @@ its processors, and so does this step):
    automaton state (``mask_phrases`` picks transformers' last-token masking of phrase bans, per row if a tensor);
 2. extra per-row bans (``banned_tokens``: the positions a backtracking rewind banned);
 3. the repetition penalty over the row's context (transformers' rule: divide positive logits, multiply negative);
+   then vLLM's frequency and presence penalties over the row's generated tokens (``output_counts``);
 4. the choice: argmax when ``temperature == 0`` (or below ``sampling.GREEDY_BELOW``, 1e-5); otherwise
    temperature, top-k, top-p, min-p (transformers' semantics, ``fastdebias.reference.sampling.filter_logits``),
    and Gumbel-max sampling;
@@ -34,7 +35,12 @@ import torch.nn.functional as F
 
 from fastdebias.errors import GenerationError
 from fastdebias.reference.lora import lora_linear
-from fastdebias.reference.sampling import apply_repetition_penalty, effective_temperature, filter_logits
+from fastdebias.reference.sampling import (
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    effective_temperature,
+    filter_logits,
+)
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -94,6 +100,9 @@ def check_step_args(
     min_p: float = 0.0,
     step: int | torch.Tensor,
     row_ids: torch.Tensor | None,
+    output_counts: torch.Tensor | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     name: str = "logits",
 ) -> None:
     """Raise GenerationError naming the first bad argument. Reads shapes, dtypes and devices only (no sync)."""
@@ -141,6 +150,21 @@ def check_step_args(
         _check_device(counts, "counts", dev)
     if not _finite_number(repetition_penalty) or repetition_penalty <= 0:
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+    for what, val in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _finite_number(val):
+            raise GenerationError(f"{what} must be a finite number (0.0 = off), got {val!r}")
+    if output_counts is not None:
+        if (not isinstance(output_counts, torch.Tensor) or tuple(output_counts.shape) != (b, v)
+                or output_counts.is_floating_point() or output_counts.dtype == torch.bool):  # fmt: skip
+            raise GenerationError(
+                f"output_counts must be an integer [B={b}, V={v}] tensor (each token's count among the row's "
+                f"generated tokens), got {_describe(output_counts)}"
+            )
+        _check_device(output_counts, "output_counts", dev)
+    elif presence_penalty != 0.0 or frequency_penalty != 0.0:
+        raise GenerationError(
+            "presence_penalty/frequency_penalty need output_counts (the row's generated-token counts [B, V])"
+        )
     if not _finite_number(temperature) or temperature < 0:
         raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -300,6 +324,9 @@ def logits_step(
     seed: int = 0,
     step: int | torch.Tensor = 0,
     row_ids: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> LogitsStep:
     """One bias-aware decode step on [B, V] logits (the module docstring gives the order and the noise).
 
@@ -319,6 +346,9 @@ def logits_step(
     seed : int in [0, 2**62), the key of the noise.
     step : int in [0, 2**32), or an int tensor ([], [1] or [B]) on the device: the noise's step counter.
     row_ids : [B] integer noise stream of each row (default: the row index).
+    output_counts : [B, V] integer counts of each row's generated tokens (not the prompt), for the next two.
+    presence_penalty, frequency_penalty : vLLM's: ``z - frequency_penalty * count - presence_penalty * [count > 0]``
+        after the repetition penalty; 0.0 is off.
 
     Returns
     -------
@@ -327,7 +357,8 @@ def logits_step(
     check_step_args(
         logits, matcher=matcher, states=states, mask_phrases=mask_phrases, banned_tokens=banned_tokens,
         counts=counts, repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, step=step, row_ids=row_ids, min_p=min_p,
+        seed=seed, step=step, row_ids=row_ids, min_p=min_p, output_counts=output_counts,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
     )  # fmt: skip
     b, v = logits.shape
     temperature = effective_temperature(temperature)
@@ -343,6 +374,8 @@ def logits_step(
         x = x.masked_fill(hit[:, :v], float("-inf"))
     if counts is not None and repetition_penalty != 1.0:
         x = apply_repetition_penalty(x, counts > 0, repetition_penalty)
+    if output_counts is not None and (presence_penalty != 0.0 or frequency_penalty != 0.0):
+        x = apply_presence_frequency(x, output_counts, presence_penalty, frequency_penalty)
     dead = torch.isneginf(x).all(dim=-1)
     if temperature == 0.0:
         chosen = x.argmax(dim=-1)

@@ -1,8 +1,8 @@
 """Reference logits processing and token choice (the oracle for the fused Triton logits step).
 
-Semantics follow transformers' processors, in transformers' order: repetition penalty → temperature → top-k →
-top-p → min-p → sample. Sampling is an exponential race (argmax of p / Exp(1), equivalent to Gumbel-max), which needs no
-host sync, unlike rejection loops.
+Semantics follow transformers' processors, in transformers' order: repetition penalty → (vLLM's presence and
+frequency penalties) → temperature → top-k → top-p → min-p → sample. Sampling is an exponential race (argmax of
+p / Exp(1), equivalent to Gumbel-max), which needs no host sync, unlike rejection loops.
 """
 
 from __future__ import annotations
@@ -30,6 +30,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, output_counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:  # fmt: skip
+    """vLLM's (and OpenAI's) penalties over the tokens generated so far (not the prompt): subtract ``frequency``
+    times each token's count, then ``presence`` from each token generated at least once.
+
+    logits: [B, V] fp32; output_counts: [B, V] integer counts of the row's generated tokens. Two fp32 subtractions in
+    that order, as vLLM computes them (and the Triton step, bit for bit)."""
+    c = output_counts.float()
+    return logits - frequency * c - presence * (c > 0).float()
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
