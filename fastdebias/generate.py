@@ -566,7 +566,8 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     ar, out = s.ar, s.out
     wpos = cur.clamp(max=s.max_new - 1)
     if s.lp is not None:  # the model's own log-probability of the chosen token (``x``: the raw fp32 logits)
-        chosen = x.gather(1, nxt.view(b, 1)).squeeze(1) - torch.logsumexp(x, dim=-1)
+        # (an all-banned row's token is -1 on the Triton step: not kept, but it must index)
+        chosen = x.gather(1, nxt.clamp(min=0).view(b, 1)).squeeze(1) - torch.logsumexp(x, dim=-1)
         s.lp[ar, wpos] = torch.where(commit, chosen, s.lp[ar, wpos])
     if lex is not None:
         penalised = commit & torch.isfinite(bias) & (bias != 0)

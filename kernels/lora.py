@@ -154,7 +154,9 @@ def cast(t, dtype: tl.constexpr):
         if dtype == tl.bfloat16:
             bits = t.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            t = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)  # exactly a bf16 value: the cast below is exact
+            # exactly a bf16 value, so the cast below is exact; NaNs as the canonical NaN (the carry could zero a
+            # NaN, and truncating a NaN whose payload is in the low bits would give inf)
+            t = tl.where(t != t, float("nan"), (bits & 0xFFFF0000).to(tl.float32, bitcast=True))
     return t.to(dtype)
 
 

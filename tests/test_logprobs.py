@@ -101,6 +101,18 @@ def test_logprobs_cut_with_the_tokens_at_eos_and_stop(llama_dir):
     assert stop.logprobs == full.logprobs[: len(stop.token_ids)]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logprobs_of_rows_with_every_token_banned(llama_dir, backend):
+    """A row in which every token is banned (here: the lexicon bans all but EOS, and min_new_tokens bans EOS) ends
+    "banned" with no tokens and no log-probabilities, on both backends (the Triton step's token is -1 there)."""
+    model = fastdebias.load(llama_dir, backend=backend, progress=False)
+    v = model.config.vocab_size
+    lex = Lexicon.from_token_sequences({(t,): float("-inf") for t in range(v) if t != 2})
+    out = fastdebias.generate(model, PROMPTS[:2], max_new_tokens=4, eos_token_id=[2], min_new_tokens=2, lexicon=lex,
+                              logprobs=True)  # fmt: skip
+    assert [(o.token_ids, o.finish_reason, o.logprobs) for o in out] == [([], "banned", [])] * 2
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_logprobs_must_be_a_bool(llama_dir, bad):
     model = fastdebias.load(llama_dir, progress=False)

@@ -120,15 +120,21 @@ def _cast_probe_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_kernel_casts_round_as_torch_does(dtype):
     """The kernels' fp32 -> 16-bit casts round to nearest even as torch (and a GPU) do, over 60 decades, ties and
-    the largest finite values included (the interpreter's own bf16 cast truncates: ``cast`` rounds by hand there)."""
+    the largest finite values included, and NaNs stay NaN (the interpreter's own bf16 cast truncates: ``cast`` rounds
+    by hand there)."""
     g = torch.Generator().manual_seed(0)
     lim = 30 if dtype == torch.bfloat16 else 4
     x = torch.randn(4096, generator=g) * torch.logspace(-lim, lim, 4096)
     x[:6] = torch.tensor([float("inf"), -float("inf"), 0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)])
+    # NaNs of every payload stay NaN (the hand rounding's carry would turn some into zeros)
+    bits = [0x7FC00000, -0x400000, 0x7FFFFFFF, -1, 0x7F80FFFF, 0x7FFF8000]
+    x[6:12] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
     x = x.to(DEVICE)
     y = torch.empty(4096, dtype=dtype, device=DEVICE)
     _cast_probe_kernel[(1,)](x, y, 4096, BLOCK=4096)
-    assert torch.equal(y, x.to(dtype))
+    nan = torch.isnan(x)
+    assert nan.sum().item() == 6 and torch.isnan(y[nan]).all()
+    assert torch.equal(y[~nan], x[~nan].to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

@@ -114,3 +114,32 @@ def test_tiny_temperatures_are_greedy_on_both_backends(llama_dir, adapter_qv):
         for t in (1e-40, 1e-30, 9e-6):
             got = [r.token_ids for r in fastdebias.generate(model, PROMPTS, max_new_tokens=6, temperature=t, seed=0)]
             assert got == greedy, (model.backend, t)
+
+
+def test_interpreter_variable_set_too_late_is_a_clear_error(llama_dir, tmp_path):
+    """TRITON_INTERPRET=1 set after triton was imported leaves GPU kernels (triton reads it at import): load says so
+    and how to fix it, instead of an InterpreterError at the first launch; set in time, the same load works."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import os, sys\n"
+        "import triton  # noqa: F401\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import fastdebias\n"
+        "from fastdebias.errors import BackendError\n"
+        "try:\n"
+        f"    fastdebias.load({str(llama_dir)!r}, backend='triton', device='cpu', progress=False)\n"
+        "except BackendError as e:\n"
+        "    print('BackendError:', e)\n"
+        "else:\n"
+        "    print('loaded')\n"
+    )  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    late = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert "BackendError: backend='triton' on CPU: TRITON_INTERPRET=1 is set, but only after triton" in late.stdout, (
+        late.stdout + late.stderr)
+    in_time = subprocess.run([sys.executable, str(script)], env={**env, "TRITON_INTERPRET": "1"}, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert in_time.stdout.strip() == "loaded", in_time.stdout + in_time.stderr

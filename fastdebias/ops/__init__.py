@@ -62,6 +62,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "backend='triton' runs on CUDA devices; on CPU set TRITON_INTERPRET=1 (slow, for tests) "
                 "or use backend='torch'"
             )
+        if device.type != "cuda" and not _kernels_interpreted():
+            raise BackendError(
+                "backend='triton' on CPU: TRITON_INTERPRET=1 is set, but only after triton was imported, so its "
+                "functions were defined for a GPU; set it before anything imports triton (in the shell: "
+                "TRITON_INTERPRET=1 python ...)"
+            )
         return "triton"
     if backend == "cuda":
         raise BackendError("backend='cuda' (csrc/ extension) is not built in this install; use 'triton' or 'torch'")
@@ -70,6 +76,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels_interpreted() -> bool:
+    """Whether triton's own library functions (``tl.sum``, ``tl.argmax``: defined when triton is imported) and
+    fastdebias's kernels are its interpreter's. TRITON_INTERPRET=1 set after ``import triton`` leaves the former
+    compiled, and the kernels then fail at their first launch ("Cannot call @triton.jit'd outside of the scope of a
+    kernel")."""
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastdebias.kernels import lora as kernels
+
+    return all(isinstance(f, InterpretedFunction) for f in (tl_standard.sum, kernels._lora_linear_kernel))
 
 
 _DEVICE_LIMITS: dict[torch.device, tuple[int, int]] = {}
