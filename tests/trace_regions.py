@@ -53,6 +53,7 @@ def _enable_triton_on_cpu() -> None:
     driver.set_active(_CompileOnlyDriver())
     torch_triton.has_triton = lambda: True  # dynamo asks it (at each trace) whether Triton kernels are traceable
     ops._interpreting = ops_lora._interpreting = lambda: True  # backend="triton" and the op accept CPU tensors
+    ops._kernels_interpreted = lambda: True  # (they are not, on purpose: compiled kernels, traced, never run)
 
 
 def _region_args(model, batch: int):
