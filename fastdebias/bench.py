@@ -20,7 +20,7 @@ Systems, on the same prompts, adapter and lexicon:
 Method: fixed output length (EOS ignored: ``eos_token_id=[]`` for fastdebias, no EOS in transformers' generation
 config), warm-up runs excluded, the device synchronised before every clock read, ``reps`` repetitions and their
 medians. TTFT is a run with ``max_new_tokens=1``; TPOT = (total - TTFT) / (n - 1); tokens/s = batch x n / total.
-Every fastdebias call prefills its prompts in full (the prompt prefix it keeps between calls is dropped first).
+Every fastdebias call prefills each row's prompt in full (``runner.share_prefix`` off: no prefix shared or kept).
 Bytes per decode step = weights (+ LoRA) + the KV cache read at the mean context length; GB/s = bytes / TPOT,
 compared with the device's copy bandwidth measured in the same run. The lexicons are random token sequences of
 1-4 tokens with finite negative penalties, so that fastdebias and transformers must give the same tokens.
@@ -538,6 +538,9 @@ class _FastDebias(_System):
                                               progress=False)
         if compile_step is not None and model is None:
             self.model.runner.compile_step = compile_step
+        # every row's prompt prefilled in full, as transformers does: no prefix shared by a call's prompts, none
+        # kept from an earlier call, and no repeated prompt (the bench cycles its texts) prefilled once for its rows
+        self.model.runner.share_prefix = False
         self.adapter = None if name == "fastdebias-noadapter" else fastdebias.FIRST_ADAPTER
         self.compile_times: dict[int, float] = {}
         self.compile_s = 0.0 if self.model.runtime != "eager" else None
@@ -556,7 +559,6 @@ class _FastDebias(_System):
         import fastdebias
 
         self.prepare_lexicon(lexicon_size)
-        self.model.runner.prefix = None  # no prompt prefix kept from an earlier repetition: each call prefills in full
         outs = fastdebias.generate(self.model, prompts, adapter=self.adapter, max_new_tokens=n, eos_token_id=[],
                                    lexicon=self.lexicons(lexicon_size), lexicon_mode=self.mode, progress=False)
         return [o.token_ids for o in outs]

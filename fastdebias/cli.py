@@ -67,10 +67,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lexicon", default=None, metavar="PATH|default|none",
                    help="bias lexicon (.jsonl/.csv/.txt); debias defaults to 'default', generate to 'none'")
     p.add_argument("--lexicon-mode", default="backtrack", choices=["backtrack", "hf"])
-    p.add_argument("--json", action="store_true", help="print one JSON object per input")
+    p.add_argument("--json", action="store_true", help="print one JSON object per output (--n of them per input)")
     p.add_argument("--logprobs", action="store_true",
                    help="the model's log-probability of each output token (raw logits): a 'logprobs' list in --json, "
                         "else their sum and mean after each output")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                   help="also the N (up to 20) most likely tokens at each position: a 'top_logprobs' list of "
+                        "[[token, token_id, logprob], ...] per output token in --json (implies --logprobs)")
+    p.add_argument("--n", type=int, default=1, metavar="N",
+                   help="outputs per input (sampling: needs --temperature > 0); --json rows carry a 'sample' index")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
@@ -117,6 +122,11 @@ def _unescape(value: str) -> str:
             out.append(value[i])
             i += 1
     return "".join(out)
+
+
+def _token_text(tok, token_id: int) -> str | None:
+    """The text of one token (special tokens included), or None without a tokenizer."""
+    return tok.decode([token_id]) if tok is not None else None
 
 
 def _read_inputs(args) -> list[str]:
@@ -206,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                       frequency_penalty=args.frequency_penalty, seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False,
-                      logprobs=args.logprobs)
+                      logprobs=args.logprobs, top_logprobs=args.top_logprobs, n=args.n)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)
         kwargs.update(lexicon=None if str(lexicon).lower() == "none" else lexicon, lexicon_mode=args.lexicon_mode)
         if args.use_adapter is not None:
@@ -218,17 +228,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FastDebiasError as e:
         print(f"fastdebias: error: {e}", file=sys.stderr)
         return 2
-    for text, out in zip(inputs, outs):
+    tok = model.tokenizer
+    for k, out in enumerate(outs):
+        text = inputs[k // args.n]
         interventions = [dict(step=i.step, phrase=i.phrase, category=i.category, action=i.action,
                               token_id=i.token_id) for i in out.interventions]
         if args.json:
             row = {"input": text, "output": out.text, "finish_reason": out.finish_reason, "token_ids": out.token_ids,
                    "interventions": interventions}
+            if args.n > 1:
+                row["sample"] = k % args.n
             if out.logprobs is not None:
                 row["logprobs"] = out.logprobs
+            if out.top_logprobs is not None:
+                row["top_logprobs"] = [[[_token_text(tok, i), i, lp] for i, lp in pos] for pos in out.top_logprobs]
             print(json.dumps(row, ensure_ascii=False))
         else:
-            print(f"> {text}\n{out.text}")
+            print(f"> {text}" + (f" [{k % args.n + 1}/{args.n}]" if args.n > 1 else "") + f"\n{out.text}")
             for i in interventions:
                 print(f"  [{i['action']} at step {i['step']}: {i['phrase']!r} ({i['category']})]")
             if out.logprobs:

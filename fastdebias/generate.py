@@ -52,6 +52,9 @@ class GenerationResult:
     # with ``generate(logprobs=True)``: the model's log-probability of each of ``token_ids`` (raw logits, before the
     # lexicon, penalties, temperature and filters); None otherwise
     logprobs: list[float] | None = None
+    # with ``generate(top_logprobs=N)``: for each of ``token_ids``, the N most likely tokens at that position under
+    # the same raw logits, as (token id, log-probability) pairs, most likely first; None otherwise
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -299,10 +302,20 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     ``prefix``: (a prefix that all of ``ids`` begin with, how many of its tokens, their adapters): copied in, then
     only the rest is prefilled.
 
+    Prompts given more than once with the same adapter (``generate(n=...)``'s samples) are prefilled once, their
+    cache rows copied (unless ``runner.share_prefix`` is off).
+
     Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
     """
     dev = model.device
     b, t = len(ids), max(len(x) for x in ids)
+    if model.runner.share_prefix and len({tuple(x) for x in ids}) < b:
+        adapters = adapter_idx.tolist() if adapter_idx is not None else [-1] * b
+        keys = [(tuple(x), a) for x, a in zip(ids, adapters)]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each distinct row's first occurrence
+        if len(first) < b:
+            return _prefill_distinct(model, ids, keys, list(first.values()), max_new_tokens, adapter_idx, length,
+                                     own_cache, prefix)  # fmt: skip
     tokens = torch.zeros(b, t, dtype=torch.long)
     for i, x in enumerate(ids):
         tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
@@ -319,6 +332,29 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     return logits, cache, start, tokens
 
 
+def _prefill_distinct(model, ids, keys, distinct: list[int], max_new_tokens, adapter_idx, length, own_cache,
+                      prefix):  # fmt: skip
+    """``prefill`` of the rows ``distinct`` only (one per distinct prompt and adapter, in a cache of their own), then
+    each row's logits, start, tokens and cache rows taken from its prompt's (the padded length is the same: the
+    same prompts are the longest)."""
+    dev = model.device
+    sub = torch.tensor(distinct, dtype=torch.long, device=dev)
+    pos = {keys[i]: j for j, i in enumerate(distinct)}
+    which = torch.tensor([pos[k] for k in keys], dtype=torch.long, device=dev)
+    sub_prefix = (prefix[0], prefix[1], [prefix[2][i] for i in distinct]) if prefix is not None else None
+    logits, small, start, tokens = prefill(model, [ids[i] for i in distinct], max_new_tokens,
+                                           adapter_idx.index_select(0, sub) if adapter_idx is not None else None,
+                                           own_cache=True, prefix=sub_prefix)  # fmt: skip
+    b, t = len(ids), tokens.shape[1]
+    if own_cache:
+        cache = KVCache([k.index_select(0, which) for k in small.k], [v.index_select(0, which) for v in small.v])
+    else:
+        cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
+        for dst, src in zip(cache.k + cache.v, small.k + small.v):
+            dst[:b, :, :t] = src.index_select(0, which)
+    return logits.index_select(0, which), cache, start.index_select(0, which), tokens.index_select(0, which)
+
+
 def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: int, start, cache, adapter_idx,
                      head: bool = True):  # fmt: skip
     """token: [B] written at per-row cache ``slots`` [B] → fp32 logits [B, V] for the next position (``head=False``:
@@ -329,6 +365,7 @@ def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: in
 # Rows up to which the Triton backend fuses the lm_head into the logits step (greedy and plain sampling): on the
 # H100 the fused kernel beat F.linear + step at batch 1-8 and lost from 64 (bench/results/logits_*.md).
 FUSED_HEAD_MAX_ROWS = 8
+MAX_TOP_LOGPROBS = 20  # generate(top_logprobs=N): OpenAI's bound (vLLM's default max_logprobs)
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -426,12 +463,12 @@ class _Loop:
     compiled or captured step reads and writes the same addresses at every step), and the step's settings."""
 
     # the per-row tensors (first dimension: the batch's rows)
-    ROWS = ("t", "it", "out", "lp", "cur", "done", "all_banned", "counts", "out_counts", "prompt_last", "adapter_idx",
-            "row_ids")
+    ROWS = ("t", "it", "out", "lp", "top_lp", "top_ids", "cur", "done", "all_banned", "counts", "out_counts",
+            "prompt_last", "adapter_idx", "row_ids")
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
                  repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter,
-                 logprobs=False, min_new_tokens=0, presence_penalty=0.0,
+                 logprobs=False, top_logprobs=0, min_new_tokens=0, presence_penalty=0.0,
                  frequency_penalty=0.0) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
@@ -468,6 +505,12 @@ class _Loop:
         self.out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=dev)
         # with logprobs: each kept token's log-probability under the model's raw logits, beside ``out``
         self.lp = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
+        # with top_logprobs: the most likely tokens at each kept position and their log-probabilities
+        self.top_lp = self.top_ids = None
+        if top_logprobs:
+            top_logprobs = min(top_logprobs, v)
+            self.top_lp = torch.zeros(b, max_new_tokens, top_logprobs, dtype=torch.float32, device=dev)
+            self.top_ids = torch.zeros(b, max_new_tokens, top_logprobs, dtype=torch.long, device=dev)
         self.cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
         self.all_banned = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -567,8 +610,14 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     wpos = cur.clamp(max=s.max_new - 1)
     if s.lp is not None:  # the model's own log-probability of the chosen token (``x``: the raw fp32 logits)
         # (an all-banned row's token is -1 on the Triton step: not kept, but it must index)
-        chosen = x.gather(1, nxt.clamp(min=0).view(b, 1)).squeeze(1) - torch.logsumexp(x, dim=-1)
+        norm = torch.logsumexp(x, dim=-1)
+        chosen = x.gather(1, nxt.clamp(min=0).view(b, 1)).squeeze(1) - norm
         s.lp[ar, wpos] = torch.where(commit, chosen, s.lp[ar, wpos])
+        if s.top_lp is not None:  # the most likely tokens at this position (sorted, most likely first)
+            vals, ids = torch.topk(x, s.top_lp.shape[2], dim=-1)
+            keep = commit.view(b, 1)
+            s.top_lp[ar, wpos] = torch.where(keep, vals - norm.view(b, 1), s.top_lp[ar, wpos])
+            s.top_ids[ar, wpos] = torch.where(keep, ids, s.top_ids[ar, wpos])
     if lex is not None:
         penalised = commit & torch.isfinite(bias) & (bias != 0)
         lex.record(ar, s.it, 0, penalised, cur, entry, 0, nxt)
@@ -646,6 +695,7 @@ def _generate_batch(
     max_rows: int | None = None,
     on_finished: Callable[[int], None] | None = None,
     logprobs: bool = False,
+    top_logprobs: int = 0,
     min_new_tokens: int = 0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
@@ -704,7 +754,8 @@ def _generate_batch(
         loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generators=gens,
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter,
-                     logprobs=logprobs, min_new_tokens=min_new_tokens, presence_penalty=presence_penalty,
+                     logprobs=logprobs, top_logprobs=top_logprobs, min_new_tokens=min_new_tokens,
+                     presence_penalty=presence_penalty,
                      frequency_penalty=frequency_penalty)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
@@ -716,7 +767,7 @@ def _generate_batch(
     # none wait, finished rows leave the batch (``_retire_rows``); what each prompt produced waits in ``finished``
     live = list(range(max_rows))
     pending = list(range(max_rows, n))[::-1]  # (popped from the end)
-    finished: dict[int, tuple[list[int], bool, list, list[float] | None]] = {}
+    finished: dict[int, tuple] = {}  # prompt → (ids, all banned, interventions, logprobs, top logprobs)
     s, x, cache, start, t = start_rows(live)
     prompt_len, joined = [t] * max_rows, [0] * max_rows  # host copies: each row's padded prompt and first step
 
@@ -808,7 +859,7 @@ def _generate_batch(
     results = []
     eos_set = set(eos)
     for i in range(n):
-        seq, banned, interventions, lp = finished[i]
+        seq, banned, interventions, lp, top = finished[i]
         reason = "banned" if banned else "length"
         for j, x in enumerate(seq):
             if x in eos_set:
@@ -825,7 +876,8 @@ def _generate_batch(
                         seq = seq[:j]
                         break
         res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]),
-                               logprobs=lp[: len(seq)] if lp is not None else None)  # fmt: skip
+                               logprobs=lp[: len(seq)] if lp is not None else None,
+                               top_logprobs=top[: len(seq)] if top is not None else None)  # fmt: skip
         if matcher is not None:
             res.interventions = interventions
         results.append(res)
@@ -841,9 +893,15 @@ def _harvest(s: _Loop, live: list[int], finished: dict, rows: list[int]) -> None
     banned = s.all_banned[rows].tolist()
     logs = s.lex.results(rows) if s.lex is not None else [[] for _ in rows]
     lps = s.lp[rows].tolist() if s.lp is not None else [None] * len(rows)
+    top_lps = s.top_lp[rows].tolist() if s.top_lp is not None else None
+    top_ids = s.top_ids[rows].tolist() if s.top_ids is not None else None
     for j, i in enumerate(rows):
-        lp = lps[j][: lengths[j]] if lps[j] is not None else None
-        finished[live[i]] = (gen[j][: lengths[j]], banned[j], logs[j], lp)
+        n = lengths[j]
+        lp = lps[j][:n] if lps[j] is not None else None
+        top = None
+        if top_lps is not None:
+            top = [list(zip(ids, vals)) for ids, vals in zip(top_ids[j][:n], top_lps[j][:n])]
+        finished[live[i]] = (gen[j][:n], banned[j], logs[j], lp, top)
 
 
 def _retire_rows(s: _Loop, live: list[int], finished: dict, min_rows: int | None,
@@ -899,6 +957,8 @@ def generate(
     max_rewinds: int = 8,
     logprobs: bool = False,
     min_new_tokens: int = 0,
+    top_logprobs: int = 0,
+    n: int = 1,
 ) -> list[GenerationResult]:
     """Generate a continuation for each prompt.
 
@@ -942,11 +1002,20 @@ def generate(
         penalties, temperature and filters (vLLM's default "raw" logprobs; transformers' ``output_logits``), so a
         token the lexicon pushed the model away from its first choice toward shows as improbable. Costs one more
         pass over the logits per step, and takes the unfused lm_head on the Triton backend.
+    top_logprobs : 0 to 20 (OpenAI's bound); N > 0 also returns, in ``.top_logprobs``, the N most likely tokens at
+        each returned position under the same raw logits, as (token id, log-probability) pairs, most likely first
+        (vLLM's ``logprobs=N``, OpenAI's ``top_logprobs``); implies ``logprobs``.
+    n : sequences to generate per prompt (vLLM's ``n``, transformers' ``num_return_sequences``); above 1 needs
+        sampling (``temperature > 0``: greedy would return n equal sequences). Each sample is decoded as a prompt of
+        its own: prompt i's samples are results ``i*n`` to ``i*n + n - 1``, drawn as prompts ``i*n + j`` of the
+        prompts repeated n times would be (so ``n`` changes no sample's draws but their keys), and ``stream`` is
+        called with that result index. A call's n samples of one prompt share its prefill (as any prompts sharing
+        a prefix of at least 8 tokens do).
 
     Returns
     -------
-    list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``, ``.interventions``, ``.logprobs``),
-    one per prompt, in order.
+    list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``, ``.interventions``, ``.logprobs``,
+    ``.top_logprobs``), n per prompt, in order.
     """
     _check_model(model)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p)
@@ -976,6 +1045,17 @@ def generate(
         raise GenerationError(f"max_rewinds must be an integer >= 0, got {max_rewinds!r}")
     if not isinstance(logprobs, (bool, np.bool_)):
         raise GenerationError(f"logprobs must be True or False, got {logprobs!r}")
+    if not _is_int(top_logprobs) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise GenerationError(
+            f"top_logprobs must be an integer from 0 (off) to {MAX_TOP_LOGPROBS}, got {top_logprobs!r}"
+        )
+    if not _is_int(n) or n < 1:
+        raise GenerationError(f"n (sequences per prompt) must be an integer >= 1, got {n!r}")
+    if n > 1 and temperature == 0:
+        raise GenerationError(
+            f"n={n} sequences per prompt need sampling: set temperature > 0 (greedy decoding would return {n} equal "
+            "sequences)"
+        )
     for name, val in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if not _is_real(val) or not -2.0 <= val <= 2.0:
             raise GenerationError(f"{name} must be a number in [-2, 2] (0.0 = off), as in vLLM; got {val!r}")
@@ -991,23 +1071,26 @@ def generate(
         if lex is not None and len(lex):
             matcher = lex.compile(model.tokenizer, vocab_size=model.config.vocab_size, eos_token_id=eos,
                                   device=model.device)
-    n = len(ids)
-    bs = batch_size or model.runner.default_batch_size(n, max(len(x) for x in ids), max_new_tokens, model.dtype,
+    if n > 1:  # each sample a prompt of its own (one prefill for them all where the prefix is shared)
+        ids, rows = [x for x in ids for _ in range(n)], [r for r in rows for _ in range(n)]
+    total = len(ids)
+    bs = batch_size or model.runner.default_batch_size(total, max(len(x) for x in ids), max_new_tokens, model.dtype,
                                                        model.device)  # fmt: skip
     # more prompts than rows: prompts of similar lengths together (less left padding), results in the given order
-    order = sorted(range(n), key=lambda i: len(ids[i])) if bs < n else list(range(n))
+    order = sorted(range(total), key=lambda i: len(ids[i])) if bs < total else list(range(total))
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
               min_p=float(min_p), repetition_penalty=float(repetition_penalty),
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
-              lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs),
-              min_new_tokens=int(min_new_tokens), presence_penalty=float(presence_penalty),
-              frequency_penalty=float(frequency_penalty))  # fmt: skip
+              lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs) or top_logprobs > 0,
+              top_logprobs=int(top_logprobs), min_new_tokens=int(min_new_tokens),
+              presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
-    show = progress if progress is not None else bs < n
-    with tqdm(total=n, desc="Generating", unit="prompt", disable=not show) as bar:
+    show = progress if progress is not None else bs < total
+    unit = "prompt" if n == 1 else "sequence"
+    with tqdm(total=total, desc="Generating", unit=unit, disable=not show) as bar:
         outs = _generate_batch(model, [ids[i] for i in order], [rows[i] for i in order], index=order, max_rows=bs,
                                on_finished=bar.update, **kw)  # fmt: skip
-    results: list[GenerationResult | None] = [None] * n
+    results: list[GenerationResult | None] = [None] * total
     for i, out in zip(order, outs):
         results[i] = out
     return results

@@ -170,7 +170,8 @@ class DecodeRunner:
         # settings (set it to fuse the step's few dozen small kernels into a few: bench --compile-step)
         self.compile_step = runtime == "compile"
         # prefill a prefix that all of a call's prompts share once, and keep the latest such prefix (or one prompt's)
-        # for later calls whose prompts begin the same way (``generate._SharedPrefix``); off only to compare
+        # for later calls whose prompts begin the same way (``generate._SharedPrefix``), and a prompt given several
+        # times (``generate(n=...)``) once; off only to compare (the bench: every row prefilled in full)
         self.share_prefix = True
         self.prefix = None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import fastdebias
 from fastdebias.errors import GenerationError
 from fastdebias.lexicon import Lexicon
 
-from .conftest import as_cuda_graph
+from .conftest import as_cuda_graph, make_llama
 
 generate_module = importlib.import_module("fastdebias.generate")  # (fastdebias.generate is the function)
 
@@ -49,6 +50,29 @@ def check(outs, hf, prompts=PROMPTS):
         torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(teacher_forced(hf, prompt, o.token_ids)),
                                    rtol=0, atol=2e-4)  # fmt: skip
         assert all(x <= 0.0 for x in o.logprobs)
+        if o.top_logprobs is not None:
+            check_top(o, distributions(hf, prompt, o.token_ids))
+
+
+def check_top(o, dist: torch.Tensor, atol: float = 2e-4) -> None:
+    """``o.top_logprobs`` holds, at each returned position, the N most likely tokens of ``dist`` [len, V] (the
+    reference's log-probabilities), most likely first, with their log-probabilities."""
+    assert len(o.top_logprobs) == len(o.token_ids)
+    n = len(o.top_logprobs[0])
+    assert n > 0 and all(len(pos) == n for pos in o.top_logprobs)
+    for j, pos in enumerate(o.top_logprobs):
+        ids, vals = [i for i, _ in pos], torch.tensor([lp for _, lp in pos])
+        want_vals, want_ids = torch.topk(dist[j], n)
+        torch.testing.assert_close(vals, want_vals, rtol=0, atol=atol)
+        assert vals.tolist() == sorted(vals.tolist(), reverse=True)
+        # the same tokens, wherever the reference separates them from the next one (near-ties may swap)
+        gaps = torch.cat([want_vals[:-1] - want_vals[1:], torch.tensor([1.0])]) > 10 * atol
+        clear = [k for k in range(n) if gaps[k] and (k == 0 or gaps[k - 1])]
+        assert [ids[k] for k in clear] == [want_ids[k].item() for k in clear]
+        torch.testing.assert_close(dist[j][ids], vals, rtol=0, atol=atol)  # each pair's value is its token's
+        # the returned token is among them exactly when it is at least as likely as the N-th
+        if o.logprobs[j] > vals[-1] + atol:
+            assert o.token_ids[j] in ids
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -64,6 +88,35 @@ def test_greedy_logprobs_equal_transformers(llama_dir, adapter_qv, hf_model, bac
     assert all(o.logprobs is None for o in plain)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_top_logprobs_equal_transformers(llama_dir, adapter_qv, hf_model, backend):
+    """top_logprobs=N: the N most likely tokens at each position, against transformers + PEFT's distributions;
+    under greedy the first of them is the returned token. It implies ``logprobs``."""
+    model = fastdebias.load(llama_dir, adapter_qv, backend=backend, progress=False)
+    outs = fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=[], top_logprobs=5)
+    check(outs, hf_model)
+    for o in outs:
+        assert len(o.top_logprobs[0]) == 5
+        assert [pos[0][0] for pos in o.top_logprobs] == o.token_ids
+        assert [pos[0][1] for pos in o.top_logprobs] == o.logprobs
+    plain = fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=[], logprobs=True)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert all(o.top_logprobs is None for o in plain)
+
+
+def test_top_logprobs_bounds(llama_dir, tmp_path):
+    """Up to 20 (OpenAI's bound; more is a named error); a vocabulary smaller than N gives all of it."""
+    model = fastdebias.load(llama_dir, progress=False)
+    for bad in (-1, 21, 2.0, "3", True):
+        with pytest.raises(GenerationError, match=r"top_logprobs must be an integer from 0 \(off\) to 20, got"):
+            fastdebias.generate(model, PROMPTS[:1], max_new_tokens=2, top_logprobs=bad)
+    small = fastdebias.load(make_llama(tmp_path / "v12", vocab_size=12), progress=False)
+    out = fastdebias.generate(small, [[1, 5, 7]], max_new_tokens=3, eos_token_id=[], top_logprobs=20)[0]
+    for pos in out.top_logprobs:
+        assert sorted(i for i, _ in pos) == list(range(12))
+        assert abs(sum(math.exp(lp) for _, lp in pos) - 1.0) < 1e-5
+
+
 def test_logprobs_through_rewinds_sampling_and_continuous_batching(llama_dir, adapter_qv, hf_model):
     """Backtracking rewinds (the log-probabilities of discarded tokens must not survive), a penalty entry, the
     repetition penalty, sampling with top-k, and two rows for four prompts (prompts join finished rows' places):
@@ -73,15 +126,16 @@ def test_logprobs_through_rewinds_sampling_and_continuous_batching(llama_dir, ad
     lex = Lexicon.from_token_sequences({tuple(free[0][2:4]): float("-inf"), tuple(free[2][3:5]): float("-inf"),
                                         (free[1][1],): -3.0})  # fmt: skip
     greedy = fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=[], lexicon=lex, batch_size=2,
-                                 repetition_penalty=1.3, logprobs=True)  # fmt: skip
+                                 repetition_penalty=1.3, logprobs=True, top_logprobs=4)  # fmt: skip
     rewinds = [(p, o, i) for p, o in zip(PROMPTS, greedy) for i in o.interventions if i.action == "rewound"]
     assert rewinds
     check(greedy, hf_model)
     for prompt, o, i in rewinds:  # where a rewind banned the model's first choice, what was kept is less likely
         dist = distributions(hf_model, prompt, o.token_ids)[i.step]
         assert o.logprobs[i.step] < dist[i.token_id].item()
+        assert o.top_logprobs[i.step][0][0] != o.token_ids[i.step]  # and the first choice shows above it
     sampled = fastdebias.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=[], lexicon=lex, batch_size=2,
-                                  temperature=1.5, top_k=20, seed=5, logprobs=True)  # fmt: skip
+                                  temperature=1.5, top_k=20, seed=5, logprobs=True, top_logprobs=3)  # fmt: skip
     check(sampled, hf_model)
     assert [o.token_ids for o in sampled] != [o.token_ids for o in greedy]
 
@@ -140,7 +194,8 @@ def _same_logprobs(eager, model, atol: float, hf=None):
     four prompts, rewinds, a penalty entry and the repetition penalty, greedy and seeded sampling; and (``hf``)
     those of transformers + PEFT."""
     lex = _lexicon_with_rewinds(eager, repetition_penalty=1.2)
-    kw = dict(max_new_tokens=NEW, eos_token_id=[], lexicon=lex, repetition_penalty=1.2, batch_size=2, logprobs=True)
+    kw = dict(max_new_tokens=NEW, eos_token_id=[], lexicon=lex, repetition_penalty=1.2, batch_size=2, logprobs=True,
+              top_logprobs=3)
     for extra in ({}, dict(temperature=0.9, seed=5)):
         a = fastdebias.generate(eager, PROMPTS, **kw, **extra)
         b = fastdebias.generate(model, PROMPTS, **kw, **extra)
@@ -149,6 +204,8 @@ def _same_logprobs(eager, model, atol: float, hf=None):
         assert extra or any(i.action == "rewound" for o in b for i in o.interventions)
         for x, y in zip(a, b):
             torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), rtol=0, atol=atol)
+            torch.testing.assert_close(torch.tensor([[lp for _, lp in p] for p in y.top_logprobs]),
+                                       torch.tensor([[lp for _, lp in p] for p in x.top_logprobs]), rtol=0, atol=atol)
         if hf is not None:
             check(b, hf)
 
