@@ -60,6 +60,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0, help="vLLM's, over generated tokens; 0.0 = off")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="vLLM's, over generated tokens; 0.0 = off")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="transformers': no n-gram of this size twice in prompt + output; 0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", type=_unescape,
                    help=r"stop string; repeat for several (\n, \t, \r and \\ are read as escapes: --stop '\n\n')")
@@ -214,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                      frequency_penalty=args.frequency_penalty, seed=args.seed,
+                      frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                      seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False,
                       logprobs=args.logprobs, top_logprobs=args.top_logprobs, n=args.n)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)

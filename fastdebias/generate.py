@@ -464,12 +464,12 @@ class _Loop:
 
     # the per-row tensors (first dimension: the batch's rows)
     ROWS = ("t", "it", "out", "lp", "top_lp", "top_ids", "cur", "done", "all_banned", "counts", "out_counts",
-            "prompt_last", "adapter_idx", "row_ids")
+            "prompt_last", "adapter_idx", "row_ids", "ctx", "ctx_start")
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
                  repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter,
                  logprobs=False, top_logprobs=0, min_new_tokens=0, presence_penalty=0.0,
-                 frequency_penalty=0.0) -> None:  # fmt: skip
+                 frequency_penalty=0.0, no_repeat_ngram_size=0, prompt_width=0) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new, self.n_iter = b, max_new_tokens, n_iter
@@ -512,6 +512,14 @@ class _Loop:
             self.top_lp = torch.zeros(b, max_new_tokens, top_logprobs, dtype=torch.float32, device=dev)
             self.top_ids = torch.zeros(b, max_new_tokens, top_logprobs, dtype=torch.long, device=dev)
         self.cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
+        # no_repeat_ngram_size: each row's prompt, left-padded to the call's longest (``prompt_width``: one width
+        # for every row, those that join the batch later included), so that prompt + ``out`` is one sequence from
+        # ``ctx_start``; the n-grams are looked up in it at each step
+        self.ngram = no_repeat_ngram_size
+        self.ctx = self.ctx_start = None
+        if no_repeat_ngram_size:
+            self.ctx = torch.nn.functional.pad(prompt, (prompt_width - t, 0))
+            self.ctx_start = start + (prompt_width - t)
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
         self.all_banned = torch.zeros(b, dtype=torch.bool, device=dev)
         # each row's step, on the device (the Triton step's noise counter, the log's index): rows that join a
@@ -568,6 +576,26 @@ def _triton_choice(s: _Loop, x: torch.Tensor, hidden: bool, hf_rows):
     )  # fmt: skip
 
 
+def _ban_repeated_ngrams(s: _Loop, x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``no_repeat_ngram_size`` (n): -inf for each token that would complete an n-gram that already
+    occurs in the row's sequence (its prompt and kept tokens, padding excluded), on the device: the row's last n-1
+    tokens are compared with every window of the sequence, and the token after each matching window is banned."""
+    n, b = s.ngram, s.b
+    seq = torch.cat([s.ctx, s.out], dim=1)  # [B, W]: row r's sequence is seq[r, ctx_start[r]:end[r]]
+    end = s.ctx.shape[1] + s.cur
+    ar = torch.arange(n - 1, device=x.device)
+    suffix = seq.gather(1, (end.view(b, 1) - (n - 1) + ar).clamp(min=0))  # the last n-1 tokens [B, n-1]
+    windows = seq.unfold(1, n, 1)  # [B, W - n + 1, n]
+    j = torch.arange(windows.shape[1], device=x.device).view(1, -1)
+    hit = (windows[:, :, : n - 1] == suffix.view(b, 1, n - 1)).all(dim=-1)
+    # a window lies in the row's sequence, before its last token (so a row of fewer than n tokens bans nothing, and
+    # a suffix gathered partly from the padding matches no window)
+    hit &= (j >= s.ctx_start.view(b, 1)) & (j + n - 1 < end.view(b, 1))
+    # -inf at the banned ids, as a minimum so that the windows that ban nothing (+inf) change nothing
+    fill = torch.where(hit, float("-inf"), float("inf"))
+    return x.scatter_reduce(1, windows[:, :, n - 1], fill, reduce="amin", include_self=True)
+
+
 def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One step after the model's forward: choose each row's token from ``x`` (fp32 logits [B, V], or with
     ``hidden`` the final hidden state [B, K] for the fused lm_head + step), then the bookkeeping (output, done
@@ -577,6 +605,9 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     ``runtime="compile"`` it is compiled (dynamic shapes: one graph for a batch of 1, one for any other)."""
     b, lex, cur, done = s.b, s.lex, s.cur, s.done
     hf_rows = lex.hf_rows(cur) if lex is not None else True
+    raw = x  # (the model's logits, for logprobs; ``x`` becomes the logits the step chooses from)
+    if s.ngram:  # no_repeat_ngram_size: before everything else (the fused lm_head is off: the logits exist)
+        x = _ban_repeated_ngrams(s, x)
     if s.fused_step:
         r = _triton_choice(s, x, hidden, hf_rows)
         nxt, dead = r.next_ids, r.all_banned & ~done
@@ -610,11 +641,11 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     wpos = cur.clamp(max=s.max_new - 1)
     if s.lp is not None:  # the model's own log-probability of the chosen token (``x``: the raw fp32 logits)
         # (an all-banned row's token is -1 on the Triton step: not kept, but it must index)
-        norm = torch.logsumexp(x, dim=-1)
-        chosen = x.gather(1, nxt.clamp(min=0).view(b, 1)).squeeze(1) - norm
+        norm = torch.logsumexp(raw, dim=-1)
+        chosen = raw.gather(1, nxt.clamp(min=0).view(b, 1)).squeeze(1) - norm
         s.lp[ar, wpos] = torch.where(commit, chosen, s.lp[ar, wpos])
         if s.top_lp is not None:  # the most likely tokens at this position (sorted, most likely first)
-            vals, ids = torch.topk(x, s.top_lp.shape[2], dim=-1)
+            vals, ids = torch.topk(raw, s.top_lp.shape[2], dim=-1)
             keep = commit.view(b, 1)
             s.top_lp[ar, wpos] = torch.where(keep, vals - norm.view(b, 1), s.top_lp[ar, wpos])
             s.top_ids[ar, wpos] = torch.where(keep, ids, s.top_ids[ar, wpos])
@@ -699,6 +730,7 @@ def _generate_batch(
     min_new_tokens: int = 0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[GenerationResult]:
     """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
 
@@ -726,7 +758,7 @@ def _generate_batch(
     hold_tokens = matcher.max_depth if (matcher is not None and lexicon_mode == "backtrack") else 0
     fused_step = model.backend == "triton"
     # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p/min-p and logprobs need the logits
-    fused_head = fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and not logprobs and (
+    fused_head = fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and not logprobs and not no_repeat_ngram_size and (
         temperature == 0 or (not 0 < top_k < v and top_p >= 1.0 and min_p == 0.0))  # fmt: skip
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -755,8 +787,8 @@ def _generate_batch(
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generators=gens,
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter,
                      logprobs=logprobs, top_logprobs=top_logprobs, min_new_tokens=min_new_tokens,
-                     presence_penalty=presence_penalty,
-                     frequency_penalty=frequency_penalty)  # fmt: skip
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                     no_repeat_ngram_size=no_repeat_ngram_size, prompt_width=cache_len - max_new_tokens)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
@@ -959,6 +991,7 @@ def generate(
     min_new_tokens: int = 0,
     top_logprobs: int = 0,
     n: int = 1,
+    no_repeat_ngram_size: int = 0,
 ) -> list[GenerationResult]:
     """Generate a continuation for each prompt.
 
@@ -976,6 +1009,8 @@ def generate(
     top_k, top_p, min_p : filters for sampling (transformers' semantics, applied in that order); ``0``, ``1.0``
         and ``0.0`` mean off. ``min_p`` keeps the tokens at least ``min_p`` times as likely as the most likely one.
     repetition_penalty : transformers' rule over the row's context (prompt and generated); 1.0 is off.
+    no_repeat_ngram_size : transformers' (0 is off): a token that would complete an n-gram of that size already in
+        the row's context (prompt and generated) is banned; applied to the model's logits before the lexicon.
     presence_penalty, frequency_penalty : vLLM's (OpenAI's), in [-2, 2], 0.0 is off: after the repetition penalty,
         each token's logit loses ``frequency_penalty`` times its count among the row's generated tokens (not the
         prompt), and ``presence_penalty`` if that count is at least 1; negative values favour repeats.
@@ -1049,6 +1084,8 @@ def generate(
         raise GenerationError(
             f"top_logprobs must be an integer from 0 (off) to {MAX_TOP_LOGPROBS}, got {top_logprobs!r}"
         )
+    if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+        raise GenerationError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {no_repeat_ngram_size!r}")
     if not _is_int(n) or n < 1:
         raise GenerationError(f"n (sequences per prompt) must be an integer >= 1, got {n!r}")
     if n > 1 and temperature == 0:
@@ -1083,7 +1120,8 @@ def generate(
               seed=None if seed is None else int(seed) % 2**62, eos=eos, stop=stops, stream=stream, matcher=matcher,
               lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs) or top_logprobs > 0,
               top_logprobs=int(top_logprobs), min_new_tokens=int(min_new_tokens),
-              presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty))  # fmt: skip
+              presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
+              no_repeat_ngram_size=int(no_repeat_ngram_size))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
     show = progress if progress is not None else bs < total
     unit = "prompt" if n == 1 else "sequence"
