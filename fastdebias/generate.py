@@ -42,7 +42,8 @@ FIRST_ADAPTER = _FirstAdapter()
 
 @dataclass
 class GenerationResult:
-    """One prompt's output. ``token_ids`` are the generated ids (an EOS that ended the row included)."""
+    """One generated sequence (one per prompt, or ``n`` per prompt with ``generate(n=...)``). ``token_ids`` are the
+    generated ids (an EOS that ended the row included)."""
 
     text: str
     token_ids: list[int]
@@ -103,15 +104,16 @@ def _row_seed(seed: int, index: int) -> int:
 
 
 def _check_stream(stream) -> None:
-    """``stream`` must be callable as ``stream(prompt_index, new_text)`` (checked before decoding, not by a
+    """``stream`` must be callable as ``stream(index, new_text)`` (checked before decoding, not by a
     TypeError from inside the loop)."""
     if not callable(stream):
-        raise GenerationError(f"stream: expected a callable stream(prompt_index, new_text), got {stream!r}")
+        raise GenerationError(f"stream: expected a callable stream(index, new_text), got {stream!r}")
     try:
         inspect.signature(stream).bind(0, "")
     except TypeError:
         raise GenerationError(
-            f"stream: {stream!r} cannot be called as stream(prompt_index, new_text); give it two parameters"
+            f"stream: {stream!r} cannot be called as stream(index, new_text); give it two parameters (the index is "
+            "the prompt's, or with n > 1 the result's)"
         ) from None
     except ValueError:  # no signature to read (some builtins): it will be called as it is
         pass
@@ -1020,8 +1022,9 @@ def generate(
     eos_token_id : int or list; defaults to the checkpoint's; ``[]``: none (rows run to ``max_new_tokens`` or a
         stop string).
     stop : strings that end a sequence; they are excluded from ``.text``.
-    stream : callback ``stream(prompt_index, new_text)`` called as each prompt's text grows (a callback, not
-        an iterator). Text that might still become a stop string is held back until it cannot.
+    stream : callback ``stream(index, new_text)`` (the prompt's index; with ``n`` > 1 the result's) called as each
+        sequence's text grows (a callback, not an iterator). Text that might still become a stop string is held
+        back until it cannot.
     batch_size : rows decoded at once. Default: all prompts if that batch fits half the memory free at the call
         (its KV cache, prefill activations and logits: ``runtime.bytes_per_row``), else as many as fit. With more
         prompts than rows, the next prompts take finished rows' places (every runtime, CUDA graphs included),
@@ -1090,8 +1093,8 @@ def generate(
         raise GenerationError(f"n (sequences per prompt) must be an integer >= 1, got {n!r}")
     if n > 1 and temperature == 0:
         raise GenerationError(
-            f"n={n} sequences per prompt need sampling: set temperature > 0 (greedy decoding would return {n} equal "
-            "sequences)"
+            f"n={n} sequences per prompt need sampling: set temperature >= 1e-5 (below that decoding is greedy, and "
+            f"would return {n} equal sequences)"
         )
     for name, val in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if not _is_real(val) or not -2.0 <= val <= 2.0:

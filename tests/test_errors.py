@@ -255,7 +255,7 @@ def model(llama_dir):
         (["old \udcff people"], {}, r"prompts\[0\] holds a character that is not valid Unicode.*position 4"),
         ([[1, 2]], {"stop": ["a\udcff"]}, r"stop\[0\] holds a character that is not valid Unicode"),
         ([[1, 2]], {"stream": "print"}, "stream: expected a callable stream"),
-        ([[1, 2]], {"stream": lambda text: None}, r"stream: .* cannot be called as stream\(prompt_index, new_text\)"),
+        ([[1, 2]], {"stream": lambda text: None}, r"stream: .* cannot be called as stream\(index, new_text\)"),
         ([[1, 2]], {"stream": lambda i, s, extra: None}, "give it two parameters"),
     ],
 )

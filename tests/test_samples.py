@@ -108,7 +108,7 @@ def test_n_must_be_a_positive_integer(llama_dir, bad):
 @pytest.mark.parametrize("temperature", [0.0, 1e-6])
 def test_n_above_one_needs_sampling(llama_dir, temperature):
     model = fastdebias.load(llama_dir, progress=False)
-    with pytest.raises(GenerationError, match=r"n=2 sequences per prompt need sampling: set temperature > 0"):
+    with pytest.raises(GenerationError, match=r"n=2 sequences per prompt need sampling: set temperature >= 1e-5"):
         fastdebias.generate(model, PROMPTS, n=2, max_new_tokens=4, temperature=temperature)
 
 
