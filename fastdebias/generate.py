@@ -313,11 +313,12 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     b, t = len(ids), max(len(x) for x in ids)
     if model.runner.share_prefix and len({tuple(x) for x in ids}) < b:
         adapters = adapter_idx.tolist() if adapter_idx is not None else [-1] * b
-        keys = [(tuple(x), a) for x, a in zip(ids, adapters)]
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each distinct row's first occurrence
-        if len(first) < b:
-            return _prefill_distinct(model, ids, keys, list(first.values()), max_new_tokens, adapter_idx, length,
-                                     own_cache, prefix)  # fmt: skip
+        seen: dict = {}  # (prompt, adapter) → its place among the distinct rows
+        which = [seen.setdefault((tuple(x), a), len(seen)) for x, a in zip(ids, adapters)]
+        if len(seen) < b:
+            distinct = [which.index(j) for j in range(len(seen))]  # each distinct row's first occurrence
+            return _prefill_distinct(model, ids, distinct, which, max_new_tokens, adapter_idx, length, own_cache,
+                                     prefix)  # fmt: skip
     tokens = torch.zeros(b, t, dtype=torch.long)
     for i, x in enumerate(ids):
         tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
@@ -334,15 +335,14 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     return logits, cache, start, tokens
 
 
-def _prefill_distinct(model, ids, keys, distinct: list[int], max_new_tokens, adapter_idx, length, own_cache,
-                      prefix):  # fmt: skip
+def _prefill_distinct(model, ids, distinct: list[int], which: list[int], max_new_tokens, adapter_idx, length,
+                      own_cache, prefix):  # fmt: skip
     """``prefill`` of the rows ``distinct`` only (one per distinct prompt and adapter, in a cache of their own), then
-    each row's logits, start, tokens and cache rows taken from its prompt's (the padded length is the same: the
-    same prompts are the longest)."""
+    each row's logits, start, tokens and cache rows taken from its prompt's (``which``: each row's place among the
+    distinct ones; the padded length is the same: the same prompts are the longest)."""
     dev = model.device
     sub = torch.tensor(distinct, dtype=torch.long, device=dev)
-    pos = {keys[i]: j for j, i in enumerate(distinct)}
-    which = torch.tensor([pos[k] for k in keys], dtype=torch.long, device=dev)
+    which = torch.tensor(which, dtype=torch.long, device=dev)
     sub_prefix = (prefix[0], prefix[1], [prefix[2][i] for i in distinct]) if prefix is not None else None
     logits, small, start, tokens = prefill(model, [ids[i] for i in distinct], max_new_tokens,
                                            adapter_idx.index_select(0, sub) if adapter_idx is not None else None,
