@@ -14,7 +14,7 @@ from fastdebias.errors import (
     LexiconError,
     TokenizerError,
 )
-from fastdebias.generate import FIRST_ADAPTER, GenerationResult, debias, generate
+from fastdebias.generate import FIRST_ADAPTER, GenerationResult, ScoreResult, debias, generate, score
 from fastdebias.lexicon import Intervention, Lexicon
 from fastdebias.pipeline import FastDebiasModel, load
 
@@ -33,8 +33,10 @@ __all__ = [
     "Intervention",
     "LexiconError",
     "Lexicon",
+    "ScoreResult",
     "TokenizerError",
     "debias",
     "generate",
     "load",
+    "score",
 ]

@@ -1,9 +1,10 @@
-"""Command line: ``fastdebias generate|debias|bench`` (also ``python -m fastdebias``)."""
+"""Command line: ``fastdebias generate|debias|score|bench`` (also ``python -m fastdebias``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Sequence
 
@@ -35,7 +36,8 @@ def _adapter_arg(values: list[str] | None):
     return values if len(values) > 1 else values[0]
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
+    """The inputs and the model: what every command but ``bench`` takes."""
     p.add_argument("texts", nargs="*", help="input texts (default: --file, else stdin, one per line)")
     p.add_argument("--file", "-f", help="read inputs from this file, one per line ('-' = stdin)")
     p.add_argument("--model", "-m", default=None, help="HF Llama-family model dir (default: embedded SmolLM2-135M)")
@@ -46,6 +48,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    _add_model(p)
     p.add_argument("--runtime", default="auto", choices=["auto", "eager", "cuda_graph", "compile"],
                    help="decode step: auto = CUDA graphs on GPU, eager on CPU; compile pays ~25-45 s once on CPU "
                         "(~5-10 s with a warm inductor cache) to decode ~2x faster at batch 1 "
@@ -65,7 +73,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", type=_unescape,
                    help=r"stop string; repeat for several (\n, \t, \r and \\ are read as escapes: --stop '\n\n')")
-    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lexicon", default=None, metavar="PATH|default|none",
                    help="bias lexicon (.jsonl/.csv/.txt); debias defaults to 'default', generate to 'none'")
     p.add_argument("--lexicon-mode", default="backtrack", choices=["backtrack", "hf"])
@@ -76,9 +83,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-logprobs", type=int, default=0, metavar="N",
                    help="also the N (up to 20) most likely tokens at each position: a 'top_logprobs' list of "
                         "[[token, token_id, logprob], ...] per output token in --json (implies --logprobs)")
+    p.add_argument("--prompt-logprobs", action="store_true",
+                   help="each input token's log-probability given those before it: a 'prompt_logprobs' list of "
+                        "[token, token_id, logprob] in --json (the first logprob null), else their sum")
     p.add_argument("--n", type=int, default=1, metavar="N",
                    help="outputs per input (sampling: needs --temperature > 0); --json rows carry a 'sample' index")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     d.add_argument("--prompt-format", default="auto", choices=["auto", "srllm", "chat"])
     d.add_argument("--template", default=None, help="custom prompt template containing {text}")
+    sc = sub.add_parser("score", help="log-likelihood of each text",
+                        description="Each text's log-likelihood under the model (and adapter): the log-probability "
+                                    "of each token given those before it, their sum and the perplexity; nothing "
+                                    "is generated.")
+    _add_model(sc)
+    sc.add_argument("--json", action="store_true",
+                    help="one JSON object per text: 'tokens' ([token, token_id, logprob], the first logprob null), "
+                         "'logprob', 'perplexity'")
+    sc.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                    help="also the N (up to 20) most likely tokens at each position ('top_logprobs' in --json)")
     from fastdebias.bench import add_arguments as add_bench_arguments
 
     b = sub.add_parser("bench", help="decode benchmark against transformers",
@@ -201,6 +220,26 @@ def _bench(args) -> int:
     return 1 if result["mismatches"] else 0
 
 
+def _token_rows(tok, ids: list[int], lps: list) -> list[list]:
+    """[token text, id, logprob] per token (text None without a tokenizer)."""
+    return [[_token_text(tok, i), i, lp] for i, lp in zip(ids, lps)]
+
+
+def _print_scores(tok, inputs: list[str], scores, as_json: bool) -> None:
+    for text, s in zip(inputs, scores):
+        n = len(s.token_ids) - 1
+        if as_json:
+            row = {"input": text, "tokens": _token_rows(tok, s.token_ids, s.logprobs), "logprob": s.total,
+                   "perplexity": None if math.isnan(s.perplexity) else s.perplexity}  # fmt: skip
+            if s.top_logprobs is not None:
+                row["top_logprobs"] = [None if pos is None else [[_token_text(tok, i), i, lp] for i, lp in pos]
+                                       for pos in s.top_logprobs]  # fmt: skip
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            ppl = f", perplexity {s.perplexity:.3f}" if n else ""
+            print(f"> {text}\n  [logprob {s.total:.3f} over {n} tokens{ppl}]")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
@@ -211,15 +250,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         adapter = _adapter_arg(args.adapter)  # before reading stdin: a usage error should not wait for input
         inputs = _read_inputs(args)
         model = fastdebias.load(args.model, adapter, dtype=args.dtype, device=args.device,
-                                merge=args.merge, backend=args.backend, runtime=args.runtime,
+                                merge=args.merge, backend=args.backend, runtime=getattr(args, "runtime", "auto"),
                                 progress=not args.quiet)
+        if args.command == "score":
+            adapter_kw = {}
+            if args.use_adapter is not None:
+                adapter_kw["adapter"] = None if args.use_adapter.lower() == "none" else args.use_adapter
+            scores = fastdebias.score(model, inputs, top_logprobs=args.top_logprobs, batch_size=args.batch_size,
+                                      progress=None if not args.quiet else False, **adapter_kw)  # fmt: skip
+            _print_scores(model.tokenizer, inputs, scores, args.json)
+            return 0
         kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                       frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                       seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False,
-                      logprobs=args.logprobs, top_logprobs=args.top_logprobs, n=args.n)
+                      logprobs=args.logprobs, top_logprobs=args.top_logprobs, n=args.n,
+                      prompt_logprobs=args.prompt_logprobs)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)
         kwargs.update(lexicon=None if str(lexicon).lower() == "none" else lexicon, lexicon_mode=args.lexicon_mode)
         if args.use_adapter is not None:
@@ -245,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["logprobs"] = out.logprobs
             if out.top_logprobs is not None:
                 row["top_logprobs"] = [[[_token_text(tok, i), i, lp] for i, lp in pos] for pos in out.top_logprobs]
+            if out.prompt_logprobs is not None:
+                row["prompt_logprobs"] = _token_rows(tok, out.prompt_token_ids, out.prompt_logprobs)
             print(json.dumps(row, ensure_ascii=False))
         else:
             print(f"> {text}" + (f" [{k % args.n + 1}/{args.n}]" if args.n > 1 else "") + f"\n{out.text}")
@@ -253,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out.logprobs:
                 total = sum(out.logprobs)
                 print(f"  [logprob {total:.2f}, mean {total / len(out.logprobs):.3f} over {len(out.logprobs)} tokens]")
+            if out.prompt_logprobs is not None:
+                scored = out.prompt_logprobs[1:]
+                print(f"  [input logprob {sum(scored):.2f} over {len(scored)} tokens]")
             print()
     return 0
 

@@ -49,6 +49,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length" | "banned" (every token was banned)
     prompt_tokens: int = 0
+    prompt_token_ids: list[int] = field(default_factory=list)  # the prompt as the model read it
     interventions: list = field(default_factory=list)
     # with ``generate(logprobs=True)``: the model's log-probability of each of ``token_ids`` (raw logits, before the
     # lexicon, penalties, temperature and filters); None otherwise
@@ -56,6 +57,35 @@ class GenerationResult:
     # with ``generate(top_logprobs=N)``: for each of ``token_ids``, the N most likely tokens at that position under
     # the same raw logits, as (token id, log-probability) pairs, most likely first; None otherwise
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # with ``generate(prompt_logprobs=True)``: each prompt token's log-probability given the tokens before it (the
+    # model's raw logits; None for the first token, which has nothing before it), and with ``top_logprobs=N`` the
+    # N most likely tokens at each prompt position, as in ``top_logprobs``; None otherwise
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+@dataclass
+class ScoreResult:
+    """What ``score`` gives for one text: its tokens as the model reads them (special tokens included) and each
+    token's log-probability given the tokens before it (None for the first)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    # with ``score(top_logprobs=N)``: the N most likely tokens at each position (None at the first), as
+    # (token id, log-probability) pairs, most likely first; None otherwise
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+    @property
+    def total(self) -> float:
+        """The sum of the log-probabilities: the text's log-likelihood given its first token."""
+        return float(sum(x for x in self.logprobs[1:]))
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean negative log-probability over the scored tokens (all but the first); nan for a text of
+        one token (nothing scored)."""
+        n = len(self.logprobs) - 1
+        return math.exp(-self.total / n) if n else math.nan
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -97,6 +127,13 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
 
 
+def _check_top_logprobs(top_logprobs) -> None:
+    if not _is_int(top_logprobs) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise GenerationError(
+            f"top_logprobs must be an integer from 0 (off) to {MAX_TOP_LOGPROBS}, got {top_logprobs!r}"
+        )
+
+
 def _row_seed(seed: int, index: int) -> int:
     """The torch generator seed of prompt ``index`` under ``seed``: both mixed by numpy's SeedSequence (well spread,
     and the same on every platform and numpy version), so that neighbouring prompts get unrelated streams."""
@@ -135,47 +172,48 @@ def _normalize_stops(stop) -> list[str]:
     return list(stops)
 
 
-def encode_prompts(model, prompts) -> list[list[int]]:
-    """str | list[str] | list[list[int]] → token ids (strings use the tokenizer's defaults; ids used as given)."""
+def encode_prompts(model, prompts, name: str = "prompts") -> list[list[int]]:
+    """str | list[str] | list[list[int]] → token ids (strings use the tokenizer's defaults; ids used as given).
+    ``name``: the argument's name in errors."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise GenerationError("prompts: expected a non-empty str, list of str, or list of token-id lists")
+        raise GenerationError(f"{name}: expected a non-empty str, list of str, or list of token-id lists")
     vocab = model.config.vocab_size
     out: list[list[int]] = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if p == "":
-                raise GenerationError(f"prompts[{i}] is an empty string; give at least one character")
+                raise GenerationError(f"{name}[{i}] is an empty string; give at least one character")
             if model.tokenizer is None:
-                raise TokenizerError(f"prompts[{i}] is text but {model.path} has no tokenizer; pass token ids")
-            check_text(p, f"prompts[{i}]")
+                raise TokenizerError(f"{name}[{i}] is text but {model.path} has no tokenizer; pass token ids")
+            check_text(p, f"{name}[{i}]")
             ids = model.tokenizer(p)["input_ids"]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise TokenizerError(
-                    f"prompts[{i}]: the tokenizer gave id(s) {bad[:5]}, outside the model's vocabulary [0, {vocab}) "
+                    f"{name}[{i}]: the tokenizer gave id(s) {bad[:5]}, outside the model's vocabulary [0, {vocab}) "
                     f"(config.json vocab_size): the tokenizer files in {model.path} do not belong to these weights"
                 )
         elif isinstance(p, (list, tuple)) or (isinstance(p, torch.Tensor) and p.dim() == 1):
             if isinstance(p, torch.Tensor):
                 if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-                    raise GenerationError(f"prompts[{i}]: a tensor of token ids must hold integers, got {p.dtype}")
+                    raise GenerationError(f"{name}[{i}]: a tensor of token ids must hold integers, got {p.dtype}")
                 p = p.tolist()
             wrong = [t for t in p if not _is_int(t)]
             if wrong:
                 raise GenerationError(
-                    f"prompts[{i}]: token ids must be integers, got {wrong[0]!r} ({type(wrong[0]).__name__}); "
+                    f"{name}[{i}]: token ids must be integers, got {wrong[0]!r} ({type(wrong[0]).__name__}); "
                     "pass text as a str, or a list of int ids"
                 )
             ids = [int(t) for t in p]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise GenerationError(f"prompts[{i}] holds token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+                raise GenerationError(f"{name}[{i}] holds token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
         else:
-            raise GenerationError(f"prompts[{i}]: expected str or a list of token ids, got {type(p).__name__}")
+            raise GenerationError(f"{name}[{i}]: expected str or a list of token ids, got {type(p).__name__}")
         if len(ids) == 0:
-            raise GenerationError(f"prompts[{i}] is empty; give at least one token")
+            raise GenerationError(f"{name}[{i}] is empty; give at least one token")
         out.append(list(ids))
     return out
 
@@ -297,7 +335,8 @@ def _find_prefix(model, ids: list[list[int]], rows: list[int]) -> tuple[_SharedP
 
 def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch.Tensor | None,
             length: int | None = None, own_cache: bool = False,
-            prefix: tuple[_SharedPrefix, int, list[int]] | None = None):  # fmt: skip
+            prefix: tuple[_SharedPrefix, int, list[int]] | None = None,
+            prompt_logprobs: int | None = None):  # fmt: skip
     """Left-pad ``ids`` into [B, T], get the static cache from the model's runner (``length`` slots, default
     T + ``max_new_tokens``), run the prompt (chunked). ``own_cache``: a cache of T slots of their own instead
     (prompts that join a running batch: the runner's cache is in use; ``runner.place_rows`` copies it there).
@@ -307,7 +346,8 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     Prompts given more than once with the same adapter (``generate(n=...)``'s samples) are prefilled once, their
     cache rows copied (unless ``runner.share_prefix`` is off).
 
-    Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]).
+    Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]); with
+    ``prompt_logprobs=N`` (no ``prefix``) a fifth item, the prompt tokens' log-probabilities (``runner.prefill``'s).
     """
     dev = model.device
     b, t = len(ids), max(len(x) for x in ids)
@@ -318,7 +358,7 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
         if len(seen) < b:
             distinct = [which.index(j) for j in range(len(seen))]  # each distinct row's first occurrence
             return _prefill_distinct(model, ids, distinct, which, max_new_tokens, adapter_idx, length, own_cache,
-                                     prefix)  # fmt: skip
+                                     prefix, prompt_logprobs)  # fmt: skip
     tokens = torch.zeros(b, t, dtype=torch.long)
     for i, x in enumerate(ids):
         tokens[i, t - len(x):] = torch.tensor(x, dtype=torch.long)
@@ -330,13 +370,15 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
         cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
     first = prefix[0].write(cache, starts, prefix[2], prefix[1]) if prefix is not None else 0
     tokens = tokens.to(dev)
-    logits = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids),
-                                  first=first)  # fmt: skip
-    return logits, cache, start, tokens
+    out = model.runner.prefill(tokens, start, cache, adapter_idx, padded=any(len(x) != t for x in ids),
+                               first=first, prompt_logprobs=prompt_logprobs)  # fmt: skip
+    if prompt_logprobs is None:
+        return out, cache, start, tokens
+    return out[0], cache, start, tokens, out[1]
 
 
 def _prefill_distinct(model, ids, distinct: list[int], which: list[int], max_new_tokens, adapter_idx, length,
-                      own_cache, prefix):  # fmt: skip
+                      own_cache, prefix, prompt_logprobs):  # fmt: skip
     """``prefill`` of the rows ``distinct`` only (one per distinct prompt and adapter, in a cache of their own), then
     each row's logits, start, tokens and cache rows taken from its prompt's (``which``: each row's place among the
     distinct ones; the padded length is the same: the same prompts are the longest)."""
@@ -344,9 +386,10 @@ def _prefill_distinct(model, ids, distinct: list[int], which: list[int], max_new
     sub = torch.tensor(distinct, dtype=torch.long, device=dev)
     which = torch.tensor(which, dtype=torch.long, device=dev)
     sub_prefix = (prefix[0], prefix[1], [prefix[2][i] for i in distinct]) if prefix is not None else None
-    logits, small, start, tokens = prefill(model, [ids[i] for i in distinct], max_new_tokens,
-                                           adapter_idx.index_select(0, sub) if adapter_idx is not None else None,
-                                           own_cache=True, prefix=sub_prefix)  # fmt: skip
+    logits, small, start, tokens, *scores = prefill(
+        model, [ids[i] for i in distinct], max_new_tokens,
+        adapter_idx.index_select(0, sub) if adapter_idx is not None else None,
+        own_cache=True, prefix=sub_prefix, prompt_logprobs=prompt_logprobs)  # fmt: skip
     b, t = len(ids), tokens.shape[1]
     if own_cache:
         cache = KVCache([k.index_select(0, which) for k in small.k], [v.index_select(0, which) for v in small.v])
@@ -354,7 +397,25 @@ def _prefill_distinct(model, ids, distinct: list[int], which: list[int], max_new
         cache = model.runner.allocate(b, length or t + max_new_tokens, model.dtype, dev)
         for dst, src in zip(cache.k + cache.v, small.k + small.v):
             dst[:b, :, :t] = src.index_select(0, which)
-    return logits.index_select(0, which), cache, start.index_select(0, which), tokens.index_select(0, which)
+    out = (logits.index_select(0, which), cache, start.index_select(0, which), tokens.index_select(0, which))
+    if scores:
+        out += (tuple(x.index_select(0, which) if x is not None else None for x in scores[0]),)
+    return out
+
+
+def _prompt_scores(scores, ids: list[list[int]]) -> list[tuple[list, list | None]]:
+    """``prefill``'s prompt log-probabilities for the left-padded prompts ``ids`` → per prompt (log-probabilities,
+    top tokens or None): one entry per prompt token, None for the first (nothing comes before it)."""
+    lp, top_lp, top_ids = (x.tolist() if x is not None else None for x in scores)
+    out = []
+    for j, x in enumerate(ids):
+        t = len(lp[j])
+        a = t - len(x)  # the prompt's first slot; slot p holds token p+1's log-probability
+        top = None
+        if top_lp is not None:
+            top = [None] + [list(zip(i, v)) for i, v in zip(top_ids[j][a : t - 1], top_lp[j][a : t - 1])]
+        out.append(([None] + lp[j][a : t - 1], top))
+    return out
 
 
 def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: int, start, cache, adapter_idx,
@@ -733,6 +794,7 @@ def _generate_batch(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     no_repeat_ngram_size: int = 0,
+    prompt_logprobs: bool = False,
 ) -> list[GenerationResult]:
     """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
 
@@ -765,7 +827,9 @@ def _generate_batch(
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
-    shared = _find_prefix(model, ids, rows) if model.runner.share_prefix else None
+    # (prompt log-probabilities need every prompt token run through the model: no prefix copied in)
+    shared = _find_prefix(model, ids, rows) if model.runner.share_prefix and not prompt_logprobs else None
+    prompt_scores: dict[int, tuple] = {}  # prompt → its prompt log-probabilities (with prompt_logprobs)
 
     def start_rows(members: list[int], join: bool = False):
         """Prefill the prompts ``members`` (positions in ``ids``) → their loop state, first logits, cache, start.
@@ -773,8 +837,11 @@ def _generate_batch(
         adapter_idx = (torch.tensor([rows[i] for i in members], dtype=torch.int32, device=dev)
                        if has_adapter else None)  # fmt: skip
         prefix = (*shared, [rows[i] for i in members]) if shared else None
-        logits, cache, start, prompt = prefill(model, [ids[i] for i in members], max_new_tokens, adapter_idx,
-                                               length=cache_len, own_cache=join, prefix=prefix)  # fmt: skip
+        logits, cache, start, prompt, *scores = prefill(
+            model, [ids[i] for i in members], max_new_tokens, adapter_idx, length=cache_len, own_cache=join,
+            prefix=prefix, prompt_logprobs=min(top_logprobs, v) if prompt_logprobs else None)  # fmt: skip
+        if scores:
+            prompt_scores.update(zip(members, _prompt_scores(scores[0], [ids[i] for i in members])))
         if n == 1 and model.runner.share_prefix and len(ids[0]) > MIN_SHARED_PREFIX:
             # keep this prompt's K/V (but its last token) for the next call's prompts that begin the same way
             model.runner.prefix = _SharedPrefix.keep(cache, ids[0][:-1], rows[0])
@@ -910,8 +977,11 @@ def _generate_batch(
                         seq = seq[:j]
                         break
         res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]),
+                               prompt_token_ids=list(ids[i]),
                                logprobs=lp[: len(seq)] if lp is not None else None,
                                top_logprobs=top[: len(seq)] if top is not None else None)  # fmt: skip
+        if prompt_logprobs:
+            res.prompt_logprobs, res.prompt_top_logprobs = prompt_scores[i]
         if matcher is not None:
             res.interventions = interventions
         results.append(res)
@@ -994,6 +1064,7 @@ def generate(
     top_logprobs: int = 0,
     n: int = 1,
     no_repeat_ngram_size: int = 0,
+    prompt_logprobs: bool = False,
 ) -> list[GenerationResult]:
     """Generate a continuation for each prompt.
 
@@ -1043,6 +1114,11 @@ def generate(
     top_logprobs : 0 to 20 (OpenAI's bound); N > 0 also returns, in ``.top_logprobs``, the N most likely tokens at
         each returned position under the same raw logits, as (token id, log-probability) pairs, most likely first
         (vLLM's ``logprobs=N``, OpenAI's ``top_logprobs``); implies ``logprobs``.
+    prompt_logprobs : also return, in ``.prompt_logprobs``, each prompt token's log-probability given the tokens
+        before it under the model's raw logits (None for the first token; vLLM's ``prompt_logprobs``), and with
+        ``top_logprobs=N`` the N most likely tokens at each prompt position in ``.prompt_top_logprobs``. The whole
+        prompt then runs through the model (no shared prefix is copied in). ``score`` gives the same without
+        generating.
     n : sequences to generate per prompt (vLLM's ``n``, transformers' ``num_return_sequences``); above 1 needs
         sampling (``temperature > 0``: greedy would return n equal sequences). Each sample is decoded as a prompt of
         its own: prompt i's samples are results ``i*n`` to ``i*n + n - 1``, drawn as prompts ``i*n + j`` of the
@@ -1053,7 +1129,7 @@ def generate(
     Returns
     -------
     list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``, ``.interventions``, ``.logprobs``,
-    ``.top_logprobs``), n per prompt, in order.
+    ``.top_logprobs``, ``.prompt_logprobs``, ``.prompt_top_logprobs``), n per prompt, in order.
     """
     _check_model(model)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p)
@@ -1083,10 +1159,9 @@ def generate(
         raise GenerationError(f"max_rewinds must be an integer >= 0, got {max_rewinds!r}")
     if not isinstance(logprobs, (bool, np.bool_)):
         raise GenerationError(f"logprobs must be True or False, got {logprobs!r}")
-    if not _is_int(top_logprobs) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise GenerationError(
-            f"top_logprobs must be an integer from 0 (off) to {MAX_TOP_LOGPROBS}, got {top_logprobs!r}"
-        )
+    _check_top_logprobs(top_logprobs)
+    if not isinstance(prompt_logprobs, (bool, np.bool_)):
+        raise GenerationError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
     if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
         raise GenerationError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {no_repeat_ngram_size!r}")
     if not _is_int(n) or n < 1:
@@ -1124,7 +1199,7 @@ def generate(
               lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs) or top_logprobs > 0,
               top_logprobs=int(top_logprobs), min_new_tokens=int(min_new_tokens),
               presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
-              no_repeat_ngram_size=int(no_repeat_ngram_size))  # fmt: skip
+              no_repeat_ngram_size=int(no_repeat_ngram_size), prompt_logprobs=bool(prompt_logprobs))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
     show = progress if progress is not None else bs < total
     unit = "prompt" if n == 1 else "sequence"
@@ -1134,6 +1209,60 @@ def generate(
     results: list[GenerationResult | None] = [None] * total
     for i, out in zip(order, outs):
         results[i] = out
+    return results
+
+
+@torch.inference_mode()
+def score(model, texts, *, adapter=FIRST_ADAPTER, top_logprobs: int = 0, batch_size: int | None = None,
+          progress: bool | None = None) -> list[ScoreResult]:
+    """Each text's tokens' log-probabilities under the model (with its adapter), without generating: the
+    log-likelihood of a text, its perplexity, or which of two phrasings the model finds more likely (the
+    sentence-pair comparison of bias benchmarks).
+
+    Parameters
+    ----------
+    model : a model from ``fastdebias.load``.
+    texts : str, list of str, or list of token-id lists (ids are used as given; text is encoded as ``generate``
+        encodes prompts, special tokens such as BOS included).
+    adapter : as in ``generate``: omitted → the first loaded adapter; ``None`` → none; a name; or one per text.
+    top_logprobs : 0 to 20; N > 0 also gives the N most likely tokens at each position.
+    batch_size : texts run at once (default: as many as fit half the free memory, as in ``generate``).
+    progress : a tqdm bar over texts (default: when there is more than one batch).
+
+    Returns
+    -------
+    list of ScoreResult (``.token_ids``, ``.logprobs`` with None first, ``.top_logprobs``, ``.total``,
+    ``.perplexity``), one per text, in order.
+    """
+    _check_model(model)
+    _check_top_logprobs(top_logprobs)
+    ids = encode_prompts(model, texts, "texts")
+    rows = resolve_adapter_rows(model, adapter, len(ids))
+    for i, x in enumerate(ids):
+        if len(x) > model.max_context:
+            raise GenerationError(
+                f"texts[{i}] has {len(x)} tokens, more than the model's context of {model.max_context}: shorten it"
+            )
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    total = len(ids)
+    bs = batch_size or model.runner.default_batch_size(total, max(len(x) for x in ids), 0, model.dtype,
+                                                       model.device)  # fmt: skip
+    order = sorted(range(total), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    top = min(int(top_logprobs), model.config.vocab_size)
+    results: list[ScoreResult | None] = [None] * total
+    show = progress if progress is not None else bs < total
+    with tqdm(total=total, desc="Scoring", unit="text", disable=not show) as bar:
+        for lo in range(0, total, bs):
+            members = order[lo : lo + bs]
+            adapter_idx = None
+            if any(rows[i] >= 0 for i in members):
+                adapter_idx = torch.tensor([rows[i] for i in members], dtype=torch.int32, device=model.device)
+            chunk = [ids[i] for i in members]
+            *_, scores = prefill(model, chunk, 0, adapter_idx, own_cache=True, prompt_logprobs=top)
+            for i, (lps, tops) in zip(members, _prompt_scores(scores, chunk)):
+                results[i] = ScoreResult(token_ids=list(ids[i]), logprobs=lps, top_logprobs=tops)
+            bar.update(len(members))
     return results
 
 

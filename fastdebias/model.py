@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 from fastdebias import ops
 from fastdebias.loader import AdapterWeights
 
+# ``token_logprobs``: the fp32 logits of one block of positions stay within this many bytes
+LOGPROB_BLOCK_BYTES = 64 << 20
+
 
 class LoRALinear(nn.Module):
     """A projection made of 1–3 output slices (q/k/v, gate/up fused; o, down, lm_head alone), each with an
@@ -344,6 +347,7 @@ class LlamaDecoder(nn.Module):
         head: bool = True,
         causal: bool = False,
         regions=None,
+        all_hidden: bool = False,
     ) -> torch.Tensor | None:
         """Run ``tokens`` [B, T] written at cache ``slots`` [B, T]; rows' real tokens begin at ``start`` [B].
 
@@ -354,7 +358,8 @@ class LlamaDecoder(nn.Module):
         mask (``is_causal``), which lets SDPA take its flash kernel on GPU. ``regions``: a pair
         ``(layer_fn, head_fn)`` through which to run each decoder layer (``layer_fn(layer, h, ...)``, as
         ``run_layer``) and the final norm + lm_head (``head_fn(self, h, rows)``, as ``LlamaDecoder.head``): the
-        compiled runtime passes their compiled forms; default, these two as they are.
+        compiled runtime passes their compiled forms; default, these two as they are. ``all_hidden=True``: the last
+        layer's output at every position [B, T, K] (before the final norm) instead, for ``token_logprobs``.
         """
         b, t = tokens.shape
         positions = (slots - start.view(b, 1)).clamp(min=0)
@@ -373,6 +378,8 @@ class LlamaDecoder(nn.Module):
         h = F.embedding(tokens, self.embed_tokens)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             h = layer_fn(layer, h, rows, cos, sin, kc, vc, slots, mask)
+        if all_hidden:
+            return h
         if not last_logits:
             return None
         if not head:
@@ -382,6 +389,27 @@ class LlamaDecoder(nn.Module):
     def head(self, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """The last position's hidden state [B, 1, K] → fp32 logits [B, V] (final norm, lm_head and its LoRA)."""
         return self.lm_head(self.norm(h), rows)[:, 0].float()
+
+    def token_logprobs(self, h: torch.Tensor, rows: torch.Tensor | None, targets: torch.Tensor, top: int = 0,
+                       budget: int = LOGPROB_BLOCK_BYTES):  # fmt: skip
+        """Hidden states ``h`` [B, S, K] (``forward(all_hidden=True)``) → the log-probability [B, S] fp32 of
+        ``targets`` [B, S] (the next token at each position) under the model's raw logits, and with ``top`` > 0 the
+        ``top`` most likely tokens' (log-probabilities, ids) [B, S, top]. The logits are computed a block of
+        positions at a time, each block's fp32 logits within ``budget`` bytes: [B, S, V] is never held whole."""
+        b, s, _ = h.shape
+        v = self.lm_head.sizes[0]
+        step = max(1, budget // (4 * b * v))
+        lp = torch.empty(b, s, dtype=torch.float32, device=h.device)
+        top_lp = torch.empty(b, s, top, dtype=torch.float32, device=h.device) if top else None
+        top_ids = torch.empty(b, s, top, dtype=torch.long, device=h.device) if top else None
+        for lo in range(0, s, step):
+            hi = min(lo + step, s)
+            r = rows.repeat_interleave(hi - lo) if rows is not None else None
+            logp = torch.log_softmax(self.lm_head(self.norm(h[:, lo:hi]), r).float(), dim=-1)
+            lp[:, lo:hi] = logp.gather(2, targets[:, lo:hi, None])[..., 0]
+            if top:
+                top_lp[:, lo:hi], top_ids[:, lo:hi] = logp.topk(top, dim=-1)
+        return lp, top_lp, top_ids
 
 
 def run_layer(layer: DecoderLayer, h: torch.Tensor, *args) -> torch.Tensor:

@@ -255,18 +255,29 @@ class DecodeRunner:
         return cache
 
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, adapter_idx,
-                padded: bool = True, first: int = 0) -> torch.Tensor:  # fmt: skip
+                padded: bool = True, first: int = 0, prompt_logprobs: int | None = None):  # fmt: skip
         """tokens [B, T] (left-padded) into slots 0..T-1, in chunks of ``PREFILL_CHUNK`` → last logits [B, V].
 
         ``padded=False`` (every prompt has T tokens): the first chunk attends with ``is_causal`` and no mask, the
         flash-attention path on GPU; later chunks (queries offset from the keys) and padded batches use the mask.
-        ``first``: slots below it are in the cache already (a shared prefix's), so the prefill starts there."""
+        ``first``: slots below it are in the cache already (a shared prefix's), so the prefill starts there.
+        ``prompt_logprobs=N`` (``first`` 0): also each prompt token's log-probability given the tokens before it
+        → (logits, (lp [B, T], top_lp, top_ids [B, T, N] or None)): lp[:, p] is token p+1's (the last slot's
+        and padding's are left undefined), the top N tokens' at each position with N > 0."""
         b, t = tokens.shape
         logits = None
+        scores = None
+        if prompt_logprobs is not None:
+            if first:
+                raise ValueError("prompt log-probabilities need the whole prompt prefilled (first=0)")
+            n = prompt_logprobs
+            scores = (torch.zeros(b, t, dtype=torch.float32, device=tokens.device),
+                      torch.zeros(b, t, n, dtype=torch.float32, device=tokens.device) if n else None,
+                      torch.zeros(b, t, n, dtype=torch.long, device=tokens.device) if n else None)  # fmt: skip
         for lo in range(first, t, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, t)
             slots = torch.arange(lo, hi, device=tokens.device).expand(b, hi - lo)
-            logits = self.decoder(
+            out = self.decoder(
                 tokens[:, lo:hi],
                 slots,
                 start,
@@ -275,8 +286,21 @@ class DecodeRunner:
                 adapter_idx,
                 last_logits=hi == t,
                 causal=lo == 0 and not padded,
+                all_hidden=scores is not None,
             )
-        return logits
+            if scores is None:
+                logits = out
+                continue
+            end = min(hi, t - 1)  # positions lo..end-1 have a next prompt token to score
+            if end > lo:
+                got = self.decoder.token_logprobs(out[:, : end - lo], adapter_idx, tokens[:, lo + 1 : end + 1],
+                                                  prompt_logprobs)  # fmt: skip
+                for dst, src in zip(scores, got):
+                    if dst is not None:
+                        dst[:, lo:end] = src
+            if hi == t:
+                logits = self.decoder.head(out[:, -1:], adapter_idx)
+        return logits if scores is None else (logits, scores)
 
     def decode(self, token, slots, kv_len: int, start, cache: KVCache, adapter_idx, head: bool = True) -> torch.Tensor:
         """token [B] written at per-row ``slots`` [B], attending to slots < ``kv_len`` → logits [B, V] fp32 (with

@@ -125,3 +125,30 @@ def test_cuda_lexicon_backtrack_on_device(real_shape_dir):
         outs = fastdebias.generate(model, PROMPTS, max_new_tokens=16, lexicon=lex, temperature=1.0, seed=seed)
         for o in outs:
             assert not any(tuple(o.token_ids[i:i + 2]) in phrases for i in range(len(o.token_ids) - 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_prompt_logprobs_as_accurate_as_transformers(real_shape_dir, backend):
+    """``score`` in bf16 on the GPU (the padded batch, the blocked lm_head over a 32064 vocabulary): every prompt
+    token's log-probability within the error of transformers + PEFT in bf16, both against fp32 transformers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m, a = real_shape_dir
+
+    def hf_logprobs(dt):
+        hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(m), dtype=dt).cuda(), str(a))
+        out = []
+        for p in PROMPTS:
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(torch.tensor([p], device="cuda")).logits[0, :-1].float(), dim=-1)
+            out.append(lp.gather(1, torch.tensor(p[1:], device="cuda").view(-1, 1))[:, 0].cpu())
+        return out
+
+    model = fastdebias.load(m, a, device="cuda", dtype="bfloat16", backend=backend, progress=False)
+    got = fastdebias.score(model, PROMPTS)
+    truth, ref = hf_logprobs(torch.float32), hf_logprobs(torch.bfloat16)
+    for s, t, r in zip(got, truth, ref):
+        ours = torch.tensor(s.logprobs[1:])
+        err_ours, err_hf = (ours - t).abs().max().item(), (r - t).abs().max().item()
+        assert err_ours <= 1.25 * err_hf + 2e-2, (err_ours, err_hf)

@@ -30,9 +30,9 @@ def prefilled_tokens(model, monkeypatch) -> list[int]:
     seen: list[int] = []
     orig = model.runner.prefill
 
-    def spy(tokens, start, cache, adapter_idx, padded=True, first=0):
+    def spy(tokens, start, cache, adapter_idx, padded=True, first=0, **kw):
         seen.append(tokens.shape[0] * (tokens.shape[1] - first))
-        return orig(tokens, start, cache, adapter_idx, padded=padded, first=first)
+        return orig(tokens, start, cache, adapter_idx, padded=padded, first=first, **kw)
 
     monkeypatch.setattr(model.runner, "prefill", spy)
     return seen
