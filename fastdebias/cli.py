@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "'logprob', 'perplexity'")
     sc.add_argument("--top-logprobs", type=int, default=0, metavar="N",
                     help="also the N (up to 20) most likely tokens at each position ('top_logprobs' in --json)")
+    sc.add_argument("--context", type=_unescape, default=None, metavar="TEXT",
+                    help=r"score each text as the continuation of this prompt (its tokens, with special tokens, "
+                         r"then the text's, without); \n, \t, \r and \\ are read as escapes")
     from fastdebias.bench import add_arguments as add_bench_arguments
 
     b = sub.add_parser("bench", help="decode benchmark against transformers",
@@ -227,10 +230,11 @@ def _token_rows(tok, ids: list[int], lps: list) -> list[list]:
 
 def _print_scores(tok, inputs: list[str], scores, as_json: bool) -> None:
     for text, s in zip(inputs, scores):
-        n = len(s.token_ids) - 1
+        n = sum(x is not None for x in s.logprobs)
         if as_json:
             row = {"input": text, "tokens": _token_rows(tok, s.token_ids, s.logprobs), "logprob": s.total,
-                   "perplexity": None if math.isnan(s.perplexity) else s.perplexity}  # fmt: skip
+                   "perplexity": None if math.isnan(s.perplexity) else s.perplexity,
+                   "context_tokens": s.context_tokens}  # fmt: skip
             if s.top_logprobs is not None:
                 row["top_logprobs"] = [None if pos is None else [[_token_text(tok, i), i, lp] for i, lp in pos]
                                        for pos in s.top_logprobs]  # fmt: skip
@@ -256,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             adapter_kw = {}
             if args.use_adapter is not None:
                 adapter_kw["adapter"] = None if args.use_adapter.lower() == "none" else args.use_adapter
-            scores = fastdebias.score(model, inputs, top_logprobs=args.top_logprobs, batch_size=args.batch_size,
-                                      progress=None if not args.quiet else False, **adapter_kw)  # fmt: skip
+            scores = fastdebias.score(model, inputs, context=args.context, top_logprobs=args.top_logprobs,
+                                      batch_size=args.batch_size, progress=None if not args.quiet else False,
+                                      **adapter_kw)  # fmt: skip
             _print_scores(model.tokenizer, inputs, scores, args.json)
             return 0
         kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

@@ -66,25 +66,26 @@ class GenerationResult:
 
 @dataclass
 class ScoreResult:
-    """What ``score`` gives for one text: its tokens as the model reads them (special tokens included) and each
-    token's log-probability given the tokens before it (None for the first)."""
+    """What ``score`` gives for one text: its tokens as the model reads them and each token's log-probability
+    given the tokens before it: None for a text's first token, unless a context comes before the text."""
 
     token_ids: list[int]
     logprobs: list[float | None]
-    # with ``score(top_logprobs=N)``: the N most likely tokens at each position (None at the first), as
+    # with ``score(top_logprobs=N)``: the N most likely tokens at each position (None where ``logprobs`` is), as
     # (token id, log-probability) pairs, most likely first; None otherwise
     top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    context_tokens: int = 0  # with ``score(context=...)``: the tokens of the context the text followed
 
     @property
     def total(self) -> float:
-        """The sum of the log-probabilities: the text's log-likelihood given its first token."""
-        return float(sum(x for x in self.logprobs[1:]))
+        """The sum of the log-probabilities: the text's log-likelihood (given its context, or its first token)."""
+        return float(sum(x for x in self.logprobs if x is not None))
 
     @property
     def perplexity(self) -> float:
-        """exp of the mean negative log-probability over the scored tokens (all but the first); nan for a text of
-        one token (nothing scored)."""
-        n = len(self.logprobs) - 1
+        """exp of the mean negative log-probability over the scored tokens; nan where none was scored (a text of
+        one token and no context)."""
+        n = sum(x is not None for x in self.logprobs)
         return math.exp(-self.total / n) if n else math.nan
 
 
@@ -172,9 +173,9 @@ def _normalize_stops(stop) -> list[str]:
     return list(stops)
 
 
-def encode_prompts(model, prompts, name: str = "prompts") -> list[list[int]]:
-    """str | list[str] | list[list[int]] → token ids (strings use the tokenizer's defaults; ids used as given).
-    ``name``: the argument's name in errors."""
+def encode_prompts(model, prompts, name: str = "prompts", special_tokens: bool = True) -> list[list[int]]:
+    """str | list[str] | list[list[int]] → token ids (strings use the tokenizer's defaults, or none of its special
+    tokens with ``special_tokens=False``; ids used as given). ``name``: the argument's name in errors."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
@@ -188,7 +189,7 @@ def encode_prompts(model, prompts, name: str = "prompts") -> list[list[int]]:
             if model.tokenizer is None:
                 raise TokenizerError(f"{name}[{i}] is text but {model.path} has no tokenizer; pass token ids")
             check_text(p, f"{name}[{i}]")
-            ids = model.tokenizer(p)["input_ids"]
+            ids = model.tokenizer(p, add_special_tokens=special_tokens)["input_ids"]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise TokenizerError(
@@ -347,7 +348,8 @@ def prefill(model, ids: list[list[int]], max_new_tokens: int, adapter_idx: torch
     cache rows copied (unless ``runner.share_prefix`` is off).
 
     Returns (last-position logits [B, V] fp32, cache, start [B], padded prompt tokens [B, T]); with
-    ``prompt_logprobs=N`` (no ``prefix``) a fifth item, the prompt tokens' log-probabilities (``runner.prefill``'s).
+    ``prompt_logprobs=N`` a fifth item, the prompt tokens' log-probabilities (``runner.prefill``'s; not those of
+    the slots a ``prefix`` fills).
     """
     dev = model.device
     b, t = len(ids), max(len(x) for x in ids)
@@ -1213,17 +1215,24 @@ def generate(
 
 
 @torch.inference_mode()
-def score(model, texts, *, adapter=FIRST_ADAPTER, top_logprobs: int = 0, batch_size: int | None = None,
-          progress: bool | None = None) -> list[ScoreResult]:
+def score(model, texts, *, context=None, adapter=FIRST_ADAPTER, top_logprobs: int = 0,
+          batch_size: int | None = None, progress: bool | None = None) -> list[ScoreResult]:  # fmt: skip
     """Each text's tokens' log-probabilities under the model (with its adapter), without generating: the
-    log-likelihood of a text, its perplexity, or which of two phrasings the model finds more likely (the
-    sentence-pair comparison of bias benchmarks).
+    log-likelihood of a text, its perplexity, which of two phrasings the model finds more likely (the sentence-pair
+    comparison of bias benchmarks), or with ``context`` how likely a text is as the continuation of a prompt (a
+    rewrite after the debiasing instruction).
 
     Parameters
     ----------
     model : a model from ``fastdebias.load``.
-    texts : str, list of str, or list of token-id lists (ids are used as given; text is encoded as ``generate``
-        encodes prompts, special tokens such as BOS included).
+    texts : str, list of str, or list of token-id lists (ids are used as given). Without ``context``, text is
+        encoded as ``generate`` encodes prompts (special tokens such as BOS included) and every token but the
+        first is scored.
+    context : None; a str or token-id list before every text; or a list with one (str or token-id list) per
+        text. Each text is then scored as the continuation of its context: the context is encoded as a prompt
+        (special tokens included), the text on its own without special tokens (mind the space between them: a
+        byte-level BPE tokenizer reads " sat" and "sat" as different tokens), the two joined, and every token of
+        the text is scored (the result holds the text's tokens only).
     adapter : as in ``generate``: omitted → the first loaded adapter; ``None`` → none; a name; or one per text.
     top_logprobs : 0 to 20; N > 0 also gives the N most likely tokens at each position.
     batch_size : texts run at once (default: as many as fit half the free memory, as in ``generate``).
@@ -1231,25 +1240,36 @@ def score(model, texts, *, adapter=FIRST_ADAPTER, top_logprobs: int = 0, batch_s
 
     Returns
     -------
-    list of ScoreResult (``.token_ids``, ``.logprobs`` with None first, ``.top_logprobs``, ``.total``,
+    list of ScoreResult (``.token_ids``, ``.logprobs``, ``.top_logprobs``, ``.context_tokens``, ``.total``,
     ``.perplexity``), one per text, in order.
     """
     _check_model(model)
     _check_top_logprobs(top_logprobs)
-    ids = encode_prompts(model, texts, "texts")
+    if context is None:
+        ids = encode_prompts(model, texts, "texts")
+        ctx = [[] for _ in ids]
+    else:
+        ids = encode_prompts(model, texts, "texts", special_tokens=False)
+        ctx = _contexts(model, context, len(ids))
     rows = resolve_adapter_rows(model, adapter, len(ids))
-    for i, x in enumerate(ids):
+    full = [c + x for c, x in zip(ctx, ids)]
+    for i, x in enumerate(full):
         if len(x) > model.max_context:
+            what = " with its context" if ctx[i] else ""
             raise GenerationError(
-                f"texts[{i}] has {len(x)} tokens, more than the model's context of {model.max_context}: shorten it"
+                f"texts[{i}] has {len(x)} tokens{what}, more than the model's context of {model.max_context}: "
+                "shorten it"
             )
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    total = len(ids)
-    bs = batch_size or model.runner.default_batch_size(total, max(len(x) for x in ids), 0, model.dtype,
+    total = len(full)
+    bs = batch_size or model.runner.default_batch_size(total, max(len(x) for x in full), 0, model.dtype,
                                                        model.device)  # fmt: skip
-    order = sorted(range(total), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    order = sorted(range(total), key=lambda i: len(full[i]))  # similar lengths together: less padding
     top = min(int(top_logprobs), model.config.vocab_size)
+    # texts after contexts that begin the same way (candidate rewrites after one instruction): the prefix that the
+    # contexts share (but each one's last token, whose logits score the text's first) is prefilled once
+    shared = _find_prefix(model, ctx, rows) if context is not None and model.runner.share_prefix else None
     results: list[ScoreResult | None] = [None] * total
     show = progress if progress is not None else bs < total
     with tqdm(total=total, desc="Scoring", unit="text", disable=not show) as bar:
@@ -1258,12 +1278,34 @@ def score(model, texts, *, adapter=FIRST_ADAPTER, top_logprobs: int = 0, batch_s
             adapter_idx = None
             if any(rows[i] >= 0 for i in members):
                 adapter_idx = torch.tensor([rows[i] for i in members], dtype=torch.int32, device=model.device)
-            chunk = [ids[i] for i in members]
-            *_, scores = prefill(model, chunk, 0, adapter_idx, own_cache=True, prompt_logprobs=top)
+            chunk = [full[i] for i in members]
+            prefix = (*shared, [rows[i] for i in members]) if shared else None
+            _, cache, *_, scores = prefill(model, chunk, 0, adapter_idx, own_cache=True, prefix=prefix,
+                                           prompt_logprobs=top)  # fmt: skip
+            if total == 1 and context is not None and model.runner.share_prefix and len(ctx[0]) > MIN_SHARED_PREFIX:
+                # as generate keeps a one-prompt call's: the next call's contexts that begin the same way start here
+                model.runner.prefix = _SharedPrefix.keep(cache, ctx[0][:-1], rows[0])
             for i, (lps, tops) in zip(members, _prompt_scores(scores, chunk)):
-                results[i] = ScoreResult(token_ids=list(ids[i]), logprobs=lps, top_logprobs=tops)
+                c = len(ctx[i])
+                results[i] = ScoreResult(token_ids=list(ids[i]), logprobs=lps[c:],
+                                         top_logprobs=tops[c:] if tops is not None else None,
+                                         context_tokens=c)  # fmt: skip
             bar.update(len(members))
     return results
+
+
+def _contexts(model, context, n: int) -> list[list[int]]:
+    """``score``'s ``context`` → one token-id list per text (encoded as prompts are)."""
+    one = isinstance(context, str) or (isinstance(context, torch.Tensor) and context.dim() == 1)
+    if one or (isinstance(context, (list, tuple)) and context and _is_int(context[0])):
+        return encode_prompts(model, [context], "context") * n  # one context for every text
+    if not isinstance(context, (list, tuple)) or len(context) != n:
+        got = f"a list of {len(context)}" if isinstance(context, (list, tuple)) else type(context).__name__
+        raise GenerationError(
+            f"context: expected a str or token-id list (one context for every text) or a list of {n} (one per "
+            f"text), got {got}"
+        )
+    return encode_prompts(model, context, "context")
 
 
 # ------------------------------------------------------------------------------------------- debiasing

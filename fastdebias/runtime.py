@@ -261,15 +261,13 @@ class DecodeRunner:
         ``padded=False`` (every prompt has T tokens): the first chunk attends with ``is_causal`` and no mask, the
         flash-attention path on GPU; later chunks (queries offset from the keys) and padded batches use the mask.
         ``first``: slots below it are in the cache already (a shared prefix's), so the prefill starts there.
-        ``prompt_logprobs=N`` (``first`` 0): also each prompt token's log-probability given the tokens before it
-        → (logits, (lp [B, T], top_lp, top_ids [B, T, N] or None)): lp[:, p] is token p+1's (the last slot's
-        and padding's are left undefined), the top N tokens' at each position with N > 0."""
+        ``prompt_logprobs=N``: also each prompt token's log-probability given the tokens before it → (logits,
+        (lp [B, T], top_lp, top_ids [B, T, N] or None)): lp[:, p] is token p+1's, the top N tokens' at each
+        position with N > 0 (left undefined: the last slot, padding, and the slots below ``first``)."""
         b, t = tokens.shape
         logits = None
         scores = None
         if prompt_logprobs is not None:
-            if first:
-                raise ValueError("prompt log-probabilities need the whole prompt prefilled (first=0)")
             n = prompt_logprobs
             scores = (torch.zeros(b, t, dtype=torch.float32, device=tokens.device),
                       torch.zeros(b, t, n, dtype=torch.float32, device=tokens.device) if n else None,

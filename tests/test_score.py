@@ -249,3 +249,102 @@ def test_cli_score_and_prompt_logprobs(llama_dir, adapter_qv, hf_qv, capsys):
     want = fastdebias.generate(model, "the cat sat", max_new_tokens=2, prompt_logprobs=True)[0]
     assert [t[2] for t in row["prompt_logprobs"]] == want.prompt_logprobs
     assert [t[1] for t in row["prompt_logprobs"]] == model.tokenizer("the cat sat")["input_ids"]
+
+
+def test_context(llama_dir, adapter_qv, adapter_all, hf_qv):
+    """score(context=...): each text scored as the continuation of its context (one for all, or one per text, of
+    different lengths, with mixed adapters): every text token against transformers scoring context + text in one
+    forward, and equal to scoring the joined ids and keeping the text's part."""
+    model = fastdebias.load(llama_dir, {"qv": adapter_qv, "all": adapter_all}, progress=False)
+    tok = model.tokenizer
+    texts = ["sat on the mat", "ran", "is a cat"]
+    ctx_ids = tok("the cat")["input_ids"]
+    got = fastdebias.score(model, texts, context="the cat", adapter="qv", top_logprobs=2)
+    for text, s in zip(texts, got):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert s.token_ids == ids and s.context_tokens == len(ctx_ids) and None not in s.logprobs
+        full = ctx_ids + ids
+        dist = hf_dist(hf_qv, full)[len(ctx_ids) - 1 :]
+        want = dist.gather(1, torch.tensor(ids).view(-1, 1))[:, 0]
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, rtol=0, atol=ATOL)
+
+        class Scored:
+            token_ids, logprobs, top_logprobs = ids, s.logprobs, s.top_logprobs
+
+        check_top(Scored, dist)
+        assert s.total == pytest.approx(sum(s.logprobs)) and s.perplexity == pytest.approx(
+            math.exp(-s.total / len(ids)))  # fmt: skip
+        whole = fastdebias.score(model, [full], adapter="qv")[0]
+        assert s.logprobs == pytest.approx(whole.logprobs[len(ctx_ids):], abs=1e-5)
+    # one context per text (ids and text, of different lengths), one adapter per text
+    contexts = [[1, 17, 42], "the dog", [1, 8, 9, 10, 11, 12, 13, 14]]
+    which = ["qv", None, "all"]
+    per = fastdebias.score(model, [[5, 6], [7], [9, 9, 3]], context=contexts, adapter=which)
+    for c, x, a, s in zip(contexts, [[5, 6], [7], [9, 9, 3]], which, per):
+        c = tok(c)["input_ids"] if isinstance(c, str) else c
+        assert s.token_ids == x and s.context_tokens == len(c)
+        alone = fastdebias.score(model, [c + x], adapter=a)[0]
+        assert s.logprobs == pytest.approx(alone.logprobs[len(c):], abs=1e-5)
+    # one id list: every text's context (the default adapter is the first loaded, "qv", as per[0]'s)
+    same = fastdebias.score(model, [[5, 6], [7]], context=[1, 17, 42])
+    assert [s.context_tokens for s in same] == [3, 3]
+    assert same[0].logprobs == pytest.approx(per[0].logprobs, abs=1e-5)
+
+
+def test_context_errors_and_cli(llama_dir, adapter_qv, capsys):
+    from fastdebias.cli import main
+
+    model = fastdebias.load(llama_dir, adapter_qv, progress=False)
+    with pytest.raises(GenerationError, match="context: expected a str or token-id list .* or a list of 2"):
+        fastdebias.score(model, ["a", "b"], context=["x", "y", "z"])
+    with pytest.raises(GenerationError, match=r"context\[0\] is an empty string"):
+        fastdebias.score(model, ["a"], context="")
+    with pytest.raises(GenerationError, match=r"texts\[0\] has 601 tokens with its context, more than"):
+        fastdebias.score(model, [[5]], context=[[1] * 600])
+    assert main(["score", "--model", str(llama_dir), "--adapter", str(adapter_qv), "--json", "-q",
+                 "--context", "the cat", "sat", "ran"]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    want = fastdebias.score(model, ["sat", "ran"], context="the cat")
+    for r, s in zip(rows, want):
+        assert [t[1] for t in r["tokens"]] == s.token_ids and [t[2] for t in r["tokens"]] == s.logprobs
+        assert r["context_tokens"] == s.context_tokens > 0 and r["logprob"] == pytest.approx(s.total)
+
+
+def test_context_prefix_prefilled_once(llama_dir, adapter_qv, adapter_all, hf_qv, monkeypatch):
+    """Texts after contexts that share a long beginning (candidate rewrites after one instruction): that
+    beginning is prefilled once per adapter and copied in, and a one-text call keeps its context for the next
+    call. Each score equals transformers' and the same call without sharing."""
+    model = fastdebias.load(llama_dir, {"qv": adapter_qv, "all": adapter_all}, progress=False)
+    instruction = [1] + list(range(20, 45))  # 26 tokens
+    texts = [[5, 6, 7], [8], [9, 10]]
+    computed: list[int] = []
+    orig = model.runner.prefill
+
+    def spy(tokens, start, cache, adapter_idx, padded=True, first=0, **kw):
+        computed.append(tokens.shape[0] * (tokens.shape[1] - first))
+        return orig(tokens, start, cache, adapter_idx, padded=padded, first=first, **kw)
+
+    monkeypatch.setattr(model.runner, "prefill", spy)
+    which = ["qv", "all", "qv"]
+    got = fastdebias.score(model, texts, context=instruction, adapter=which, top_logprobs=2)
+    # the shared 25 tokens once per adapter, then the 3 rows from slot 25 on (3 + the context's last token + pad)
+    assert computed == [2 * 25, 3 * (26 + 3 - 25)]
+    model.runner.share_prefix = False
+    model.runner.prefix = None
+    plain = fastdebias.score(model, texts, context=instruction, adapter=which, top_logprobs=2)
+    model.runner.share_prefix = True
+    for x, a, s, p in zip(texts, which, got, plain):
+        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+        assert [[i for i, _ in pos] for pos in s.top_logprobs] == [[i for i, _ in pos] for pos in p.top_logprobs]
+        if a == "qv":
+            full = instruction + x
+            want = hf_dist(hf_qv, full)[len(instruction) - 1 :].gather(1, torch.tensor(x).view(-1, 1))[:, 0]
+            torch.testing.assert_close(torch.tensor(s.logprobs), want, rtol=0, atol=ATOL)
+    # one text at a time: the first call keeps its context, the second prefills only its own tokens (and the
+    # context's last one)
+    model.runner.prefix = None
+    computed.clear()
+    one = [fastdebias.score(model, [x], context=instruction, adapter="qv")[0] for x in ([5, 6, 7], [9, 10])]
+    assert computed == [26 + 3, 1 + 2]
+    assert one[0].logprobs == pytest.approx(got[0].logprobs, abs=1e-5)
+    assert one[1].logprobs == pytest.approx(got[2].logprobs, abs=1e-5)
