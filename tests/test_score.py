@@ -66,12 +66,12 @@ def test_prompt_logprobs_equal_transformers(llama_dir, adapter_qv, hf_qv, backen
     plain = fastdebias.generate(model, PROMPTS, max_new_tokens=6, top_logprobs=5)
     for p, o, q in zip(PROMPTS, outs, plain):
         check(p, o.prompt_logprobs, o.prompt_top_logprobs, hf_qv)
-        assert o.token_ids == q.token_ids and o.logprobs == pytest.approx(q.logprobs, abs=1e-5)
+        assert o.token_ids == q.token_ids and o.logprobs == pytest.approx(q.logprobs, abs=1e-4)
         assert q.prompt_logprobs is None and q.prompt_top_logprobs is None
     only = fastdebias.generate(model, PROMPTS, max_new_tokens=2, prompt_logprobs=True)  # no top_logprobs
     assert all(o.prompt_top_logprobs is None and o.logprobs is None for o in only)
     for a, b in zip(only, outs):
-        assert a.prompt_logprobs[0] is None and a.prompt_logprobs[1:] == pytest.approx(b.prompt_logprobs[1:], abs=1e-5)
+        assert a.prompt_logprobs[0] is None and a.prompt_logprobs[1:] == pytest.approx(b.prompt_logprobs[1:], abs=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -87,7 +87,7 @@ def test_score_equals_transformers_and_generate(llama_dir, adapter_qv, hf_qv, ba
     for bs in (1, 2):
         again = fastdebias.score(model, PROMPTS, top_logprobs=3, batch_size=bs, progress=False)
         for a, b in zip(got, again):
-            assert b.logprobs[1:] == pytest.approx(a.logprobs[1:], abs=1e-5)
+            assert b.logprobs[1:] == pytest.approx(a.logprobs[1:], abs=1e-4)
             assert [[i for i, _ in pos] for pos in b.top_logprobs[1:]] == [[i for i, _ in pos] for pos in
                                                                           a.top_logprobs[1:]]  # fmt: skip
     one = fastdebias.score(model, [[5]])[0]  # one token: nothing to score
@@ -112,7 +112,7 @@ def test_chunked_prefill_and_blocked_head(llama_dir, adapter_qv, hf_qv, monkeypa
     assert blocks == [3, 3, 3, 1]  # 11 padded slots: chunks 0-2, 3-5, 6-8 score all, 9-10 scores slot 9 only
     for p, a, b in zip(PROMPTS, want, got):
         check(p, b.prompt_logprobs, b.prompt_top_logprobs, hf_qv)
-        assert b.prompt_logprobs[1:] == pytest.approx(a.prompt_logprobs[1:], abs=1e-5)
+        assert b.prompt_logprobs[1:] == pytest.approx(a.prompt_logprobs[1:], abs=1e-4)
         assert b.token_ids == a.token_ids
 
 
@@ -236,8 +236,9 @@ def test_cli_score_and_prompt_logprobs(llama_dir, adapter_qv, hf_qv, capsys):
     for r in rows:
         s = fastdebias.score(model, r["input"], top_logprobs=2)[0]
         assert [t[1] for t in r["tokens"]] == s.token_ids
-        assert [t[2] for t in r["tokens"]] == s.logprobs
-        assert r["logprob"] == pytest.approx(s.total) and r["perplexity"] == pytest.approx(s.perplexity)
+        assert r["tokens"][0][2] is None
+        assert [t[2] for t in r["tokens"][1:]] == pytest.approx(s.logprobs[1:], abs=1e-4)
+        assert r["logprob"] == pytest.approx(s.total, abs=1e-4) and r["perplexity"] == pytest.approx(s.perplexity)
         assert r["top_logprobs"][0] is None and [i for _, i, _ in r["top_logprobs"][1]] == [
             i for i, _ in s.top_logprobs[1]]  # fmt: skip
     assert main(["score", "--model", str(llama_dir), "--use-adapter", "none", "-q", "the cat sat"]) == 0
@@ -247,7 +248,8 @@ def test_cli_score_and_prompt_logprobs(llama_dir, adapter_qv, hf_qv, capsys):
                  "--max-new-tokens", "2", "--prompt-logprobs", "the cat sat"]) == 0  # fmt: skip
     row = json.loads(capsys.readouterr().out)
     want = fastdebias.generate(model, "the cat sat", max_new_tokens=2, prompt_logprobs=True)[0]
-    assert [t[2] for t in row["prompt_logprobs"]] == want.prompt_logprobs
+    assert row["prompt_logprobs"][0][2] is None
+    assert [t[2] for t in row["prompt_logprobs"][1:]] == pytest.approx(want.prompt_logprobs[1:], abs=1e-4)
     assert [t[1] for t in row["prompt_logprobs"]] == model.tokenizer("the cat sat")["input_ids"]
 
 
@@ -275,7 +277,7 @@ def test_context(llama_dir, adapter_qv, adapter_all, hf_qv):
         assert s.total == pytest.approx(sum(s.logprobs)) and s.perplexity == pytest.approx(
             math.exp(-s.total / len(ids)))  # fmt: skip
         whole = fastdebias.score(model, [full], adapter="qv")[0]
-        assert s.logprobs == pytest.approx(whole.logprobs[len(ctx_ids):], abs=1e-5)
+        assert s.logprobs == pytest.approx(whole.logprobs[len(ctx_ids):], abs=1e-4)
     # one context per text (ids and text, of different lengths), one adapter per text
     contexts = [[1, 17, 42], "the dog", [1, 8, 9, 10, 11, 12, 13, 14]]
     which = ["qv", None, "all"]
@@ -284,11 +286,11 @@ def test_context(llama_dir, adapter_qv, adapter_all, hf_qv):
         c = tok(c)["input_ids"] if isinstance(c, str) else c
         assert s.token_ids == x and s.context_tokens == len(c)
         alone = fastdebias.score(model, [c + x], adapter=a)[0]
-        assert s.logprobs == pytest.approx(alone.logprobs[len(c):], abs=1e-5)
+        assert s.logprobs == pytest.approx(alone.logprobs[len(c):], abs=1e-4)
     # one id list: every text's context (the default adapter is the first loaded, "qv", as per[0]'s)
     same = fastdebias.score(model, [[5, 6], [7]], context=[1, 17, 42])
     assert [s.context_tokens for s in same] == [3, 3]
-    assert same[0].logprobs == pytest.approx(per[0].logprobs, abs=1e-5)
+    assert same[0].logprobs == pytest.approx(per[0].logprobs, abs=1e-4)
 
 
 def test_context_errors_and_cli(llama_dir, adapter_qv, capsys):
@@ -306,8 +308,9 @@ def test_context_errors_and_cli(llama_dir, adapter_qv, capsys):
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     want = fastdebias.score(model, ["sat", "ran"], context="the cat")
     for r, s in zip(rows, want):
-        assert [t[1] for t in r["tokens"]] == s.token_ids and [t[2] for t in r["tokens"]] == s.logprobs
-        assert r["context_tokens"] == s.context_tokens > 0 and r["logprob"] == pytest.approx(s.total)
+        assert [t[1] for t in r["tokens"]] == s.token_ids
+        assert [t[2] for t in r["tokens"]] == pytest.approx(s.logprobs, abs=1e-4)
+        assert r["context_tokens"] == s.context_tokens > 0 and r["logprob"] == pytest.approx(s.total, abs=1e-4)
 
 
 def test_context_prefix_prefilled_once(llama_dir, adapter_qv, adapter_all, hf_qv, monkeypatch):
@@ -334,7 +337,7 @@ def test_context_prefix_prefilled_once(llama_dir, adapter_qv, adapter_all, hf_qv
     plain = fastdebias.score(model, texts, context=instruction, adapter=which, top_logprobs=2)
     model.runner.share_prefix = True
     for x, a, s, p in zip(texts, which, got, plain):
-        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-4)
         assert [[i for i, _ in pos] for pos in s.top_logprobs] == [[i for i, _ in pos] for pos in p.top_logprobs]
         if a == "qv":
             full = instruction + x
@@ -346,5 +349,5 @@ def test_context_prefix_prefilled_once(llama_dir, adapter_qv, adapter_all, hf_qv
     computed.clear()
     one = [fastdebias.score(model, [x], context=instruction, adapter="qv")[0] for x in ([5, 6, 7], [9, 10])]
     assert computed == [26 + 3, 1 + 2]
-    assert one[0].logprobs == pytest.approx(got[0].logprobs, abs=1e-5)
-    assert one[1].logprobs == pytest.approx(got[2].logprobs, abs=1e-5)
+    assert one[0].logprobs == pytest.approx(got[0].logprobs, abs=1e-4)
+    assert one[1].logprobs == pytest.approx(got[2].logprobs, abs=1e-4)
