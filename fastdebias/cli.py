@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "is generated.")
     _add_model(sc)
     sc.add_argument("--json", action="store_true",
-                    help="one JSON object per text: 'tokens' ([token, token_id, logprob], the first logprob null), "
-                         "'logprob', 'perplexity'")
+                    help="one JSON object per text: 'tokens' ([token, token_id, logprob]; without --context the "
+                         "first logprob is null), 'logprob', 'perplexity' (null if nothing was scored or it "
+                         "overflows), 'context_tokens'")
     sc.add_argument("--top-logprobs", type=int, default=0, metavar="N",
                     help="also the N (up to 20) most likely tokens at each position ('top_logprobs' in --json)")
     sc.add_argument("--context", type=_unescape, default=None, metavar="TEXT",
@@ -228,20 +229,24 @@ def _token_rows(tok, ids: list[int], lps: list) -> list[list]:
     return [[_token_text(tok, i), i, lp] for i, lp in zip(ids, lps)]
 
 
+def _top_rows(tok, tops: list) -> list:
+    """Top log-probabilities per position → [[token text, id, logprob], ...] per position (None stays None)."""
+    return [None if pos is None else [[_token_text(tok, i), i, lp] for i, lp in pos] for pos in tops]
+
+
 def _print_scores(tok, inputs: list[str], scores, as_json: bool) -> None:
     for text, s in zip(inputs, scores):
         n = sum(x is not None for x in s.logprobs)
         if as_json:
             row = {"input": text, "tokens": _token_rows(tok, s.token_ids, s.logprobs), "logprob": s.total,
-                   "perplexity": None if math.isnan(s.perplexity) else s.perplexity,
+                   "perplexity": None if not math.isfinite(s.perplexity) else s.perplexity,
                    "context_tokens": s.context_tokens}  # fmt: skip
             if s.top_logprobs is not None:
-                row["top_logprobs"] = [None if pos is None else [[_token_text(tok, i), i, lp] for i, lp in pos]
-                                       for pos in s.top_logprobs]  # fmt: skip
+                row["top_logprobs"] = _top_rows(tok, s.top_logprobs)
             print(json.dumps(row, ensure_ascii=False))
         else:
             ppl = f", perplexity {s.perplexity:.3f}" if n else ""
-            print(f"> {text}\n  [logprob {s.total:.3f} over {n} tokens{ppl}]")
+            print(f"> {text}\n  [logprob {s.total:.3f} over {n} token{'s' if n != 1 else ''}{ppl}]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -297,9 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out.logprobs is not None:
                 row["logprobs"] = out.logprobs
             if out.top_logprobs is not None:
-                row["top_logprobs"] = [[[_token_text(tok, i), i, lp] for i, lp in pos] for pos in out.top_logprobs]
+                row["top_logprobs"] = _top_rows(tok, out.top_logprobs)
             if out.prompt_logprobs is not None:
                 row["prompt_logprobs"] = _token_rows(tok, out.prompt_token_ids, out.prompt_logprobs)
+            if out.prompt_top_logprobs is not None:
+                row["prompt_top_logprobs"] = _top_rows(tok, out.prompt_top_logprobs)
             print(json.dumps(row, ensure_ascii=False))
         else:
             print(f"> {text}" + (f" [{k % args.n + 1}/{args.n}]" if args.n > 1 else "") + f"\n{out.text}")

@@ -84,9 +84,14 @@ class ScoreResult:
     @property
     def perplexity(self) -> float:
         """exp of the mean negative log-probability over the scored tokens; nan where none was scored (a text of
-        one token and no context)."""
+        one token and no context), inf past the largest float."""
         n = sum(x is not None for x in self.logprobs)
-        return math.exp(-self.total / n) if n else math.nan
+        if not n:
+            return math.nan
+        try:
+            return math.exp(-self.total / n)
+        except OverflowError:  # a mean above ~709 nats: past the largest float
+            return math.inf
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -219,7 +224,7 @@ def encode_prompts(model, prompts, name: str = "prompts", special_tokens: bool =
     return out
 
 
-def resolve_adapter_rows(model, adapter, n: int) -> list[int]:
+def resolve_adapter_rows(model, adapter, n: int, unit: str = "prompt") -> list[int]:
     """adapter=FIRST/None/name/list → per-prompt adapter index (-1 = no adapter)."""
     names = model.adapter_names
     if model.merged_adapter is not None:
@@ -245,7 +250,7 @@ def resolve_adapter_rows(model, adapter, n: int) -> list[int]:
 
     if isinstance(adapter, (list, tuple)):
         if len(adapter) != n:
-            raise GenerationError(f"adapter: got a list of {len(adapter)} names for {n} prompts; give one per prompt")
+            raise GenerationError(f"adapter: got a list of {len(adapter)} names for {n} {unit}s; give one per {unit}")
         return [one(a, f"adapter[{i}]") for i, a in enumerate(adapter)]
     return [one(adapter, "adapter")] * n
 
@@ -1131,7 +1136,8 @@ def generate(
     Returns
     -------
     list of GenerationResult (``.text``, ``.token_ids``, ``.finish_reason``, ``.interventions``, ``.logprobs``,
-    ``.top_logprobs``, ``.prompt_logprobs``, ``.prompt_top_logprobs``), n per prompt, in order.
+    ``.top_logprobs``, ``.prompt_token_ids``, ``.prompt_logprobs``, ``.prompt_top_logprobs``), n per prompt, in
+    order.
     """
     _check_model(model)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p)
@@ -1226,8 +1232,10 @@ def score(model, texts, *, context=None, adapter=FIRST_ADAPTER, top_logprobs: in
     ----------
     model : a model from ``fastdebias.load``.
     texts : str, list of str, or list of token-id lists (ids are used as given). Without ``context``, text is
-        encoded as ``generate`` encodes prompts (special tokens such as BOS included) and every token but the
-        first is scored.
+        encoded as ``generate`` encodes prompts (with the special tokens the tokenizer adds, a BOS for Llama's,
+        none for the embedded SmolLM2's) and every token but the first is scored: nothing comes before it. To score
+        a text's first word too (two phrasings that differ there), give a ``context`` (a BOS or separator token id,
+        or the prompt the text would follow).
     context : None; a str or token-id list before every text; or a list with one (str or token-id list) per
         text. Each text is then scored as the continuation of its context: the context is encoded as a prompt
         (special tokens included), the text on its own without special tokens (mind the space between them: a
@@ -1251,7 +1259,7 @@ def score(model, texts, *, context=None, adapter=FIRST_ADAPTER, top_logprobs: in
     else:
         ids = encode_prompts(model, texts, "texts", special_tokens=False)
         ctx = _contexts(model, context, len(ids))
-    rows = resolve_adapter_rows(model, adapter, len(ids))
+    rows = resolve_adapter_rows(model, adapter, len(ids), unit="text")
     full = [c + x for c, x in zip(ctx, ids)]
     for i, x in enumerate(full):
         if len(x) > model.max_context:

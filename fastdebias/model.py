@@ -395,7 +395,9 @@ class LlamaDecoder(nn.Module):
         """Hidden states ``h`` [B, S, K] (``forward(all_hidden=True)``) → the log-probability [B, S] fp32 of
         ``targets`` [B, S] (the next token at each position) under the model's raw logits, and with ``top`` > 0 the
         ``top`` most likely tokens' (log-probabilities, ids) [B, S, top]. The logits are computed a block of
-        positions at a time, each block's fp32 logits within ``budget`` bytes: [B, S, V] is never held whole."""
+        positions at a time (at least one), each block's [B, block, V] fp32 logits within ``budget`` bytes where one
+        position allows it: [B, S, V] is never held whole. The log-softmax's output (and, for half-precision
+        weights, the fp32 copy) are further transients of a block's size."""
         b, s, _ = h.shape
         v = self.lm_head.sizes[0]
         step = max(1, budget // (4 * b * v))

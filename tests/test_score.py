@@ -92,6 +92,8 @@ def test_score_equals_transformers_and_generate(llama_dir, adapter_qv, hf_qv, ba
                                                                           a.top_logprobs[1:]]  # fmt: skip
     one = fastdebias.score(model, [[5]])[0]  # one token: nothing to score
     assert one.logprobs == [None] and one.total == 0.0 and math.isnan(one.perplexity)
+    huge = fastdebias.ScoreResult(token_ids=[1, 2], logprobs=[None, -800.0])  # exp(800) is past the largest float
+    assert huge.perplexity == math.inf and huge.total == -800.0
 
 
 def test_chunked_prefill_and_blocked_head(llama_dir, adapter_qv, hf_qv, monkeypatch):
@@ -223,6 +225,8 @@ def test_bad_arguments(llama_dir, adapter_qv):
         fastdebias.score(model, [[1] * 600])
     with pytest.raises(GenerationError, match="adapter=.nope. is not a loaded adapter"):
         fastdebias.score(model, PROMPTS, adapter="nope")
+    with pytest.raises(GenerationError, match="a list of 1 names for 4 texts; give one per text"):
+        fastdebias.score(model, PROMPTS, adapter=["qv"])
 
 
 def test_cli_score_and_prompt_logprobs(llama_dir, adapter_qv, hf_qv, capsys):
@@ -244,10 +248,16 @@ def test_cli_score_and_prompt_logprobs(llama_dir, adapter_qv, hf_qv, capsys):
     assert main(["score", "--model", str(llama_dir), "--use-adapter", "none", "-q", "the cat sat"]) == 0
     out = capsys.readouterr().out
     assert "the cat sat" in out and "perplexity" in out
+    assert len(model.tokenizer("a", add_special_tokens=False)["input_ids"]) == 1
+    assert main(["score", "--model", str(llama_dir), "-q", "--context", "the cat", "a"]) == 0
+    assert "over 1 token, perplexity" in capsys.readouterr().out
     assert main(["generate", "--model", str(llama_dir), "--adapter", str(adapter_qv), "--json", "-q",
-                 "--max-new-tokens", "2", "--prompt-logprobs", "the cat sat"]) == 0  # fmt: skip
+                 "--max-new-tokens", "2", "--prompt-logprobs", "--top-logprobs", "3", "the cat sat"]) == 0  # fmt: skip
     row = json.loads(capsys.readouterr().out)
-    want = fastdebias.generate(model, "the cat sat", max_new_tokens=2, prompt_logprobs=True)[0]
+    want = fastdebias.generate(model, "the cat sat", max_new_tokens=2, prompt_logprobs=True, top_logprobs=3)[0]
+    assert row["prompt_top_logprobs"][0] is None and len(row["prompt_top_logprobs"]) == len(want.prompt_token_ids)
+    assert [[i for _, i, _ in pos] for pos in row["prompt_top_logprobs"][1:]] == [
+        [i for i, _ in pos] for pos in want.prompt_top_logprobs[1:]]  # fmt: skip
     assert row["prompt_logprobs"][0][2] is None
     assert [t[2] for t in row["prompt_logprobs"][1:]] == pytest.approx(want.prompt_logprobs[1:], abs=1e-4)
     assert [t[1] for t in row["prompt_logprobs"]] == model.tokenizer("the cat sat")["input_ids"]
