@@ -140,6 +140,20 @@ def _check_top_logprobs(top_logprobs) -> None:
         )
 
 
+def _check_seed(seed, n: int) -> list[int] | None:
+    """``seed``: None, an int, or one int per prompt (``n``) → the per-prompt seeds in [0, 2**62), or None."""
+    if seed is None or _is_int(seed):
+        return None
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise GenerationError(f"seed: got a list of {len(seed)} seeds for {n} prompts; give one per prompt")
+        wrong = [x for x in seed if not _is_int(x)]
+        if wrong:
+            raise GenerationError(f"seed: a list of seeds must hold integers, got {wrong[0]!r}")
+        return [int(x) % 2**62 for x in seed]
+    raise GenerationError(f"seed: expected an integer, a list of integers (one per prompt) or None, got {seed!r}")
+
+
 def _row_seed(seed: int, index: int) -> int:
     """The torch generator seed of prompt ``index`` under ``seed``: both mixed by numpy's SeedSequence (well spread,
     and the same on every platform and numpy version), so that neighbouring prompts get unrelated streams."""
@@ -435,6 +449,9 @@ def decode_one_token(model, token: torch.Tensor, slots: torch.Tensor, kv_len: in
 # Rows up to which the Triton backend fuses the lm_head into the logits step (greedy and plain sampling): on the
 # H100 the fused kernel beat F.linear + step at batch 1-8 and lost from 64 (bench/results/logits_*.md).
 FUSED_HEAD_MAX_ROWS = 8
+# generate(seed=[...]): the call-wide seed under which each prompt's own seed picks its noise stream (a constant:
+# a prompt's draws then depend on its seed only)
+PER_PROMPT_SEEDS = 0x1D8E4E27C47D124F
 MAX_TOP_LOGPROBS = 20  # generate(top_logprobs=N): OpenAI's bound (vLLM's default max_logprobs)
 
 
@@ -790,6 +807,7 @@ def _generate_batch(
     stop: list[str],
     stream: Callable[[int, str], None] | None,
     index: list[int],
+    keys: list[int] | None = None,
     matcher=None,
     lexicon_mode: str = "backtrack",
     max_rewinds: int = 8,
@@ -803,7 +821,9 @@ def _generate_batch(
     no_repeat_ngram_size: int = 0,
     prompt_logprobs: bool = False,
 ) -> list[GenerationResult]:
-    """Decode ``ids`` (``index``: their prompt indices, for the stream and the Triton step's noise) → a result each.
+    """Decode ``ids`` (``index``: their prompt indices, for the stream) → a result each. ``keys``: each prompt's
+    noise stream under ``seed`` (the Triton step's row id, the torch generator's seed with ``seed``); default
+    ``index``.
 
     ``max_rows`` (default: all): rows decoded at once. The first ``max_rows`` prompts start together, and while
     prompts wait, each finished row's place goes to the next one (continuous batching: prefilled, then decoded
@@ -813,6 +833,7 @@ def _generate_batch(
     """
     dev = model.device
     n, v = len(ids), model.config.vocab_size
+    keys = index if keys is None else keys
     max_rows = min(max_rows or n, n)
     min_rows = model.runner.min_rows_after_retiring()
     has_adapter = any(r >= 0 for r in rows)
@@ -855,10 +876,10 @@ def _generate_batch(
         lex = None
         if matcher is not None:
             lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
-        row_ids = torch.tensor([index[i] for i in members], dtype=torch.long, device=dev) if fused_step else None
+        row_ids = torch.tensor([keys[i] for i in members], dtype=torch.long, device=dev) if fused_step else None
         gens = None
         if not fused_step and temperature > 0 and seed is not None:
-            gens = [torch.Generator(device=dev).manual_seed(_row_seed(seed, index[i])) for i in members]
+            gens = [torch.Generator(device=dev).manual_seed(_row_seed(seed, keys[i])) for i in members]
         loop = _Loop(model, prompt, start, adapter_idx, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generators=gens,
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter,
@@ -1057,7 +1078,7 @@ def generate(
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     eos_token_id: int | list[int] | None = None,
     stop: str | list[str] | None = None,
     stream: Callable[[int, str], None] | None = None,
@@ -1096,7 +1117,10 @@ def generate(
         prompt), and ``presence_penalty`` if that count is at least 1; negative values favour repeats.
     seed : makes sampling reproducible, each prompt's draws independent of the batch it is decoded in (the Triton
         backend keys its noise by seed, prompt index and step; the torch backend seeds a generator per prompt from
-        the seed and the prompt's index).
+        the seed and the prompt's index). A list gives each prompt its own seed (vLLM's per-request seed): a
+        prompt's draws then depend on its seed only, not on its place in the list or the other prompts (with ``n``
+        > 1, its samples on the seed and the sample's index), so a job can be rerun in part. The two backends draw
+        different samples for one seed.
     eos_token_id : int or list; defaults to the checkpoint's; ``[]``: none (rows run to ``max_new_tokens`` or a
         stop string).
     stop : strings that end a sequence; they are excluded from ``.text``.
@@ -1142,9 +1166,8 @@ def generate(
     _check_model(model)
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, min_p)
     temperature = effective_temperature(temperature)  # below 1e-5: greedy
-    if seed is not None and not _is_int(seed):
-        raise GenerationError(f"seed: expected an integer or None, got {seed!r}")
     ids = encode_prompts(model, prompts)
+    seeds = _check_seed(seed, len(ids))
     rows = resolve_adapter_rows(model, adapter, len(ids))
     eos = _normalize_eos(model, eos_token_id)
     stops = _normalize_stops(stop)
@@ -1194,6 +1217,10 @@ def generate(
         if lex is not None and len(lex):
             matcher = lex.compile(model.tokenizer, vocab_size=model.config.vocab_size, eos_token_id=eos,
                                   device=model.device)
+    keys = None  # each (repeated) prompt's noise stream: its index, or with one seed per prompt, its seed's
+    if seeds is not None:
+        keys = [_row_seed(sd, j) % 2**62 for sd in seeds for j in range(n)]
+        seed = PER_PROMPT_SEEDS
     if n > 1:  # each sample a prompt of its own (one prefill for them all where the prefix is shared)
         ids, rows = [x for x in ids for _ in range(n)], [r for r in rows for _ in range(n)]
     total = len(ids)
@@ -1213,7 +1240,8 @@ def generate(
     unit = "prompt" if n == 1 else "sequence"
     with tqdm(total=total, desc="Generating", unit=unit, disable=not show) as bar:
         outs = _generate_batch(model, [ids[i] for i in order], [rows[i] for i in order], index=order, max_rows=bs,
-                               on_finished=bar.update, **kw)  # fmt: skip
+                               keys=[keys[i] for i in order] if keys is not None else None, on_finished=bar.update,
+                               **kw)  # fmt: skip
     results: list[GenerationResult | None] = [None] * total
     for i, out in zip(order, outs):
         results[i] = out

@@ -193,15 +193,18 @@ def _row_noise_ids(rows, row_mask, row_ids_ptr, step_ptr, stride_step, step_val,
 
 @triton.jit
 def _gumbel(seed_lo, seed_hi, row_key, step, cols):
-    """[BM, BN] Gumbel(0, 1) noise: Philox4x32-10 on (column, row id, step, 0) → U in (0, 1) → -log(-log U)."""
+    """[BM, BN] Gumbel(0, 1) noise: Philox4x32-10 on (column, row id's low word, step, row id's high word) → U in
+    (0, 1) → -log(-log U). (Row ids below 2**32 leave the last word 0; ``generate``'s per-prompt seeds use all 62
+    bits.)"""
     zero = (row_key[:, None] * 0 + cols[None, :] * 0).to(tl.uint32)
     c0 = zero + cols[None, :].to(tl.uint32)
-    c1 = zero + row_key[:, None].to(tl.uint32)
+    c1 = zero + (row_key[:, None] & 0xFFFFFFFF).to(tl.uint32)
     c2 = zero + step[:, None].to(tl.uint32)
+    c3 = zero + (row_key[:, None] >> 32).to(tl.uint32)
     # (triton 3.6 has no tl.to_tensor: broadcast the scalar seeds through an int64 zero instead)
     k0 = (zero.to(tl.int64) + seed_lo).to(tl.uint32)
     k1 = (zero.to(tl.int64) + seed_hi).to(tl.uint32)
-    r, _, _, _ = tl.philox_impl(c0, c1, c2, zero, k0, k1)
+    r, _, _, _ = tl.philox_impl(c0, c1, c2, c3, k0, k1)
     # 23 random bits as an odd multiple of 2**-24: exact in fp32, never 0 or 1 (so G is finite).
     u = (((r >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08
     return -tl.log(-tl.log(u))

@@ -189,6 +189,9 @@ def test_gumbel_noise_is_gumbel():
     assert not torch.equal(small, ref.gumbel_noise(8, torch.arange(4), 3, 256))
     assert not torch.equal(small, ref.gumbel_noise(7, torch.arange(4), 4, 256))
     assert torch.equal(small, ref.gumbel_noise(7, torch.arange(4), 3, 256))
+    # the row id's high bits are part of the counter: ids equal below 2**32 give different noise
+    assert not torch.equal(ref.gumbel_noise(7, torch.tensor([1]), 3, 256),
+                           ref.gumbel_noise(7, torch.tensor([1 + (1 << 40)]), 3, 256))  # fmt: skip
 
 
 def test_reference_sampler_statistics():
@@ -481,6 +484,14 @@ def test_same_seed_same_tokens():
     permuted = {k: (x[perm] if isinstance(x, torch.Tensor) and x.shape[0] == 8 else x) for k, x in kw.items()}
     b = tl_logits.logits_step(logits[perm], **permuted, step=5, row_ids=perm)
     assert torch.equal(b.next_ids, a.next_ids[perm]) and torch.equal(b.states, a.states[perm])
+    # 62-bit row ids (generate's per-prompt seeds): the high word keys the noise too, as in the reference
+    wide = torch.tensor([5 + (1 << 32) * k for k in range(8)], device=DEVICE)  # one low word, eight high words
+    top = (2**62 - 1) - torch.arange(8, device=DEVICE)
+    for ids in (wide, top):
+        got = tl_logits.logits_step(logits, **kw, step=5, row_ids=ids)
+        assert_same(got, ref.logits_step(logits, **kw, step=5, row_ids=ids))
+    low = tl_logits.logits_step(logits, **kw, step=5, row_ids=torch.full((8,), 5, device=DEVICE))
+    assert not torch.equal(tl_logits.logits_step(logits, **kw, step=5, row_ids=wide).next_ids, low.next_ids)
 
 
 def test_all_banned_rows():

@@ -288,9 +288,10 @@ def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(
     seed: int, row_ids: torch.Tensor, step: int | torch.Tensor, vocab_size: int, device: torch.device | None = None
 ) -> torch.Tensor:
-    """[B, V] fp32 Gumbel(0, 1) noise of the step: Philox on the counter ``(column, row_id, step, 0)``.
+    """[B, V] fp32 Gumbel(0, 1) noise of the step: Philox on the counter ``(column, row_id's low 32 bits, step,
+    row_id's high bits)``.
 
-    row_ids : [B] integer stream id of each row. step : int, or a tensor of shape [], [1] or [B].
+    row_ids : [B] integer stream id of each row, in [0, 2**62). step : int, or a tensor of shape [], [1] or [B].
     """
     device = row_ids.device if device is None else device
     k0, k1 = split_seed(seed)
@@ -300,7 +301,7 @@ def gumbel_noise(
         steps = step.to(torch.int64).reshape(-1, 1)
     else:
         steps = torch.full((1, 1), step, dtype=torch.int64, device=device)
-    r, _, _, _ = philox4x32(cols, rows, steps, torch.zeros_like(cols), k0, k1)
+    r, _, _, _ = philox4x32(cols, rows, steps, rows >> 32, k0, k1)
     u = uniform_from_bits(r.expand(rows.shape[0], vocab_size))
     return -torch.log(-torch.log(u))
 
