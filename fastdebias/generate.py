@@ -653,7 +653,9 @@ def _triton_choice(s: _Loop, x: torch.Tensor, hidden: bool, hf_rows):
     if s.min_new:
         early = torch.where((s.cur < s.min_new).view(s.b, 1), s.eos.view(1, -1), -1)
         bans = early if bans is None else torch.cat([bans, early], dim=1)
-    head_args = (dict(hidden=x, lm_head=s.head_w, lm_head_lora=s.head_lora, adapter_idx=s.adapter_idx)
+    # (an lm_head adapter is loaded but no row of this call uses an adapter: adapter_idx is None, no LoRA to add)
+    head_lora = s.head_lora if s.adapter_idx is not None else None
+    head_args = (dict(hidden=x, lm_head=s.head_w, lm_head_lora=head_lora, adapter_idx=s.adapter_idx)
                  if hidden else dict(logits=x))  # fmt: skip
     return ops.logits_step(
         **head_args, matcher=lex.m if lex else None, states=lex.state if lex else None, mask_phrases=hf_rows,

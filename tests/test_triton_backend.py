@@ -83,6 +83,12 @@ def test_triton_backend_lm_head_lora_in_the_fused_step(llama_dir, tmp_path):
     assert [r.token_ids for r in fastdebias.generate(tri, PROMPTS, adapter=names, max_new_tokens=6)] == want
     base = [r.token_ids for r in fastdebias.generate(ref, PROMPTS, adapter=None, max_new_tokens=6)]
     assert want[1] == base[1] and (want[0] != base[0] or want[2] != base[2])  # the adapter is seen, per row
+    # no row of the call uses an adapter (no adapter index at all): the fused step adds no LoRA, greedy and sampled
+    assert [r.token_ids for r in fastdebias.generate(tri, PROMPTS, adapter=None, max_new_tokens=6)] == base
+    hot = dict(adapter=None, max_new_tokens=6, temperature=1.0, seed=5)
+    plain = fastdebias.load(llama_dir, backend="triton", device=ref.device, dtype=ref.dtype, progress=False)
+    assert [r.token_ids for r in fastdebias.generate(tri, PROMPTS, **hot)] == [
+        r.token_ids for r in fastdebias.generate(plain, PROMPTS, **hot)]  # fmt: skip
 
 
 def test_min_p_on_both_backends(llama_dir, adapter_qv):
