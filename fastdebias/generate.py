@@ -146,7 +146,9 @@ def _check_seed(seed, n: int) -> list[int] | None:
         return None
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
-            raise GenerationError(f"seed: got a list of {len(seed)} seeds for {n} prompts; give one per prompt")
+            raise GenerationError(
+                f"seed: got a list of {len(seed)} seeds for {n} prompt{'s' if n != 1 else ''}; give one per prompt"
+            )
         wrong = [x for x in seed if not _is_int(x)]
         if wrong:
             raise GenerationError(f"seed: a list of seeds must hold integers, got {wrong[0]!r}")
@@ -264,7 +266,10 @@ def resolve_adapter_rows(model, adapter, n: int, unit: str = "prompt") -> list[i
 
     if isinstance(adapter, (list, tuple)):
         if len(adapter) != n:
-            raise GenerationError(f"adapter: got a list of {len(adapter)} names for {n} {unit}s; give one per {unit}")
+            raise GenerationError(
+                f"adapter: got a list of {len(adapter)} names for {n} {unit}{'s' if n != 1 else ''}; give one per "
+                f"{unit}"
+            )
         return [one(a, f"adapter[{i}]") for i, a in enumerate(adapter)]
     return [one(adapter, "adapter")] * n
 
@@ -1335,7 +1340,10 @@ def score(model, texts, *, context=None, adapter=FIRST_ADAPTER, top_logprobs: in
 def _contexts(model, context, n: int) -> list[list[int]]:
     """``score``'s ``context`` → one token-id list per text (encoded as prompts are)."""
     one = isinstance(context, str) or (isinstance(context, torch.Tensor) and context.dim() == 1)
-    if one or (isinstance(context, (list, tuple)) and context and _is_int(context[0])):
+    if isinstance(context, (list, tuple)) and context:
+        # a list of numbers is one list of token ids (encode_prompts checks that they are integer ids)
+        one = not any(isinstance(c, (str, list, tuple, torch.Tensor)) for c in context)
+    if one:
         return encode_prompts(model, [context], "context") * n  # one context for every text
     if not isinstance(context, (list, tuple)) or len(context) != n:
         got = f"a list of {len(context)}" if isinstance(context, (list, tuple)) else type(context).__name__

@@ -311,6 +311,11 @@ def test_context_errors_and_cli(llama_dir, adapter_qv, capsys):
         fastdebias.score(model, ["a", "b"], context=["x", "y", "z"])
     with pytest.raises(GenerationError, match=r"context\[0\] is an empty string"):
         fastdebias.score(model, ["a"], context="")
+    # a list of numbers is one context of token ids, checked as such
+    with pytest.raises(GenerationError, match=r"context\[0\]: token ids must be integers, got 1.5"):
+        fastdebias.score(model, ["a", "b"], context=[1, 1.5])
+    with pytest.raises(GenerationError, match=r"context\[0\]: token ids must be integers, got True"):
+        fastdebias.score(model, ["a", "b"], context=[True, 1])
     with pytest.raises(GenerationError, match=r"texts\[0\] has 601 tokens with its context, more than"):
         fastdebias.score(model, [[5]], context=[[1] * 600])
     assert main(["score", "--model", str(llama_dir), "--adapter", str(adapter_qv), "--json", "-q",

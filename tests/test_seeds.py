@@ -101,3 +101,9 @@ def test_gpu_per_prompt_seeds_under_cuda_graphs(llama_dir, adapter_qv, backend):
         assert tokens(fastdebias.generate(graph, [A, B, C], seed=[9, 8, 7], n=2, batch_size=bs, **KW)) == want
     assert tokens(fastdebias.generate(graph, [B], seed=[8], n=2, **KW)) == want[2:4]
     assert graph.runner.graphs
+
+
+def test_seed_count_wording(llama_dir):
+    model = fastdebias.load(llama_dir, progress=False)
+    with pytest.raises(GenerationError, match=r"got a list of 0 seeds for 1 prompt; give one per prompt"):
+        fastdebias.generate(model, [A], seed=[], **KW)
