@@ -18,6 +18,7 @@ from fastdebias.errors import GenerationError
 
 from .conftest import as_cuda_graph, make_adapter
 from .test_logprobs import check_top
+from .test_prefix import prefilled_tokens
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3], [1, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [1, 77]]
 ATOL = 2e-4
@@ -335,14 +336,7 @@ def test_context_prefix_prefilled_once(llama_dir, adapter_qv, adapter_all, hf_qv
     model = fastdebias.load(llama_dir, {"qv": adapter_qv, "all": adapter_all}, progress=False)
     instruction = [1] + list(range(20, 45))  # 26 tokens
     texts = [[5, 6, 7], [8], [9, 10]]
-    computed: list[int] = []
-    orig = model.runner.prefill
-
-    def spy(tokens, start, cache, adapter_idx, padded=True, first=0, **kw):
-        computed.append(tokens.shape[0] * (tokens.shape[1] - first))
-        return orig(tokens, start, cache, adapter_idx, padded=padded, first=first, **kw)
-
-    monkeypatch.setattr(model.runner, "prefill", spy)
+    computed = prefilled_tokens(model, monkeypatch)
     which = ["qv", "all", "qv"]
     got = fastdebias.score(model, texts, context=instruction, adapter=which, top_logprobs=2)
     # the shared 25 tokens once per adapter, then the 3 rows from slot 25 on (3 + the context's last token + pad)
