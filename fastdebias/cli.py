@@ -224,6 +224,13 @@ def _bench(args) -> int:
     return 1 if result["mismatches"] else 0
 
 
+def _use_adapter(args) -> dict:
+    """``--use-adapter NAME|none`` → the ``adapter=`` keyword (none given: the library's default)."""
+    if args.use_adapter is None:
+        return {}
+    return {"adapter": None if args.use_adapter.lower() == "none" else args.use_adapter}
+
+
 def _token_rows(tok, ids: list[int], lps: list) -> list[list]:
     """[token text, id, logprob] per token (text None without a tokenizer)."""
     return [[_token_text(tok, i), i, lp] for i, lp in zip(ids, lps)]
@@ -262,12 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 merge=args.merge, backend=args.backend, runtime=getattr(args, "runtime", "auto"),
                                 progress=not args.quiet)
         if args.command == "score":
-            adapter_kw = {}
-            if args.use_adapter is not None:
-                adapter_kw["adapter"] = None if args.use_adapter.lower() == "none" else args.use_adapter
             scores = fastdebias.score(model, inputs, context=args.context, top_logprobs=args.top_logprobs,
                                       batch_size=args.batch_size, progress=None if not args.quiet else False,
-                                      **adapter_kw)  # fmt: skip
+                                      **_use_adapter(args))  # fmt: skip
             _print_scores(model.tokenizer, inputs, scores, args.json)
             return 0
         kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
@@ -280,8 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       prompt_logprobs=args.prompt_logprobs)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)
         kwargs.update(lexicon=None if str(lexicon).lower() == "none" else lexicon, lexicon_mode=args.lexicon_mode)
-        if args.use_adapter is not None:
-            kwargs["adapter"] = None if args.use_adapter.lower() == "none" else args.use_adapter
+        kwargs.update(_use_adapter(args))
         if args.command == "debias":
             outs = fastdebias.debias(model, inputs, prompt_format=args.prompt_format, template=args.template, **kwargs)
         else:

@@ -133,6 +133,11 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise GenerationError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
 
 
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def _check_top_logprobs(top_logprobs) -> None:
     if not _is_int(top_logprobs) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise GenerationError(
@@ -338,6 +343,14 @@ class _SharedPrefix:
             src = src[:, :, :p].index_select(0, which)  # [b, H, p, D]
             dst[:b].scatter_(2, slots.view(b, 1, p, 1).expand_as(src), src)
         return min(start) + p
+
+
+def _keep_prefix(model, cache: KVCache, tokens: list[int], adapter: int) -> None:
+    """After a one-prompt call's prefill (row 0 of ``cache``, unpadded): keep the K/V of ``tokens`` but the last
+    (whose logits a later prompt computes itself) as the runner's prefix, for the next call's prompts that begin
+    the same way; only with ``runner.share_prefix`` and more than ``MIN_SHARED_PREFIX`` tokens."""
+    if model.runner.share_prefix and len(tokens) > MIN_SHARED_PREFIX:
+        model.runner.prefix = _SharedPrefix.keep(cache, tokens[:-1], adapter)
 
 
 def _find_prefix(model, ids: list[list[int]], rows: list[int]) -> tuple[_SharedPrefix, int] | None:
@@ -877,9 +890,8 @@ def _generate_batch(
             prefix=prefix, prompt_logprobs=min(top_logprobs, v) if prompt_logprobs else None)  # fmt: skip
         if scores:
             prompt_scores.update(zip(members, _prompt_scores(scores[0], [ids[i] for i in members])))
-        if n == 1 and model.runner.share_prefix and len(ids[0]) > MIN_SHARED_PREFIX:
-            # keep this prompt's K/V (but its last token) for the next call's prompts that begin the same way
-            model.runner.prefix = _SharedPrefix.keep(cache, ids[0][:-1], rows[0])
+        if n == 1:
+            _keep_prefix(model, cache, ids[0], rows[0])
         lex = None
         if matcher is not None:
             lex = _LexiconState(matcher, lexicon_mode, max_rewinds, prompt, start, max_new_tokens, n_iter)
@@ -1189,8 +1201,7 @@ def generate(
                 f"prompts[{i}] has {len(x)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
                 f"context of {ctx} tokens: shorten the prompt or lower max_new_tokens"
             )
-    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
-        raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _check_batch_size(batch_size)
     if lexicon_mode not in ("backtrack", "hf"):
         raise GenerationError(f"lexicon_mode must be 'backtrack' or 'hf', got {lexicon_mode!r}")
     if not _is_int(max_rewinds) or max_rewinds < 0:
@@ -1303,8 +1314,7 @@ def score(model, texts, *, context=None, adapter=FIRST_ADAPTER, top_logprobs: in
                 f"texts[{i}] has {len(x)} tokens{what}, more than the model's context of {model.max_context}: "
                 "shorten it"
             )
-    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
-        raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _check_batch_size(batch_size)
     total = len(full)
     bs = batch_size or model.runner.default_batch_size(total, max(len(x) for x in full), 0, model.dtype,
                                                        model.device)  # fmt: skip
@@ -1325,9 +1335,8 @@ def score(model, texts, *, context=None, adapter=FIRST_ADAPTER, top_logprobs: in
             prefix = (*shared, [rows[i] for i in members]) if shared else None
             _, cache, *_, scores = prefill(model, chunk, 0, adapter_idx, own_cache=True, prefix=prefix,
                                            prompt_logprobs=top)  # fmt: skip
-            if total == 1 and context is not None and model.runner.share_prefix and len(ctx[0]) > MIN_SHARED_PREFIX:
-                # as generate keeps a one-prompt call's: the next call's contexts that begin the same way start here
-                model.runner.prefix = _SharedPrefix.keep(cache, ctx[0][:-1], rows[0])
+            if total == 1 and context is not None:  # as generate keeps a one-prompt call's
+                _keep_prefix(model, cache, ctx[0], rows[0])
             for i, (lps, tops) in zip(members, _prompt_scores(scores, chunk)):
                 c = len(ctx[i])
                 results[i] = ScoreResult(token_ids=list(ids[i]), logprobs=lps[c:],
