@@ -86,6 +86,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-logprobs", action="store_true",
                    help="each input token's log-probability given those before it: a 'prompt_logprobs' list of "
                         "[token, token_id, logprob] in --json (the first logprob null), else their sum")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding, greedy only: guess K tokens per step by copying what "
+                        "followed the last tokens earlier in the input or output, keep those greedy decoding would "
+                        "choose (the same output, fewer forwards when the output copies its input: debias); 0 = off")
     p.add_argument("--n", type=int, default=1, metavar="N",
                    help="outputs per input (sampling: needs --temperature > 0); --json rows carry a 'sample' index")
 
@@ -281,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       seed=args.seed,
                       stop=args.stop, batch_size=args.batch_size, progress=None if not args.quiet else False,
                       logprobs=args.logprobs, top_logprobs=args.top_logprobs, n=args.n,
-                      prompt_logprobs=args.prompt_logprobs)
+                      prompt_logprobs=args.prompt_logprobs, prompt_lookup_tokens=args.prompt_lookup)
         lexicon = args.lexicon if args.lexicon is not None else ("default" if args.command == "debias" else None)
         kwargs.update(lexicon=None if str(lexicon).lower() == "none" else lexicon, lexicon_mode=args.lexicon_mode)
         kwargs.update(_use_adapter(args))

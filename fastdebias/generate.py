@@ -471,6 +471,7 @@ FUSED_HEAD_MAX_ROWS = 8
 # a prompt's draws then depend on its seed only)
 PER_PROMPT_SEEDS = 0x1D8E4E27C47D124F
 MAX_TOP_LOGPROBS = 20  # generate(top_logprobs=N): OpenAI's bound (vLLM's default max_logprobs)
+MAX_LOOKUP_TOKENS, MAX_LOOKUP_NGRAM = 32, 8  # generate(prompt_lookup_tokens=k, prompt_lookup_ngram=n): bounds
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -569,12 +570,12 @@ class _Loop:
 
     # the per-row tensors (first dimension: the batch's rows)
     ROWS = ("t", "it", "out", "lp", "top_lp", "top_ids", "cur", "done", "all_banned", "counts", "out_counts",
-            "prompt_last", "adapter_idx", "row_ids", "ctx", "ctx_start")
+            "prompt_last", "adapter_idx", "row_ids", "ctx", "ctx_start", "hold")
 
     def __init__(self, model, prompt, start, adapter_idx, *, max_new_tokens, temperature, top_k, top_p, min_p,
                  repetition_penalty, generators, seed, row_ids, eos, lex, fused_step, n_iter,
                  logprobs=False, top_logprobs=0, min_new_tokens=0, presence_penalty=0.0,
-                 frequency_penalty=0.0, no_repeat_ngram_size=0, prompt_width=0) -> None:  # fmt: skip
+                 frequency_penalty=0.0, no_repeat_ngram_size=0, prompt_width=0, lookup=False) -> None:  # fmt: skip
         b, t = prompt.shape
         dev, v = prompt.device, model.config.vocab_size
         self.b, self.max_new, self.n_iter = b, max_new_tokens, n_iter
@@ -617,12 +618,12 @@ class _Loop:
             self.top_lp = torch.zeros(b, max_new_tokens, top_logprobs, dtype=torch.float32, device=dev)
             self.top_ids = torch.zeros(b, max_new_tokens, top_logprobs, dtype=torch.long, device=dev)
         self.cur = torch.zeros(b, dtype=torch.long, device=dev)  # tokens kept per row; row b's next position
-        # no_repeat_ngram_size: each row's prompt, left-padded to the call's longest (``prompt_width``: one width
-        # for every row, those that join the batch later included), so that prompt + ``out`` is one sequence from
-        # ``ctx_start``; the n-grams are looked up in it at each step
+        # no_repeat_ngram_size and prompt lookup: each row's prompt, left-padded to the call's longest
+        # (``prompt_width``: one width for every row, those that join the batch later included), so that prompt +
+        # ``out`` is one sequence from ``ctx_start``; the n-grams are looked up in it at each step
         self.ngram = no_repeat_ngram_size
         self.ctx = self.ctx_start = None
-        if no_repeat_ngram_size:
+        if no_repeat_ngram_size or lookup:
             self.ctx = torch.nn.functional.pad(prompt, (prompt_width - t, 0))
             self.ctx_start = start + (prompt_width - t)
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -630,6 +631,9 @@ class _Loop:
         # each row's step, on the device (the Triton step's noise counter, the log's index): rows that join a
         # running batch start from 0, so a row's tokens do not depend on when it joined
         self.it = torch.zeros(b, dtype=torch.long, device=dev)
+        # prompt lookup: the rows that take no step at this verified position (a draft token was rejected before it:
+        # set by ``_verify`` between ``_advance`` calls; in place, so a compiled step reads the same tensor)
+        self.hold = torch.zeros(b, dtype=torch.bool, device=dev) if lookup else None
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` (a [B'] index tensor, in order) of every per-row tensor: retiring finished
@@ -711,13 +715,14 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     Returns the token to feed each row next [B] and its cache slot [B]. Tensor ops only, no host read: under
     ``runtime="compile"`` it is compiled (dynamic shapes: one graph for a batch of 1, one for any other)."""
     b, lex, cur, done = s.b, s.lex, s.cur, s.done
+    idle = done if s.hold is None else done | s.hold  # rows that take no step: finished, or held (prompt lookup)
     hf_rows = lex.hf_rows(cur) if lex is not None else True
     raw = x  # (the model's logits, for logprobs; ``x`` becomes the logits the step chooses from)
     if s.ngram:  # no_repeat_ngram_size: before everything else (the fused lm_head is off: the logits exist)
         x = _ban_repeated_ngrams(s, x)
     if s.fused_step:
         r = _triton_choice(s, x, hidden, hf_rows)
-        nxt, dead = r.next_ids, r.all_banned & ~done
+        nxt, dead = r.next_ids, r.all_banned & ~idle
         if lex is not None:
             bias, ban_len, entry, next_state = r.bias, r.ban_len, r.entry, r.states
     else:
@@ -732,7 +737,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         if s.out_counts is not None:
             y = apply_presence_frequency(y, s.out_counts, s.presence, s.frequency)
         # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
-        dead = torch.isneginf(y).all(dim=-1) & ~done
+        dead = torch.isneginf(y).all(dim=-1) & ~idle
         y = torch.where(dead.view(b, 1), torch.zeros_like(y), y)
         nxt = choose_tokens(y, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                             generator=s.generators)
@@ -740,7 +745,7 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
             bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
             next_state = lex.m.step(lex.state, nxt)
     s.all_banned |= dead
-    active = ~done & ~dead
+    active = ~idle & ~dead
     # rows that keep this step's token: the active ones, less those that rewind (backtracking only)
     rewind = active & (ban_len >= 2) & ~hf_rows if lex is not None and lex.backtrack else None
     commit = active & ~rewind if rewind is not None else active
@@ -805,10 +810,62 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
     # EOS by comparison with each id (torch.isin may sort and unique for longer id lists: a host sync on CUDA)
     is_eos = (nxt.view(b, 1) == s.eos.view(1, -1)).any(dim=-1)
     done |= (commit & is_eos) | (cur >= s.max_new) | dead
-    s.it += 1
+    if s.hold is None:
+        s.it += 1
+    else:  # (a held row's step has not happened: its counter waits)
+        s.it += (~s.hold).long()
     done |= s.it >= s.n_iter  # the row's last step (its rewinds included)
     feed = torch.where(cur > 0, out[ar, (cur - 1).clamp(min=0)], s.prompt_last)
     return feed, s.t + cur - 1
+
+
+def _lookup_drafts(s: _Loop, k: int, max_ngram: int) -> torch.Tensor:
+    """Prompt lookup (transformers' ``prompt_lookup_num_tokens``, vLLM's n-gram speculation): each row's ``k`` draft
+    tokens [B, k], the tokens that followed the latest earlier occurrence of the row's last n tokens in its
+    sequence (prompt and kept tokens), for the largest n from ``max_ngram`` down to 1 that occurs. A rewrite copies
+    much of its input, so the drafts are often right. Where nothing matches, or the match runs past the row's last
+    token, the row's last token stands in (a draft that is merely rejected). Tensor ops on the device, no host
+    read."""
+    b = s.b
+    seq = torch.cat([s.ctx, s.out], dim=1)  # [B, W]: row r's sequence is seq[r, ctx_start[r]:end[r]]
+    end = (s.ctx.shape[1] + s.cur).view(b, 1)
+    last = (end - 1).clamp(min=0)
+    drafts = seq.gather(1, last).expand(b, k)
+    found = torch.zeros(b, 1, dtype=torch.bool, device=seq.device)
+    ahead = torch.arange(k, device=seq.device).view(1, k)
+    for n in range(max_ngram, 0, -1):
+        suffix = seq.gather(1, (end - n + torch.arange(n, device=seq.device)).clamp(min=0))  # [B, n]
+        windows = seq.unfold(1, n, 1)  # [B, W - n + 1, n]
+        j = torch.arange(windows.shape[1], device=seq.device).view(1, -1)
+        hit = (windows == suffix.view(b, 1, n)).all(dim=-1)
+        # a window in the row's sequence that ends before its last token (a token follows it; not the suffix itself)
+        hit &= (j >= s.ctx_start.view(b, 1)) & (j < end - n)
+        at = torch.where(hit, j, -1).amax(dim=1, keepdim=True)  # the latest occurrence
+        use = (at >= 0) & ~found & (end - n >= s.ctx_start.view(b, 1))  # (a suffix of n real tokens)
+        drafts = torch.where(use, seq.gather(1, torch.minimum(at + n + ahead, last)), drafts)
+        found |= use
+    return drafts
+
+
+def _verify(advance, s: _Loop, x: torch.Tensor, drafts: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt lookup's verification: ``x`` [T, B, V] holds the logits after each row's last kept token and after
+    each of its T - 1 drafts (``drafts`` [B, T - 1]). ``advance`` (the loop's step, exactly as without drafts:
+    lexicon, penalties, logprobs, rewinds) runs position by position; a row goes on to the next position only while
+    it kept the token its draft held there, so what it keeps is what decoding one token at a time would have kept
+    (greedy), and a row keeps 1 to T tokens per forward. ``sync``: read the rows' flags after each position and stop
+    when none goes on (on CPU, where the read costs nothing). Returns ``advance``'s (feed, slots) of the last
+    position run."""
+    s.hold.zero_()
+    t = x.shape[0]
+    for i in range(t):
+        before = s.cur.clone()
+        feed, slots = advance(s, x[i], False)
+        if i == t - 1:
+            break
+        s.hold |= (s.cur != before + 1) | (feed != drafts[:, i])
+        if sync and bool((s.hold | s.done).all()):
+            break
+    return feed, slots
 
 
 def _generate_batch(
@@ -840,6 +897,8 @@ def _generate_batch(
     frequency_penalty: float = 0.0,
     no_repeat_ngram_size: int = 0,
     prompt_logprobs: bool = False,
+    prompt_lookup_tokens: int = 0,
+    prompt_lookup_ngram: int = 3,
 ) -> list[GenerationResult]:
     """Decode ``ids`` (``index``: their prompt indices, for the stream) → a result each. ``keys``: each prompt's
     noise stream under ``seed`` (the Triton step's row id, the torch generator's seed with ``seed``); default
@@ -869,9 +928,11 @@ def _generate_batch(
     tok = model.tokenizer
     hold_tokens = matcher.max_depth if (matcher is not None and lexicon_mode == "backtrack") else 0
     fused_step = model.backend == "triton"
+    # prompt lookup: each forward runs a row's last kept token and k drafts, T = k + 1 positions (``_verify``)
+    lookup, span = prompt_lookup_tokens, prompt_lookup_tokens + 1
     # the fused lm_head + step (never materialises [B, V] logits); top-k/top-p/min-p and logprobs need the logits
-    fused_head = fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and not logprobs and not no_repeat_ngram_size and (
-        temperature == 0 or (not 0 < top_k < v and top_p >= 1.0 and min_p == 0.0))  # fmt: skip
+    fused_head = (fused_step and max_rows <= FUSED_HEAD_MAX_ROWS and not logprobs and not no_repeat_ngram_size
+                  and not lookup and (temperature == 0 or (not 0 < top_k < v and top_p >= 1.0 and min_p == 0.0)))
     if fused_step:  # the Triton logits step draws Philox noise keyed by (seed, row, step): no torch generator
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
@@ -886,7 +947,7 @@ def _generate_batch(
                        if has_adapter else None)  # fmt: skip
         prefix = (*shared, [rows[i] for i in members]) if shared else None
         logits, cache, start, prompt, *scores = prefill(
-            model, [ids[i] for i in members], max_new_tokens, adapter_idx, length=cache_len, own_cache=join,
+            model, [ids[i] for i in members], max_new_tokens, adapter_idx, length=cache_len + lookup, own_cache=join,
             prefix=prefix, prompt_logprobs=min(top_logprobs, v) if prompt_logprobs else None)  # fmt: skip
         if scores:
             prompt_scores.update(zip(members, _prompt_scores(scores[0], [ids[i] for i in members])))
@@ -904,7 +965,8 @@ def _generate_batch(
                      seed=seed, row_ids=row_ids, eos=eos, lex=lex, fused_step=fused_step, n_iter=n_iter,
                      logprobs=logprobs, top_logprobs=top_logprobs, min_new_tokens=min_new_tokens,
                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                     no_repeat_ngram_size=no_repeat_ngram_size, prompt_width=cache_len - max_new_tokens)  # fmt: skip
+                     no_repeat_ngram_size=no_repeat_ngram_size, prompt_width=cache_len - max_new_tokens,
+                     lookup=lookup > 0)  # fmt: skip
         return loop, logits, cache, start, prompt.shape[1]
 
     # the token choice and bookkeeping, compiled (torch backend) or captured (CUDA graphs) like the forward. Not
@@ -921,10 +983,11 @@ def _generate_batch(
 
     def bounds() -> tuple[int, int, int]:
         """(a, c, j) from the rows in the batch, recomputed when rows leave or join (not per token): the kv length
-        ``min(a + it + 1, c + max_new_tokens)`` covers every row's written slots (row r's are below
-        ``t_r + it - j_r + 1`` and ``t_r + max_new_tokens``; each row's mask stops at its own slot), and the last
-        step is ``j + n_iter - 1``."""
-        return max(tp - j for tp, j in zip(prompt_len, joined)), max(prompt_len), max(joined)
+        ``min(a + T * (it + 1), c + max_new_tokens + T - 1)`` covers every row's written slots (T = 1, or with
+        prompt lookup the k + 1 positions of a forward: row r has kept at most ``1 + T * (it - j_r)`` tokens, so its
+        slots are below ``t_r + T * (it - j_r + 1)`` and ``t_r + max_new_tokens + T - 1``; each row's mask stops at
+        its own slot), and the last step is ``j + n_iter - 1``."""
+        return max(tp - span * j for tp, j in zip(prompt_len, joined)), max(prompt_len), max(joined)
 
     def join(places: list[int], members: list[int], feed, slots, start):
         """The prompts ``members`` take the places (rows) ``places`` of finished rows, in place: prefilled in a
@@ -946,7 +1009,10 @@ def _generate_batch(
     hidden = False
     it = 0
     while True:
-        feed, slots = advance(s, x, hidden)
+        if x.dim() == 3:  # a forward of each row's last token and its drafts: verified position by position
+            feed, slots = _verify(advance, s, x, drafts, sync=dev.type == "cpu")
+        else:
+            feed, slots = advance(s, x, hidden)
         done = s.done
         if host_each_step:
             done_host, cur_host = done.tolist(), s.cur.tolist()
@@ -994,9 +1060,15 @@ def _generate_batch(
                 kv_from, kv_cap, last_join = bounds()
                 if on_finished is not None:
                     on_finished(len(finished) - n_before)
-        kv_len = min(kv_from + it + 1, kv_cap + max_new_tokens)
+        kv_len = min(kv_from + span * (it + 1), kv_cap + max_new_tokens + lookup)
         hidden = fused_head
-        x = decode_one_token(model, feed, slots, kv_len, start, cache, s.adapter_idx, head=not fused_head)
+        if lookup:
+            drafts = _lookup_drafts(s, lookup, prompt_lookup_ngram)
+            tokens = torch.cat([feed.view(-1, 1), drafts], dim=1)
+            at = slots.view(-1, 1) + torch.arange(span, device=dev)
+            x = model.runner.verify(tokens, at, kv_len, start, cache, s.adapter_idx)
+        else:
+            x = decode_one_token(model, feed, slots, kv_len, start, cache, s.adapter_idx, head=not fused_head)
         it += 1
         if it > n * n_iter:  # each prompt takes at most n_iter steps: a loop past that would never end
             raise RuntimeError(f"fastdebias: the decode loop ran {it} steps for {n} prompts; please report this bug")
@@ -1112,6 +1184,8 @@ def generate(
     n: int = 1,
     no_repeat_ngram_size: int = 0,
     prompt_logprobs: bool = False,
+    prompt_lookup_tokens: int = 0,
+    prompt_lookup_ngram: int = 3,
 ) -> list[GenerationResult]:
     """Generate a continuation for each prompt.
 
@@ -1175,6 +1249,16 @@ def generate(
         prompts repeated n times would be (so ``n`` changes no sample's draws but their keys), and ``stream`` is
         called with that result index. A call's n samples of one prompt share its prefill (as any prompts sharing
         a prefix of at least 8 tokens do).
+    prompt_lookup_tokens : k > 0 turns on prompt-lookup speculative decoding (transformers'
+        ``prompt_lookup_num_tokens``, vLLM's n-gram speculation), greedy only: at each step every row guesses its
+        next k tokens by finding its last n tokens (n = ``prompt_lookup_ngram`` down to 1) earlier in its prompt or
+        output and copying what followed, and one forward checks the k guesses. A row keeps the guesses up to the
+        first one greedy decoding would not have chosen, plus the model's own token there: 1 to k + 1 tokens per
+        forward, and the same tokens as without lookup (up to the floating-point differences between a forward of
+        k + 1 tokens and k + 1 forwards of one, which may flip a near-tie). Rewriting copies much of its input, so
+        ``debias`` gains most. Each forward costs more than a one-token step (eager, k + 1 positions), so a
+        task that copies little may run slower: measure (``bench/bench_lookup.py``). 0 (default) is off.
+    prompt_lookup_ngram : the longest n-gram looked up (1 to 8; default 3).
 
     Returns
     -------
@@ -1227,6 +1311,19 @@ def generate(
         raise GenerationError(
             f"min_new_tokens must be an integer from 0 to max_new_tokens={max_new_tokens}, got {min_new_tokens!r}"
         )
+    if not _is_int(prompt_lookup_tokens) or not 0 <= prompt_lookup_tokens <= MAX_LOOKUP_TOKENS:
+        raise GenerationError(
+            f"prompt_lookup_tokens must be an integer from 0 (off) to {MAX_LOOKUP_TOKENS}, got {prompt_lookup_tokens!r}"
+        )
+    if not _is_int(prompt_lookup_ngram) or not 1 <= prompt_lookup_ngram <= MAX_LOOKUP_NGRAM:
+        raise GenerationError(
+            f"prompt_lookup_ngram must be an integer from 1 to {MAX_LOOKUP_NGRAM}, got {prompt_lookup_ngram!r}"
+        )
+    if prompt_lookup_tokens and temperature > 0:
+        raise GenerationError(
+            f"prompt_lookup_tokens={prompt_lookup_tokens} works with greedy decoding only (temperature=0), got "
+            f"temperature={temperature}: set prompt_lookup_tokens=0 to sample"
+        )
     matcher = None
     if lexicon is not None:
         from fastdebias.lexicon import Lexicon
@@ -1252,7 +1349,8 @@ def generate(
               lexicon_mode=lexicon_mode, max_rewinds=int(max_rewinds), logprobs=bool(logprobs) or top_logprobs > 0,
               top_logprobs=int(top_logprobs), min_new_tokens=int(min_new_tokens),
               presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
-              no_repeat_ngram_size=int(no_repeat_ngram_size), prompt_logprobs=bool(prompt_logprobs))  # fmt: skip
+              no_repeat_ngram_size=int(no_repeat_ngram_size), prompt_logprobs=bool(prompt_logprobs),
+              prompt_lookup_tokens=int(prompt_lookup_tokens), prompt_lookup_ngram=int(prompt_lookup_ngram))  # fmt: skip
     # ``bs`` rows at a time, the next prompts taking finished rows' places (continuous batching); a bar over prompts
     show = progress if progress is not None else bs < total
     unit = "prompt" if n == 1 else "sequence"

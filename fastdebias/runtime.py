@@ -345,6 +345,16 @@ class DecodeRunner:
         graph.replay()
         return out[:b]
 
+    def verify(self, tokens, slots, kv_len: int, start, cache: KVCache, adapter_idx) -> torch.Tensor:
+        """tokens [B, T] written at per-row ``slots`` [B, T] (a row's last kept token and its prompt-lookup drafts),
+        attending to slots < ``kv_len`` → fp32 logits at every position, [T, B, V] (position-major: each position's
+        [B, V] is contiguous for the loop's step). Eager under every runtime: T varies with the call, and a forward
+        of T tokens is mostly matrix products, where a captured or compiled one gains least."""
+        b, t = tokens.shape
+        h = self.decoder(tokens, slots, start, kv_len, cache, adapter_idx, all_hidden=True)
+        rows = adapter_idx.repeat(t) if adapter_idx is not None else None  # (position-major, as the hidden states)
+        return self.decoder.lm_head(self.decoder.norm(h.transpose(0, 1)), rows).float()
+
     def _fall_back(self, what: str, e: Exception, args: tuple) -> torch.Tensor:
         """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation)."""
         _warn_eager(what, e)
