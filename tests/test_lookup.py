@@ -235,3 +235,26 @@ def test_cli_flag(llama_dir, capsys):
         assert main(base + extra) == 0
         rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[0]))
     assert rows[1]["token_ids"] == rows[0]["token_ids"] and len(rows[0]["token_ids"]) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("error:fastdebias:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_under_cuda_graphs(small_dir, backend):
+    """Real CUDA, fp32: lookup under the cuda_graph runtime (eager verification forwards on the static cache beside
+    the captured one-token forwards of joining rows, the step captured or not) equals eager decoding without
+    lookup and transformers' greedy tokens, with rewinds and continuous batching."""
+    kw = dict(device="cuda", dtype="float32", backend=backend, progress=False)
+    eager = fastdebias.load(small_dir, runtime="eager", **kw)
+    graph = fastdebias.load(small_dir, runtime="cuda_graph", **kw)
+    free = [o.token_ids for o in fastdebias.generate(eager, PROMPTS, max_new_tokens=NEW, eos_token_id=[])]
+    assert free == hf_greedy(small_dir, PROMPTS, NEW, extra=dict(eos_token_id=None))
+    lex = Lexicon.from_token_sequences({tuple(r[4:6]): float("-inf") for r in free})
+    gen = dict(max_new_tokens=NEW, eos_token_id=[], lexicon=lex, batch_size=2, logprobs=True)
+    want = fastdebias.generate(eager, PROMPTS, **gen)
+    for model in (eager, graph):
+        spy = Forwards(model)
+        _same(fastdebias.generate(model, PROMPTS, prompt_lookup_tokens=4, **gen), want, logprobs_atol=1e-3)
+        assert spy.verify > 0
+    got = fastdebias.generate(graph, PROMPTS, max_new_tokens=NEW, eos_token_id=[], prompt_lookup_tokens=4)
+    assert [o.token_ids for o in got] == free
