@@ -1007,6 +1007,7 @@ def _generate_batch(
 
     kv_from, kv_cap, last_join = bounds()
     hidden = False
+    drafts = None  # prompt lookup: each row's drafts in the forward that produced ``x``
     it = 0
     while True:
         if x.dim() == 3:  # a forward of each row's last token and its drafts: verified position by position

@@ -106,8 +106,8 @@ def test_greedy_equals_transformers(small_dir, backend):
 
 
 def test_mixed_adapters(small_dir, tmp_path):
-    """Several adapters (one on the lm_head) and none in one batch: the tokens of decoding without lookup; alone, every row keeps
-    drafts (so the logits after a draft, each position's adapter rows, are the ones used)."""
+    """Several adapters (one on the lm_head) and none in one batch: the tokens of decoding without lookup; alone,
+    every row keeps drafts (so the logits after a draft, each position's adapter rows, are the ones used)."""
     from .conftest import make_adapter
 
     qv = make_adapter(small_dir, tmp_path / "qv")
