@@ -362,7 +362,8 @@ class LlamaDecoder(nn.Module):
         layer's output at every position [B, T, K] (before the final norm) instead, for ``token_logprobs``.
         """
         b, t = tokens.shape
-        positions = (slots - start.view(b, 1)).clamp(min=0)
+        # (clamped above too: prompt lookup's drafts may run past the model's last position, where no token is kept)
+        positions = (slots - start.view(b, 1)).clamp(min=0, max=self.rope_cos.shape[0] - 1)
         cos = self.rope_cos[positions].to(self.embed_tokens.dtype)
         sin = self.rope_sin[positions].to(self.embed_tokens.dtype)
         mask = None  # causal: SDPA's is_causal

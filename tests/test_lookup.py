@@ -126,6 +126,17 @@ def test_mixed_adapters(small_dir, tmp_path):
         assert spy.verify < NEW - 1
 
 
+def test_drafts_past_the_models_last_position(tmp_path):
+    """Prompt + max_new_tokens at the model's context: the last forwards' drafts lie past its last position (their
+    rotary index clamped, their K/V in the cache's spare slots), and the tokens are those without lookup."""
+    model = fastdebias.load(make_llama(tmp_path / "m", vocab_size=V, seed=3, max_position_embeddings=32),
+                            progress=False)  # fmt: skip
+    prompts = [[1, 5, 6, 7, 5, 6], [1, 9]]
+    kw = dict(max_new_tokens=26, eos_token_id=[])
+    want = [o.token_ids for o in fastdebias.generate(model, prompts, **kw)]
+    assert [o.token_ids for o in fastdebias.generate(model, prompts, prompt_lookup_tokens=8, **kw)] == want
+
+
 def _same(got, want, logprobs_atol=1e-4):
     for g, w in zip(got, want):
         assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
