@@ -348,10 +348,22 @@ class DecodeRunner:
     def verify(self, tokens, slots, kv_len: int, start, cache: KVCache, adapter_idx) -> torch.Tensor:
         """tokens [B, T] written at per-row ``slots`` [B, T] (a row's last kept token and its prompt-lookup drafts),
         attending to slots < ``kv_len`` → fp32 logits at every position, [T, B, V] (position-major: each position's
-        [B, V] is contiguous for the loop's step). Eager under every runtime: T varies with the call, and a forward
-        of T tokens is mostly matrix products, where a captured or compiled one gains least."""
+        [B, V] is contiguous for the loop's step). Under ``"compile"`` on CPU through the compiled decoder layer
+        (one more graph, for B x T rows: its projections are oneDNN's, the small ops around them fused), else
+        eagerly (under CUDA graphs too: not captured yet)."""
         b, t = tokens.shape
-        h = self.decoder(tokens, slots, start, kv_len, cache, adapter_idx, all_hidden=True)
+        regions = None
+        if self.runtime == "compile" and not self.static:
+            if self.regions is None:
+                self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
+            regions = self.regions
+        try:
+            with _compiling_config():
+                h = self.decoder(tokens, slots, start, kv_len, cache, adapter_idx, all_hidden=True, regions=regions)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
+            _warn_eager("torch.compile", e)  # (rerunning writes the same K/V into the same slots)
+            self.runtime, self.graphs, self.regions = "eager", {}, None
+            h = self.decoder(tokens, slots, start, kv_len, cache, adapter_idx, all_hidden=True)
         rows = adapter_idx.repeat(t) if adapter_idx is not None else None  # (position-major, as the hidden states)
         return self.decoder.lm_head(self.decoder.norm(h.transpose(0, 1)), rows).float()
 

@@ -196,8 +196,8 @@ def test_stop_strings_and_streaming(llama_dir):
 
 @pytest.mark.parametrize("runtime", ["cuda_graph", "compile"])
 def test_runtimes_equal_eager(small_dir, runtime, emulated_graphs):  # noqa: ARG001
-    """The compile runtime (the step compiled, with its held rows) and the cuda_graph runtime's logic (emulated:
-    the static cache, the one-token forwards of joining rows captured): as the eager runtime without lookup."""
+    """The compile runtime (the step and the verification forward compiled) and the cuda_graph runtime's logic
+    (emulated: the static cache, the one-token forwards of joining rows captured): as eager without lookup."""
     eager = fastdebias.load(small_dir, runtime="eager", progress=False)
     if runtime == "cuda_graph":
         model = as_cuda_graph(fastdebias.load(small_dir, runtime="eager", progress=False), compile_step=True)
@@ -209,6 +209,7 @@ def test_runtimes_equal_eager(small_dir, runtime, emulated_graphs):  # noqa: ARG
     want = fastdebias.generate(eager, PROMPTS, **kw)
     _same(fastdebias.generate(model, PROMPTS, prompt_lookup_tokens=3, **kw), want)
     assert model.runner._step_fns.get(generate_module._advance) is not None  # compiled, not fallen back
+    assert model.runner.runtime == runtime  # (the compiled verification forward did not fall back either)
 
 
 def test_debias_with_the_embedded_model(embedded_dir):
