@@ -159,7 +159,9 @@ class DecodeRunner:
     def __init__(self, decoder, runtime: str) -> None:
         self.decoder, self.runtime = decoder, runtime
         self.cache: KVCache | None = None
-        self.graphs: dict[tuple[int, int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch bucket, kv bucket, has adapter, head, positions) → (graph, its output): a one-token forward, or
+        # with positions T > 1 a prompt-lookup verification forward
+        self.graphs: dict[tuple[int, int, bool, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.regions = None  # "compile": (compiled run_layer, compiled LlamaDecoder.head), made at the first decode
         self.on_cuda = decoder.embed_tokens.device.type == "cuda"
@@ -314,19 +316,25 @@ class DecodeRunner:
                                         head=head, regions=self.regions)  # fmt: skip
             except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
                 # (re-running the whole step is safe: it rewrites the same K/V into the same slots)
-                return self._fall_back("torch.compile", e, args)
+                return self._fall_back("torch.compile", e, lambda: self.decode(*args))
         if not self.static:
             return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx, head=head)
         bufs = self._bufs
-        bb, cache_len = batch_bucket(b), cache.k[0].shape[2]
-        kvb = self.kv_read_len(kv_len, cache_len)
         bufs["tokens"][:b, 0].copy_(token)
         bufs["slots"][:b, 0].copy_(slots)
+        return self._replay(b, 1, kv_len, start, cache, adapter_idx, head, lambda: self.decode(*args))
+
+    def _replay(self, b: int, t: int, kv_len: int, start, cache: KVCache, adapter_idx, head: bool, again):
+        """Static runtimes: the captured forward of ``t`` positions for the rows' buffers (tokens and slots already
+        written), captured first if new → its output's first ``b`` rows. ``again()``: the call to make after a
+        failed capture has changed the runtime."""
+        bufs = self._bufs
+        bb, kvb = batch_bucket(b), self.kv_read_len(kv_len, cache.k[0].shape[2])
         bufs["start"][:b].copy_(start)
         has_adapter = adapter_idx is not None
         if has_adapter:
             bufs["adapter_idx"][:b].copy_(adapter_idx)
-        key = (bb, kvb, has_adapter, head)
+        key = (bb, kvb, has_adapter, head, t)
         if key not in self.graphs:
             try:
                 with _compiling_config():
@@ -337,23 +345,30 @@ class DecodeRunner:
                     # instead, as "cuda_graph" does; a fault of the forward itself shows again there
                     _warn_eager("torch.compile of the forward", e, "capturing the eager forward in CUDA graphs")
                     self.runtime, self.regions, self.graphs = "cuda_graph", None, {}
-                    return self.decode(*args)
+                    return again()
                 if isinstance(e, RuntimeError):  # e.g. an op that syncs with the host
-                    return self._fall_back("CUDA graph capture", e, args)
+                    return self._fall_back("CUDA graph capture", e, again)
                 raise
         graph, out = self.graphs[key]
         graph.replay()
-        return out[:b]
+        return out[:b] if t == 1 else out[:, :b]
 
     def verify(self, tokens, slots, kv_len: int, start, cache: KVCache, adapter_idx) -> torch.Tensor:
         """tokens [B, T] written at per-row ``slots`` [B, T] (a row's last kept token and its prompt-lookup drafts),
         attending to slots < ``kv_len`` → fp32 logits at every position, [T, B, V] (position-major: each position's
         [B, V] is contiguous for the loop's step). Under ``"compile"`` on CPU through the compiled decoder layer
-        (one more graph, for B x T rows: its projections are oneDNN's, the small ops around them fused), else
-        eagerly (under CUDA graphs too: not captured yet)."""
+        (one more graph, for B x T rows: its projections are oneDNN's, the small ops around them fused); under
+        static runtimes a CUDA graph per batch bucket, kv bucket and T, of the eager forward (as ``decode``'s);
+        else eagerly."""
         b, t = tokens.shape
+        if self.static:
+            toks, at = self._verify_buffers(batch_bucket(b), t)
+            toks[:b].copy_(tokens)
+            at[:b].copy_(slots)
+            args = (tokens, slots, kv_len, start, cache, adapter_idx)
+            return self._replay(b, t, kv_len, start, cache, adapter_idx, True, lambda: self.verify(*args))
         regions = None
-        if self.runtime == "compile" and not self.static:
+        if self.runtime == "compile":
             if self.regions is None:
                 self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
             regions = self.regions
@@ -361,17 +376,32 @@ class DecodeRunner:
             with _compiling_config():
                 h = self.decoder(tokens, slots, start, kv_len, cache, adapter_idx, all_hidden=True, regions=regions)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
-            _warn_eager("torch.compile", e)  # (rerunning writes the same K/V into the same slots)
-            self.runtime, self.graphs, self.regions = "eager", {}, None
-            h = self.decoder(tokens, slots, start, kv_len, cache, adapter_idx, all_hidden=True)
-        rows = adapter_idx.repeat(t) if adapter_idx is not None else None  # (position-major, as the hidden states)
+            # (rerunning writes the same K/V into the same slots)
+            args = (tokens, slots, kv_len, start, cache, adapter_idx)
+            return self._fall_back("torch.compile", e, lambda: self.verify(*args))
+        return self._every_position(h, adapter_idx)
+
+    def _every_position(self, h: torch.Tensor, adapter_idx) -> torch.Tensor:
+        """The last layer's output h [B, T, K] → fp32 logits [T, B, V] (final norm, lm_head and its LoRA)."""
+        rows = adapter_idx.repeat(h.shape[1]) if adapter_idx is not None else None  # (position-major, as below)
         return self.decoder.lm_head(self.decoder.norm(h.transpose(0, 1)), rows).float()
 
-    def _fall_back(self, what: str, e: Exception, args: tuple) -> torch.Tensor:
-        """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation)."""
+    def _verify_buffers(self, bb: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static tokens and slots [bb, t] of verification forwards of ``t`` positions (made at first use; the
+        cache's ``allocate`` zeroes them with the others, and drops them when the cache grows)."""
+        name = f"verify_{t}"
+        if name + "_tokens" not in self._bufs:  # (as many rows as the cache's other buffers: its batch bucket)
+            like = self._bufs["tokens"]
+            for what in ("_tokens", "_slots"):
+                self._bufs[name + what] = torch.zeros(like.shape[0], t, dtype=torch.long, device=like.device)
+        return self._bufs[name + "_tokens"][:bb], self._bufs[name + "_slots"][:bb]
+
+    def _fall_back(self, what: str, e: Exception, again) -> torch.Tensor:
+        """Decode on eagerly, from this step on, and say so (a failed speed-up must not end the generation).
+        ``again()``: the call to make, now eagerly."""
         _warn_eager(what, e)
         self.runtime, self.graphs, self.regions = "eager", {}, None
-        return self.decode(*args)  # the eager branch now
+        return again()
 
     def step_function(self, fn):
         """``fn(loop, x, hidden)`` (the decode loop's token choice and bookkeeping, ``generate._advance``) as this
@@ -431,12 +461,17 @@ class DecodeRunner:
         """Slots the graph-captured step attends over: a new kv bucket costs one capture (milliseconds)."""
         return min(_round_up(kv_len, KV_BUCKET), cache_len)
 
-    def _forward(self, bb: int, kvb: int, has_adapter: bool, head: bool) -> torch.Tensor:
+    def _forward(self, bb: int, kvb: int, has_adapter: bool, head: bool, t: int = 1) -> torch.Tensor:
         """The one-token forward on the static buffers, for a capture: under ``"compile"`` through the compiled
         layer and head (static shapes, the batch bucket's, but for the kv length, which the mask marks dynamic;
-        compiled at the first capture's warm-up), else eagerly."""
+        compiled at the first capture's warm-up), else eagerly. ``t`` > 1: a verification forward of ``t``
+        positions (``verify``; eager under both) → logits [t, bb, V]."""
         bufs = self._bufs
         aidx = bufs["adapter_idx"][:bb] if has_adapter else None
+        if t > 1:
+            toks, at = self._verify_buffers(bb, t)
+            h = self.decoder(toks, at, bufs["start"][:bb], kvb, self.cache, aidx, all_hidden=True)
+            return self._every_position(h, aidx)
         if self.runtime == "compile" and self.regions is None:
             self.regions = (torch.compile(run_layer, dynamic=False), torch.compile(LlamaDecoder.head, dynamic=False))
         return self.decoder(

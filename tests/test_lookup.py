@@ -195,7 +195,7 @@ def test_stop_strings_and_streaming(llama_dir):
 
 
 @pytest.mark.parametrize("runtime", ["cuda_graph", "compile"])
-def test_runtimes_equal_eager(small_dir, runtime, emulated_graphs):  # noqa: ARG001
+def test_runtimes_equal_eager(small_dir, runtime, emulated_graphs):
     """The compile runtime (the step and the verification forward compiled) and the cuda_graph runtime's logic
     (emulated: the static cache, the one-token forwards of joining rows captured): as eager without lookup."""
     eager = fastdebias.load(small_dir, runtime="eager", progress=False)
@@ -210,6 +210,8 @@ def test_runtimes_equal_eager(small_dir, runtime, emulated_graphs):  # noqa: ARG
     _same(fastdebias.generate(model, PROMPTS, prompt_lookup_tokens=3, **kw), want)
     assert model.runner._step_fns.get(generate_module._advance) is not None  # compiled, not fallen back
     assert model.runner.runtime == runtime  # (the compiled verification forward did not fall back either)
+    if runtime == "cuda_graph":  # verification forwards captured (4 positions), and the step on their logits too
+        assert any(key[4] == 4 for key in model.runner.graphs) and sum(g.replays for g in emulated_graphs) > 0
 
 
 def test_debias_with_the_embedded_model(embedded_dir):
