@@ -693,6 +693,8 @@ def _ban_repeated_ngrams(s: _Loop, x: torch.Tensor) -> torch.Tensor:
     tokens are compared with every window of the sequence, and the token after each matching window is banned."""
     n, b = s.ngram, s.b
     seq = torch.cat([s.ctx, s.out], dim=1)  # [B, W]: row r's sequence is seq[r, ctx_start[r]:end[r]]
+    if seq.shape[1] < n:  # no row can hold an n-gram (prompt + max_new_tokens < n): nothing to ban
+        return x
     end = s.ctx.shape[1] + s.cur
     ar = torch.arange(n - 1, device=x.device)
     suffix = seq.gather(1, (end.view(b, 1) - (n - 1) + ar).clamp(min=0))  # the last n-1 tokens [B, n-1]
@@ -1096,6 +1098,9 @@ def _generate_batch(
                     if _cut_at_stop(tok.decode(seq[:j], skip_special_tokens=True), stop)[1]:
                         seq = seq[:j]
                         break
+                # and the interventions at the positions kept (the row may have run on a few tokens before the host
+                # read its text: the lexicon's held-back tokens, and with prompt lookup the rest of a verified run)
+                interventions = [x for x in interventions if x.step < len(seq)]
         res = GenerationResult(text=text, token_ids=seq, finish_reason=reason, prompt_tokens=len(ids[i]),
                                prompt_token_ids=list(ids[i]),
                                logprobs=lp[: len(seq)] if lp is not None else None,

@@ -194,6 +194,21 @@ def test_stop_strings_and_streaming(llama_dir):
     assert got_pieces[0] == got[0].text
 
 
+@pytest.mark.parametrize("mode", ["hf", "backtrack"])
+def test_a_stop_string_cuts_the_interventions_too(llama_dir, mode):
+    """A lexicon that pulls toward one token ("t") and a stop string of three of them: a verified run of drafts goes
+    on past the stop before the host reads the text, and the interventions logged there are cut with the tokens."""
+    model = fastdebias.load(llama_dir, progress=False)
+    t = model.tokenizer("t", add_special_tokens=False)["input_ids"][0]
+    kw = dict(max_new_tokens=20, eos_token_id=[], stop=model.tokenizer.decode([t] * 3), lexicon_mode=mode,
+              lexicon=Lexicon.from_token_sequences({(t,): 8.0}))  # fmt: skip
+    prompt = [[1] + [t] * 6]
+    want = fastdebias.generate(model, prompt, **kw)
+    got = fastdebias.generate(model, prompt, prompt_lookup_tokens=8, **kw)
+    _same(got, want)
+    assert got[0].finish_reason == "stop" and [i.step for i in got[0].interventions] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("runtime", ["cuda_graph", "compile"])
 def test_runtimes_equal_eager(small_dir, runtime, emulated_graphs):
     """The compile runtime (the step and the verification forward compiled) and the cuda_graph runtime's logic

@@ -141,6 +141,14 @@ def test_logprobs_stay_the_models(small_dir):
     assert banned.logprobs[k] < plain.logprobs[k]  # the model's first choice was banned there
 
 
+def test_n_longer_than_any_sequence_bans_nothing(small_dir):
+    """n above prompt + max_new_tokens: no row can hold an n-gram, so nothing is banned (it raised in unfold)."""
+    model = fastdebias.load(small_dir, progress=False)
+    kw = dict(max_new_tokens=2, eos_token_id=[])
+    want = fastdebias.generate(model, [[1]], **kw)[0].token_ids
+    assert fastdebias.generate(model, [[1]], no_repeat_ngram_size=4, **kw)[0].token_ids == want
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
 def test_bad_values_are_named(small_dir, bad):
     model = fastdebias.load(small_dir, progress=False)
