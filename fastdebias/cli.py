@@ -87,9 +87,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="each input token's log-probability given those before it: a 'prompt_logprobs' list of "
                         "[token, token_id, logprob] in --json (the first logprob null), else their sum")
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                   help="prompt-lookup speculative decoding, greedy only: guess K tokens per step by copying what "
-                        "followed the last tokens earlier in the input or output, keep those greedy decoding would "
-                        "choose (the same output, fewer forwards when the output copies its input: debias); 0 = off")
+                   help="prompt-lookup speculative decoding: guess K tokens per step by copying what followed the "
+                        "last tokens earlier in the input or output, keep those decoding would choose anyway (the "
+                        "same output, fewer forwards when the output copies its input: debias); 0 = off")
     p.add_argument("--n", type=int, default=1, metavar="N",
                    help="outputs per input (sampling: needs --temperature > 0); --json rows carry a 'sample' index")
 

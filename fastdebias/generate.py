@@ -741,8 +741,11 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         # A row whose every token is banned finishes here ("banned"): never NaN, never a random token.
         dead = torch.isneginf(y).all(dim=-1) & ~idle
         y = torch.where(dead.view(b, 1), torch.zeros_like(y), y)
+        gens = s.generators
+        if gens is not None and s.hold is not None:  # a held row's step has not happened: it draws nothing yet
+            gens = [None if h else g for g, h in zip(gens, s.hold.tolist())]
         nxt = choose_tokens(y, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                            generator=s.generators)
+                            generator=gens)
         if lex is not None:
             bias, ban_len, entry = lex.m.lookup(lex.state, nxt, mask_phrases=hf_rows)
             next_state = lex.m.step(lex.state, nxt)
@@ -1256,14 +1259,16 @@ def generate(
         called with that result index. A call's n samples of one prompt share its prefill (as any prompts sharing
         a prefix of at least 8 tokens do).
     prompt_lookup_tokens : k > 0 turns on prompt-lookup speculative decoding (transformers'
-        ``prompt_lookup_num_tokens``, vLLM's n-gram speculation), greedy only: at each step every row guesses its
-        next k tokens by finding its last n tokens (n = ``prompt_lookup_ngram`` down to 1) earlier in its prompt or
-        output and copying what followed, and one forward checks the k guesses. A row keeps the guesses up to the
-        first one greedy decoding would not have chosen, plus the model's own token there: 1 to k + 1 tokens per
-        forward, and the same tokens as without lookup (up to the floating-point differences between a forward of
-        k + 1 tokens and k + 1 forwards of one, which may flip a near-tie). Rewriting copies much of its input, so
-        ``debias`` gains most. Each forward costs more than a one-token step (eager, k + 1 positions), so a
-        task that copies little may run slower: measure (``bench/bench_lookup.py``). 0 (default) is off.
+        ``prompt_lookup_num_tokens``, vLLM's n-gram speculation): at each step every row guesses its next k tokens
+        by finding its last n tokens (n = ``prompt_lookup_ngram`` down to 1) earlier in its prompt or output and
+        copying what followed, and one forward checks the k guesses. The loop's step chooses each position's token
+        as it would without guesses, and a row goes on to the next position only while it chose the guess: 1 to
+        k + 1 tokens per forward, and the tokens of decoding without lookup. Greedy: the same tokens. Sampling with
+        a seed: the same samples (each draw keyed by the row's own step, which only real steps advance); without
+        one, draws from the same distributions. (Up to the floating-point differences between a forward of k + 1
+        tokens and k + 1 forwards of one, which may flip a near-tie.) Rewriting copies much of its input, so
+        ``debias`` gains most. Each forward costs more than a one-token step (k + 1 positions), so a task that
+        copies little may run slower: measure (``bench/bench_lookup.py``). 0 (default) is off.
     prompt_lookup_ngram : the longest n-gram looked up (1 to 8; default 3).
 
     Returns
@@ -1324,11 +1329,6 @@ def generate(
     if not _is_int(prompt_lookup_ngram) or not 1 <= prompt_lookup_ngram <= MAX_LOOKUP_NGRAM:
         raise GenerationError(
             f"prompt_lookup_ngram must be an integer from 1 to {MAX_LOOKUP_NGRAM}, got {prompt_lookup_ngram!r}"
-        )
-    if prompt_lookup_tokens and temperature > 0:
-        raise GenerationError(
-            f"prompt_lookup_tokens={prompt_lookup_tokens} works with greedy decoding only (temperature=0), got "
-            f"temperature={temperature}: set prompt_lookup_tokens=0 to sample"
         )
     matcher = None
     if lexicon is not None:

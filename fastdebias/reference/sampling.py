@@ -79,11 +79,12 @@ def choose_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Pick the next token per row: argmax when ``temperature`` is 0 (or below ``GREEDY_BELOW``), else a sample.
     logits: [B, V] fp32 → [B] int64. ``generator``: one for the batch, or one per row (each row's draws then depend
-    on its own generator only, not on the batch it is in)."""
+    on its own generator only, not on the batch it is in; None in the list: that row draws nothing, its generator
+    kept for its next draw, and its token is the argmax, for a caller that discards it)."""
     temperature = effective_temperature(temperature)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
@@ -92,7 +93,10 @@ def choose_tokens(
     race = torch.empty_like(probs)
     if isinstance(generator, Sequence):  # each row's draws from its own generator, in place
         for row, g in zip(race, generator):
-            row.exponential_(1.0, generator=g)
+            if g is None:
+                row.fill_(1.0)
+            else:
+                row.exponential_(1.0, generator=g)
     else:
         race.exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
