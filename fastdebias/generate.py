@@ -742,7 +742,9 @@ def _advance(s: _Loop, x: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, tor
         dead = torch.isneginf(y).all(dim=-1) & ~idle
         y = torch.where(dead.view(b, 1), torch.zeros_like(y), y)
         gens = s.generators
-        if gens is not None and s.hold is not None:  # a held row's step has not happened: it draws nothing yet
+        # a held row's step has not happened: it draws nothing yet (a host read of the flags: a sync on CUDA, for
+        # the torch backend's seeded sampling with prompt lookup only)
+        if gens is not None and s.hold is not None:
             gens = [None if h else g for g, h in zip(gens, s.hold.tolist())]
         nxt = choose_tokens(y, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                             generator=gens)
@@ -855,11 +857,11 @@ def _lookup_drafts(s: _Loop, k: int, max_ngram: int) -> torch.Tensor:
 def _verify(advance, s: _Loop, x: torch.Tensor, drafts: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt lookup's verification: ``x`` [T, B, V] holds the logits after each row's last kept token and after
     each of its T - 1 drafts (``drafts`` [B, T - 1]). ``advance`` (the loop's step, exactly as without drafts:
-    lexicon, penalties, logprobs, rewinds) runs position by position; a row goes on to the next position only while
-    it kept the token its draft held there, so what it keeps is what decoding one token at a time would have kept
-    (greedy), and a row keeps 1 to T tokens per forward. ``sync``: read the rows' flags after each position and stop
-    when none goes on (on CPU, where the read costs nothing). Returns ``advance``'s (feed, slots) of the last
-    position run."""
+    lexicon, penalties, logprobs, rewinds, sampling) runs position by position; a row goes on to the next position
+    only while it kept the token its draft held there, so what it keeps is what decoding one token at a time would
+    have kept (greedy; sampled, with draws keyed by the row's step, which a held row does not take), and a row keeps
+    1 to T tokens per forward. ``sync``: read the rows' flags after each position and stop when none goes on (on
+    CPU, where the read costs nothing). Returns ``advance``'s (feed, slots) of the last position run."""
     s.hold.zero_()
     t = x.shape[0]
     for i in range(t):
