@@ -41,14 +41,18 @@ PARAGRAPHS = [
 ]
 
 
-def hf_generate(hf, ids: list[int], max_new: int, eos: set[int], lookup: int) -> list[int]:
-    """transformers' greedy ``generate`` of one prompt (``lookup`` > 0: ``prompt_lookup_num_tokens``), cut after
-    EOS as fastdebias's token_ids are."""
+def hf_generate(hf, ids: list[int], max_new: int, eos: set[int], lookup: int, temperature: float = 0.0):
+    """transformers' ``generate`` of one prompt, greedy or sampled at ``temperature`` (``lookup`` > 0:
+    ``prompt_lookup_num_tokens``), cut after EOS as fastdebias's token_ids are."""
     kw = dict(prompt_lookup_num_tokens=lookup) if lookup else {}
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kw.update(do_sample=False)
     x = torch.tensor([ids])
     with torch.no_grad():
-        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
-                          num_beams=1, **kw)[0, len(ids):].tolist()  # fmt: skip
+        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, num_beams=1,
+                          **kw)[0, len(ids):].tolist()  # fmt: skip
     cut = next((j for j, t in enumerate(out) if t in eos), None)
     return out if cut is None else out[: cut + 1]
 
@@ -60,6 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", action="store_true", help="also fastdebias on all texts in one call")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (fastdebias seeded: lookup must give the samples without it; "
+                         "transformers' samples cannot be compared)")
     ap.add_argument("--runtime", default="auto", choices=["auto", "eager", "compile"],
                     help="fastdebias's runtime (auto: eager on CPU, the default users get)")
     ap.add_argument("--out", type=Path, help="write lookup_<device>.{md,json,png} here")
@@ -82,20 +89,25 @@ def main(argv=None) -> int:
 
     model.runner.verify, model.runner.decode = counted(verify), counted(decode)
     points = []
+    reference = ("transformers' greedy tokens" if args.temperature == 0 else
+                 "fastdebias's samples without lookup, same per-prompt seeds")  # fmt: skip
     for which in args.texts:
         texts = TEXTS if which == "short" else PARAGRAPHS
         prompts = debias_prompts(model, texts)[0]
 
         def fd(k: int, batch: bool = False):
-            kw = dict(max_new_tokens=args.max_new_tokens, prompt_lookup_tokens=k)
+            kw = dict(max_new_tokens=args.max_new_tokens, prompt_lookup_tokens=k, temperature=args.temperature,
+                      seed=[7 + i for i in range(len(prompts))])  # (per-prompt seeds: the same draws in a batch)
             if batch:
                 return [o.token_ids for o in fastdebias.generate(model, prompts, **kw)]
-            return [fastdebias.generate(model, [p], **kw)[0].token_ids for p in prompts]
+            return [fastdebias.generate(model, [p], **{**kw, "seed": [sd]})[0].token_ids
+                    for p, sd in zip(prompts, kw["seed"])]  # fmt: skip
 
-        systems = {"hf-eager": lambda: [hf_generate(hf, p, args.max_new_tokens, eos, 0) for p in prompts],
+        temp = args.temperature
+        systems = {"hf-eager": lambda: [hf_generate(hf, p, args.max_new_tokens, eos, 0, temp) for p in prompts],
                    "fastdebias": lambda: fd(0)}  # fmt: skip
         for k in args.k:
-            systems[f"hf-eager lookup {k}"] = lambda k=k: [hf_generate(hf, p, args.max_new_tokens, eos, k)
+            systems[f"hf-eager lookup {k}"] = lambda k=k: [hf_generate(hf, p, args.max_new_tokens, eos, k, temp)
                                                            for p in prompts]  # fmt: skip
             systems[f"fastdebias lookup {k}"] = lambda k=k: fd(k)
         if args.batch:
@@ -114,41 +126,50 @@ def main(argv=None) -> int:
                 steps[name] = forwards["n"]
                 if rep:
                     times[name].append(dt)
-        ref = got["hf-eager"]
-        base_hf, base_fd = statistics.median(times["hf-eager"]), statistics.median(times["fastdebias"])
+        # greedy: every system must give transformers' tokens; sampled: fastdebias's lookup its samples without
+        ref = got["hf-eager"] if temp == 0 else got["fastdebias"]
+
+        def rate(name: str) -> float:  # tokens/s (sampled systems need not return as many tokens)
+            return sum(len(x) for x in got[name]) / statistics.median(times[name])
+
         for name in systems:
             med = statistics.median(times[name])
             n_tok = sum(len(x) for x in got[name])
-            same = got[name] == ref
-            if not same:
-                print(f"!!! {which}: {name}'s tokens differ from transformers' greedy tokens")
+            same = None if temp > 0 and name.startswith("hf") else got[name] == ref
+            if same is False:
+                print(f"!!! {which}: {name}'s tokens differ from {reference}")
             points.append(dict(texts=which, system=name, prompts=len(prompts), prompt_tokens=sum(map(len, prompts)),
                                tokens=n_tok, median_s=med, times_s=times[name], tokens_per_s=n_tok / med,
-                               x_hf_eager=base_hf / med, x_fastdebias=base_fd / med,
+                               x_hf_eager=rate(name) / rate("hf-eager"), x_fastdebias=rate(name) / rate("fastdebias"),
                                forwards_per_token=(steps[name] / n_tok) if name.startswith("fastdebias") else None,
-                               identical_to_hf_greedy=same))  # fmt: skip
+                               identical=same))  # fmt: skip
     head = [f"# Prompt-lookup decoding on the debiasing task: {model.path.name} ({model.dtype}, {dev})", "",
-            f"`python bench/bench_lookup.py{' --batch' if args.batch else ''} --runtime {args.runtime}` at "
+            f"`python bench/bench_lookup.py{' --batch' if args.batch else ''} --runtime {args.runtime}"
+            f"{f' --temperature {args.temperature}' if args.temperature else ''}` at "
             f"{commit}{'+dirty' if dirty else ''} (fastdebias runtime: {model.runner.runtime}); "
             f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-            f"greedy, EOS honoured, at most {args.max_new_tokens} new tokens, no lexicon, no adapter; batch 1 (one "
-            f"call per text) unless named; medians of {args.reps} rounds after a warm-up, interleaved. Forwards per "
-            "token: the decode forwards (one-token steps or lookup verifications) per generated token.", "",
+            f"{'greedy' if not args.temperature else f'sampled at temperature {args.temperature}'}, EOS honoured, at "
+            f"most {args.max_new_tokens} new tokens, no lexicon, no adapter; batch 1 (one call per text) unless named; "
+            f"medians of {args.reps} rounds after a warm-up, interleaved; ratios of tokens/s. Forwards per token: the "
+            "decode forwards (one-token steps or lookup verifications) per generated token. Identical: to "
+            f"{reference}.", "",
             "| texts | system | tokens | median s | tok/s | x hf-eager | x fastdebias | forwards/token | identical |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     rows = [f"| {p['texts']} | {p['system']} | {p['tokens']} | {p['median_s']:.3f} | {p['tokens_per_s']:.1f} | "
             f"{p['x_hf_eager']:.2f} | {p['x_fastdebias']:.2f} | "
             f"{'' if p['forwards_per_token'] is None else format(p['forwards_per_token'], '.2f')} | "
-            f"{'yes' if p['identical_to_hf_greedy'] else '**NO**'} |" for p in points]  # fmt: skip
+            f"{ {None: '-', True: 'yes', False: '**NO**'}[p['identical']]} |" for p in points]  # fmt: skip
     md = "\n".join(head + rows) + "\n"
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"lookup_{device_tag(model.device)}{'' if args.runtime == 'auto' else '_' + args.runtime}"
+        stem = args.out / (f"lookup_{device_tag(model.device)}{'' if args.runtime == 'auto' else '_' + args.runtime}"
+                           f"{f'_t{args.temperature:g}' if args.temperature else ''}")
         stem.with_suffix(".md").write_text(md)
         meta = dict(commit=commit, dirty=dirty, device=dev, torch=torch.__version__, batch=args.batch,
                     transformers=transformers.__version__, threads=torch.get_num_threads(), reps=args.reps,
-                    max_new_tokens=args.max_new_tokens, k=args.k, runtime=model.runner.runtime)  # fmt: skip
+                    max_new_tokens=args.max_new_tokens, k=args.k, runtime=model.runner.runtime,
+                    temperature=args.temperature, identical_to=reference)  # fmt: skip
         stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, points=points), indent=1) + "\n")
         import matplotlib
 
