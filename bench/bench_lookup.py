@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / (f"lookup_{device_tag(model.device)}{'' if args.runtime == 'auto' else '_' + args.runtime}"
-                           f"{f'_t{args.temperature:g}' if args.temperature else ''}")
+                           f"{'_t' + format(args.temperature, 'g').replace('.', 'p') if args.temperature else ''}")
         stem.with_suffix(".md").write_text(md)
         meta = dict(commit=commit, dirty=dirty, device=dev, torch=torch.__version__, batch=args.batch,
                     transformers=transformers.__version__, threads=torch.get_num_threads(), reps=args.reps,
