@@ -12,6 +12,7 @@
 #   bash bench/gpu_all.sh e2e-step   # batch 1, lexicon 0 vs 100k, the loop's step compiled too (--compile-step)
 #   bash bench/gpu_all.sh jobs       # bench_jobs.py: debias jobs, continuous batching under CUDA graphs  ~5 min
 #   bash bench/gpu_all.sh profile    # bench/profile_decode.py on the SR-LLM shape (not part of all)
+#   bash bench/gpu_all.sh verify     # bench_verify.py: prompt lookup's verification forward vs one token, SR-LLM shape
 #   bash bench/gpu_all.sh all        # all of them in turn
 # Results and logs go under bench/results/ (or $OUT if set). Uses the machine's own torch/triton/transformers with
 # fastdebias from this tree: no install needed (fastdebias/kernels is a symlink to kernels/).
@@ -98,5 +99,9 @@ fi
 if [ "$stage" = profile ]; then
   # torch.profiler over generate (SR-LLM shape, batch 1, 10k lexicon): top device ops and a Chrome trace
   timeout 560 python3 bench/profile_decode.py --synthetic llama2-7b --out "$OUT" 2>&1 | tail -45
+fi
+if [ "$stage" = verify ] || [ "$stage" = all ]; then
+  # prompt lookup: a verification forward of T = 2..9 positions (CUDA graphs) vs the one-token step, batch 1/8/32
+  timeout 560 python3 bench/bench_verify.py --synthetic llama2-7b --out "$OUT" 2>&1 | tail -25
 fi
 ls -la "$OUT"

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import statistics
 from unittest import mock
 
 import pytest
@@ -286,12 +287,7 @@ def test_logits_filter_sweep_runs(tmp_path, monkeypatch):
 def test_jobs_bench_runs(tmp_path, llama_dir):
     """bench/bench_jobs.py end to end on the tiny model: its three systems, their ratios and token checks, and the
     JSON, markdown and PNG it writes."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_jobs", Path(__file__).parents[1] / "bench" / "bench_jobs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("bench_jobs")
     out = tmp_path / "res"
     assert mod.main(["--model", str(llama_dir), "--texts", "3,5", "--reps", "1", "--max-new-tokens", "6",
                      "--runtime", "eager", "--out", str(out)]) == 0  # fmt: skip
@@ -312,6 +308,33 @@ def test_jobs_bench_runs(tmp_path, llama_dir):
     result = json.loads((out / "jobs_cpu_bs2.json").read_text())
     assert result["header"]["batch_size"] == 2 and all(p["same_tokens_as_hf"] for p in result["points"])
     assert "2 rows at a time" in (out / "jobs_cpu_bs2.md").read_text()
+
+
+def _bench_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_verify_bench_runs(tmp_path):
+    """bench/bench_verify.py --quick: a point per batch and T, the one-token step as the ratios' unit, and the
+    JSON, markdown and PNG it writes."""
+    out = tmp_path / "res"
+    assert _bench_module("bench_verify").main(["--quick", "--batch-sizes", "1", "2", "--positions", "3", "5",
+                                               "--reps", "2", "--warmup", "1", "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads((out / "verify_cpu_tiny.json").read_text())
+    pts = result["points"]
+    assert [(p["batch"], p["positions"]) for p in pts] == [(b, t) for b in (1, 2) for t in (1, 3, 5)]
+    for p in pts:
+        assert p["ms"] > 0 and len(p["ms_all"]) == 2 and math.isclose(p["ms"], statistics.median(p["ms_all"]))
+        one = next(q for q in pts if q["batch"] == p["batch"] and q["positions"] == 1)
+        assert math.isclose(p["ratio_to_one_token"], p["ms"] / one["ms"])
+    assert result["meta"]["runtime"] == "eager" and "unmerged" in (out / "verify_cpu_tiny.md").read_text()
+    assert (out / "verify_cpu_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_markdown_reasons_stay_in_their_cell():
