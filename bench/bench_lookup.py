@@ -17,7 +17,6 @@ tokens equal transformers' greedy tokens (they must; a mismatch is printed loudl
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import transformers
 
 import fastdebias
-from fastdebias.bench import TEXTS, device_name, device_tag, git_commit
+from fastdebias.bench import TEXTS, device_name, device_tag, git_commit, save_results
 from fastdebias.generate import _normalize_eos, debias_prompts
 
 PARAGRAPHS = [
@@ -162,31 +161,22 @@ def main(argv=None) -> int:
     md = "\n".join(head + rows) + "\n"
     print(md)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / (f"lookup_{device_tag(model.device)}{'' if args.runtime == 'auto' else '_' + args.runtime}"
                            f"{'_t' + format(args.temperature, 'g').replace('.', 'p') if args.temperature else ''}")
-        stem.with_suffix(".md").write_text(md)
         meta = dict(commit=commit, dirty=dirty, device=dev, torch=torch.__version__, batch=args.batch,
                     transformers=transformers.__version__, threads=torch.get_num_threads(), reps=args.reps,
                     max_new_tokens=args.max_new_tokens, k=args.k, runtime=model.runner.runtime,
                     temperature=args.temperature, identical_to=reference)  # fmt: skip
-        stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, points=points), indent=1) + "\n")
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        def draw(fig):
+            for ax, which in zip(fig.subplots(1, len(args.texts), squeeze=False)[0], args.texts):
+                ps = [p for p in points if p["texts"] == which]
+                ax.barh([p["system"] for p in ps][::-1], [p["tokens_per_s"] for p in ps][::-1])
+                ax.set_xlabel("generated tokens/s (median)")
+                ax.set_title(f"{which} texts")
+            fig.suptitle(f"prompt lookup, debiasing, {dev}", fontsize=9)
 
-        fig, axes = plt.subplots(1, len(args.texts), figsize=(5 * len(args.texts), 4), squeeze=False)
-        for ax, which in zip(axes[0], args.texts):
-            ps = [p for p in points if p["texts"] == which]
-            ax.barh([p["system"] for p in ps][::-1], [p["tokens_per_s"] for p in ps][::-1])
-            ax.set_xlabel("generated tokens/s (median)")
-            ax.set_title(f"{which} texts")
-        fig.suptitle(f"prompt lookup, debiasing, {dev}")
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"), dpi=120)
-        for suffix in (".md", ".json", ".png"):
-            print(f"wrote {stem.with_suffix(suffix)}")
+        save_results(stem, md, dict(meta=meta, points=points), draw, figsize=(5 * len(args.texts), 4))
     return 0
 
 

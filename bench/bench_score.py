@@ -19,7 +19,6 @@ On the CPU (the embedded model's wheel is not on the GPU machine).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import transformers
 
 import fastdebias
-from fastdebias.bench import device_name, device_tag, git_commit
+from fastdebias.bench import device_name, device_tag, git_commit, save_results
 from fastdebias.generate import debias_prompts
 
 SENTENCE = "Old people can't learn new technology."
@@ -115,31 +114,22 @@ def main(argv=None) -> int:
     md = "\n".join(head + rows) + "\n"
     print(md)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"score_{device_tag(model.device)}"
-        stem.with_suffix(".md").write_text(md)
         meta = dict(commit=commit, dirty=dirty, device=dev, torch=torch.__version__,
                     transformers=transformers.__version__, threads=torch.get_num_threads(), reps=args.reps)  # fmt: skip
-        stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, points=points), indent=1) + "\n")
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        def draw(fig):
+            ax = fig.add_subplot()
+            names = list(dict.fromkeys(p["system"] for p in points))
+            width = 0.8 / len(names)
+            for k, name in enumerate(names):
+                ps = [p for p in points if p["system"] == name]
+                ax.bar([i + k * width for i in range(len(ps))], [p["median_s"] for p in ps], width, label=name)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(args.n))], [f"{n} candidates" for n in args.n])
+            ax.set_ylabel("seconds (median)")
+            ax.set_title(f"score(context=...) on {dev}")
+            ax.legend(fontsize=8)
 
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        names = list(dict.fromkeys(p["system"] for p in points))
-        width = 0.8 / len(names)
-        for k, name in enumerate(names):
-            ps = [p for p in points if p["system"] == name]
-            ax.bar([i + k * width for i in range(len(ps))], [p["median_s"] for p in ps], width, label=name)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(args.n))], [f"{n} candidates" for n in args.n])
-        ax.set_ylabel("seconds (median)")
-        ax.set_title(f"score(context=...) on {dev}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"), dpi=120)
-        for suffix in (".md", ".json", ".png"):
-            print(f"wrote {stem.with_suffix(suffix)}")
+        save_results(args.out / f"score_{device_tag(model.device)}", md, dict(meta=meta, points=points), draw)
     return 0
 
 

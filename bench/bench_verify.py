@@ -16,7 +16,6 @@ synchronised around each; every call rewrites the same cache slots, after a pref
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -105,30 +104,23 @@ def main(argv=None) -> int:
     md = "\n".join(head + rows) + "\n"
     print(md)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"verify_{bench.device_tag(dev)}_{tag}"
-        stem.with_suffix(".md").write_text(md)
         meta = dict(commit=commit, dirty=dirty, device=name, torch=torch.__version__, model=setup.model_desc,
                     adapter=setup.adapter_desc, dtype=str(model.dtype), runtime=model.runner.runtime,
                     prompt_len=prompt_len, reps=reps, warmup=args.warmup)  # fmt: skip
-        stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, points=points), indent=1) + "\n")
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        def draw(fig):
+            ax = fig.add_subplot()
+            for b in batches:
+                ps = [p for p in points if p["batch"] == b]
+                ax.plot([p["positions"] for p in ps], [p["ratio_to_one_token"] for p in ps], marker="o",
+                        label=f"batch {b}")  # fmt: skip
+            ax.set_xlabel("positions per forward (T)")
+            ax.set_ylabel("time / one-token step")
+            ax.set_title(f"verification forward cost, {tag}, {name}", fontsize=9)
+            ax.legend()
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for b in batches:
-            ps = [p for p in points if p["batch"] == b]
-            ax.plot([p["positions"] for p in ps], [p["ratio_to_one_token"] for p in ps], marker="o", label=f"batch {b}")
-        ax.set_xlabel("positions per forward (T)")
-        ax.set_ylabel("time / one-token step")
-        ax.set_title(f"verification forward cost, {tag}, {name}", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"), dpi=120)
-        for suffix in (".md", ".json", ".png"):
-            print(f"wrote {stem.with_suffix(suffix)}")
+        bench.save_results(args.out / f"verify_{bench.device_tag(dev)}_{tag}", md, dict(meta=meta, points=points), draw,
+                           figsize=(6, 3.5))  # fmt: skip
     return 0
 
 

@@ -1448,6 +1448,28 @@ def write_outputs(result: dict, *, json_path=None, md_path=None, plot_path=None,
     return written
 
 
+def save_results(stem: Path, md: str, data: dict, draw: Callable, figsize: tuple[float, float] = (7, 3.5)) -> None:
+    """The outputs of a ``bench/`` script: ``stem``.md (its table), ``stem``.json (``data``) and ``stem``.png, the
+    figure ``draw(fig)`` fills (a new matplotlib figure, Agg backend); prints each path written."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [Path(f"{stem}.{ext}") for ext in ("md", "json", "png")]  # (not with_suffix: a stem may hold a dot)
+    paths[0].write_text(md, encoding="utf-8")
+    paths[1].write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=figsize)
+    draw(fig)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    for path in paths:
+        print(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
