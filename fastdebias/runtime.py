@@ -435,8 +435,13 @@ class DecodeRunner:
         return run
 
     def is_graph_output(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is (a leading slice of) the output buffer of one of this runner's captured graphs."""
-        return self.static and any(x.data_ptr() == out.data_ptr() for _, out in self.graphs.values())
+        """Whether ``x`` is a view into the output buffer of one of this runner's captured graphs: a leading slice
+        of a one-token forward's logits, or one position of a verification forward's (every position's [B, V] keeps
+        its address from replay to replay, so the step is captured once per position, as ``_StepGraphs`` keys)."""
+        if not self.static:
+            return False
+        ptr = x.untyped_storage().data_ptr()
+        return any(ptr == out.untyped_storage().data_ptr() for _, out in self.graphs.values())
 
     def _capture_graph(self, fn, args):
         """Capture ``fn(*args)`` in a CUDA graph (nothing runs) → (graph, its outputs), in the runner's shared pool.
@@ -502,7 +507,8 @@ def _warn_eager(what: str, e: Exception, instead: str = "decoding eagerly") -> N
 
 class _StepGraphs:
     """The decode loop's step under CUDA graphs, for one generate call: ``fn(loop, x, hidden)`` captured once per
-    input buffer ``x`` (the output buffer of a forward graph, one per batch and kv bucket), then replayed.
+    input buffer ``x`` (the output buffer of a forward graph, one per batch and kv bucket; with prompt lookup each
+    position of a verification forward's), then replayed.
 
     Sound because the step reads and writes only device tensors that keep their addresses for the whole call (the
     loop's state, updated in place, and the forward graph's output), and every host value it passes to a kernel
