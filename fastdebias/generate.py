@@ -832,7 +832,7 @@ def _lookup_drafts(s: _Loop, k: int, max_ngram: int) -> torch.Tensor:
     sequence (prompt and kept tokens), for the largest n from ``max_ngram`` down to 1 that occurs. A rewrite copies
     much of its input, so the drafts are often right. Where nothing matches, or the match runs past the row's last
     token, the row's last token stands in (a draft that is merely rejected). Tensor ops on the device, no host
-    read."""
+    read. Returns (drafts, found [B]: whether the row's drafts come from a match)."""
     b = s.b
     seq = torch.cat([s.ctx, s.out], dim=1)  # [B, W]: row r's sequence is seq[r, ctx_start[r]:end[r]]
     end = (s.ctx.shape[1] + s.cur).view(b, 1)
@@ -851,7 +851,7 @@ def _lookup_drafts(s: _Loop, k: int, max_ngram: int) -> torch.Tensor:
         use = (at >= 0) & ~found & (end - n >= s.ctx_start.view(b, 1))  # (a suffix of n real tokens)
         drafts = torch.where(use, seq.gather(1, torch.minimum(at + n + ahead, last)), drafts)
         found |= use
-    return drafts
+    return drafts, found.view(b)
 
 
 def _verify(advance, s: _Loop, x: torch.Tensor, drafts: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1020,6 +1020,8 @@ def _generate_batch(
         if x.dim() == 3:  # a forward of each row's last token and its drafts: verified position by position
             feed, slots = _verify(advance, s, x, drafts, sync=dev.type == "cpu")
         else:
+            if s.hold is not None:  # (prompt lookup, a one-token step: every row takes it)
+                s.hold.zero_()
             feed, slots = advance(s, x, hidden)
         done = s.done
         if host_each_step:
@@ -1071,7 +1073,10 @@ def _generate_batch(
         kv_len = min(kv_from + span * (it + 1), kv_cap + max_new_tokens + lookup)
         hidden = fused_head
         if lookup:
-            drafts = _lookup_drafts(s, lookup, prompt_lookup_ngram)
+            drafts, found = _lookup_drafts(s, lookup, prompt_lookup_ngram)
+        # (on CPU, where reading it costs nothing: no row has a draft worth checking, so a one-token step, which
+        # costs less than a forward of k + 1 tokens; on CUDA the host does not wait for it)
+        if lookup and (dev.type != "cpu" or bool(found.any())):
             tokens = torch.cat([feed.view(-1, 1), drafts], dim=1)
             at = slots.view(-1, 1) + torch.arange(span, device=dev)
             x = model.runner.verify(tokens, at, kv_len, start, cache, s.adapter_idx)
