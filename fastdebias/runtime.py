@@ -308,12 +308,10 @@ class DecodeRunner:
         b = token.shape[0]
         args = (token, slots, kv_len, start, cache, adapter_idx, head)
         if self.runtime == "compile" and not self.static:
-            if self.regions is None:
-                self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
             try:
                 with _compiling_config():
                     return self.decoder(token.view(b, 1), slots.view(b, 1), start, kv_len, cache, adapter_idx,
-                                        head=head, regions=self.regions)  # fmt: skip
+                                        head=head, regions=self._dynamic_regions())  # fmt: skip
             except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
                 # (re-running the whole step is safe: it rewrites the same K/V into the same slots)
                 return self._fall_back("torch.compile", e, lambda: self.decode(*args))
@@ -367,11 +365,7 @@ class DecodeRunner:
             at[:b].copy_(slots)
             args = (tokens, slots, kv_len, start, cache, adapter_idx)
             return self._replay(b, t, kv_len, start, cache, adapter_idx, True, lambda: self.verify(*args))
-        regions = None
-        if self.runtime == "compile":
-            if self.regions is None:
-                self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
-            regions = self.regions
+        regions = self._dynamic_regions() if self.runtime == "compile" else None
         try:
             with _compiling_config():
                 h = self.decoder(tokens, slots, start, kv_len, cache, adapter_idx, all_hidden=True, regions=regions)
@@ -380,6 +374,13 @@ class DecodeRunner:
             args = (tokens, slots, kv_len, start, cache, adapter_idx)
             return self._fall_back("torch.compile", e, lambda: self.verify(*args))
         return self._every_position(h, adapter_idx)
+
+    def _dynamic_regions(self):
+        """The compiled decoder layer and head of the CPU ``"compile"`` runtime (dynamic shapes; made at first use),
+        shared by the one-token step and the verification forward."""
+        if self.regions is None:
+            self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
+        return self.regions
 
     def _every_position(self, h: torch.Tensor, adapter_idx) -> torch.Tensor:
         """The last layer's output h [B, T, K] → fp32 logits [T, B, V] (final norm, lm_head and its LoRA)."""
