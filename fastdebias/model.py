@@ -54,7 +54,7 @@ class LoRALinear(nn.Module):
         multiply_reduce = self.weight is not None and ops.multiply_reduce_rows(x)
         if multiply_reduce and REALIZE_GEMV_INPUT:
             x = _stored(x)
-        cpu_weight = None if multiply_reduce else self.cpu_weight
+        cpu_weight = None if self.weight is not None and ops.reads_plain_weight(x) else self.cpu_weight
         y = ops.lora_linear_sliced(
             x, self.weight, self.sizes, self.loras, self.packed, rows if self.packed is not None else None,
             backend=self.backend, cpu_weight=cpu_weight,
@@ -285,9 +285,10 @@ class LlamaDecoder(nn.Module):
     def pack_cpu_weights(self, keep_plain: bool = True, progress: bool = False) -> int:
         """Pack each fp32 (or bf16) CPU projection weight for oneDNN (``ops.pack_cpu_weight``). Call after any merge.
 
-        ``keep_plain=True`` (the compiled runtime, whose 1-2-row multiply-reduce reads the plain weights): the
-        packed copies sit beside them, if they fit ``ops.cpu_pack_fits``. ``keep_plain=False`` (the eager runtime,
-        which reads only the packed ones): each packed copy replaces its plain weight, one projection at a time, so
+        ``keep_plain=True`` (the compiled runtime, whose 1-2-row multiply-reduce reads the plain weights, and the
+        eager one where F.linear takes a few rows, ``ops.keeps_plain_weights``): the packed copies sit beside them,
+        if they fit ``ops.cpu_pack_fits``. ``keep_plain=False`` (the eager runtime elsewhere, which reads only the
+        packed ones): each packed copy replaces its plain weight, one projection at a time, so
         nothing is added, except for an lm_head tied to the input embedding (the embedding lookup reads the plain
         one). Returns the bytes the packed copies add (0: nothing packed, or nothing added). ``progress``: a tqdm bar
         (Llama-2-7B's bf16 weights took 11-13 s to pack on the CI machine)."""

@@ -221,8 +221,9 @@ def load(
         decoder.attach_adapters(adapters)
     if dev.type == "cpu" and resolved_backend == "torch":
         # fp32 (and bf16 where oneDNN computes it natively) on x86-64 only, a no-op elsewhere; the eager runtime keeps
-        # the packed weights alone
-        decoder.pack_cpu_weights(keep_plain=resolved_runtime != "eager", progress=progress)
+        # the packed weights alone, except where a few rows' fp32 projections call F.linear (Intel CPUs)
+        keep_plain = resolved_runtime != "eager" or ops.keeps_plain_weights(dt)
+        decoder.pack_cpu_weights(keep_plain=keep_plain, progress=progress)
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
         backend=resolved_backend, merged_adapter=merged, eos_token_ids=eos_token_ids,

@@ -46,7 +46,8 @@ dimension dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head d
 batch size, kv length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more rows:
 on CPU, inside the compiled layer, projections of up to ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which
 inductor streams at about twice the rate of oneDNN's GEMV, and larger ones oneDNN's matmul on the weight pre-packed
-at load, as an opaque op (``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``). The
+at load, as an opaque op (``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``); on Intel
+CPUs two fp32 rows take F.linear (MKL), as the eager runtime's one to three do there (``ops.CPU_MKL_MAX_ROWS``). The
 one-token attention is a multiply-reduce as well (``model.decode_attention``, fused into the layer's graph): SDPA
 costs more per call there than its arithmetic (``bench/results/decode_attention_ab_cpu.md``: the compiled layer
 1.03-1.14x faster in fp32 at batch 1-32, 1.25-2.16x in bf16), with its query stored first where it is not cheap to

@@ -307,10 +307,15 @@ def test_device_limits_are_a_trace_constant(monkeypatch):
     assert ops.device_limits(torch.device("cpu")) == (132, 232448)  # off CUDA: an H100's, for the interpreter
 
 
-def test_torch_compile_step_equals_eager(llama_dir, adapter_qv):
+@pytest.mark.parametrize("mkl_max_rows", [0, 3])
+def test_torch_compile_step_equals_eager(llama_dir, adapter_qv, mkl_max_rows, monkeypatch):
     """The real torch.compile on CPU (a few seconds to compile the tiny model): one compiled graph serves every
     decoder layer, and new batch sizes, prompt and output lengths (kv and cache sizes) compile nothing new once
-    batches of 1, 2 and more rows have been seen; no graph breaks; tokens and interventions equal eager."""
+    batches of 1, 2 and more rows have been seen; no graph breaks; tokens and interventions equal eager. With the
+    F.linear rule of Intel CPUs (``ops.CPU_MKL_MAX_ROWS`` 3: two rows compiled, 1-3 eagerly) and without it."""
+    from fastdebias import ops
+
+    monkeypatch.setattr(ops, "CPU_MKL_MAX_ROWS", mkl_max_rows)
     eager = fastdebias.load(llama_dir, adapter_qv, runtime="eager", progress=False)
     comp = fastdebias.load(llama_dir, adapter_qv, runtime="compile", progress=False)
     counters = torch._dynamo.utils.counters
@@ -379,13 +384,16 @@ def test_compiled_gemv_of_a_computed_input_equals_eager(dtype, stored, monkeypat
     "rows,dtype", [(1, torch.float32), (2, torch.float32), (3, torch.float32), (8, torch.float32),
                    (1, torch.bfloat16), (5, torch.bfloat16)]
 )  # fmt: skip
-def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypatch):
+@pytest.mark.parametrize("mkl_max_rows", [0, 3])
+def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, mkl_max_rows, monkeypatch):
     """The torch backend's CPU projection (``ops._base_linear``: compiled, a multiply-reduce up to
-    ``CPU_GEMV_MAX_ROWS`` rows; fp32 otherwise oneDNN, an opaque op when compiled) equals F.linear, and compiles in
-    one graph (a graph break in every projection once made the compiled SmolLM2 step 2.6x slower). Without oneDNN
+    ``CPU_GEMV_MAX_ROWS`` rows; fp32 otherwise oneDNN, an opaque op when compiled, except F.linear for up to
+    ``CPU_MKL_MAX_ROWS`` rows: 3 on Intel CPUs, 0 elsewhere, both run here) equals F.linear, and compiles in one
+    graph (a graph break in every projection once made the compiled SmolLM2 step 2.6x slower). Without oneDNN
     (another CPU architecture) it is F.linear itself."""
     from fastdebias import ops
 
+    monkeypatch.setattr(ops, "CPU_MKL_MAX_ROWS", mkl_max_rows)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows + 3, 40, generator=gen)[3:].to(dtype)  # a view at an offset, as the model's rows are
     w = torch.randn(24, 40, generator=gen).to(dtype)
@@ -399,6 +407,21 @@ def test_cpu_projection_equals_f_linear_eager_and_compiled(rows, dtype, monkeypa
         torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)  # fullgraph: a graph break raises
         torch.testing.assert_close(compiled(x, w).float(), want, **tol)
+    # which path: F.linear (MKL) itself, bit for bit, where the rule says so (eager up to CPU_MKL_MAX_ROWS rows of
+    # fp32; compiled only from 2 rows up to CPU_GEMV_MAX_ROWS, one row staying a multiply-reduce), else oneDNN
+    mkl = dtype == torch.float32 and rows <= mkl_max_rows
+    assert ops.mkl_rows(x) == mkl and ops.reads_plain_weight(x) == mkl
+    onednn_calls = []
+    onednn = ops._onednn
+    monkeypatch.setattr(ops, "_onednn", lambda *a: onednn_calls.append(1) or onednn(*a))
+    f_linear = torch.nn.functional.linear(x, w)
+    got = packed_linear(x, w)
+    assert bool(onednn_calls) == (packed is not None and not mkl)
+    if mkl:
+        assert torch.equal(got, f_linear)
+    if mkl and 1 < rows <= ops.CPU_GEMV_MAX_ROWS:
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(packed_linear, fullgraph=True, dynamic=False)(x, w), f_linear)
     monkeypatch.setattr(ops, "_ONEDNN", False)
     assert torch.equal(ops._base_linear(x, w), torch.nn.functional.linear(x, w))
     assert ops.pack_cpu_weight(w) is None
@@ -449,9 +472,10 @@ def test_decode_attention_equals_sdpa(b, heads, kv_heads, kv_len, dtype):
 
 def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_dir, tmp_path_factory, monkeypatch):
     """On CPU, fp32, x86-64: every projection has a oneDNN-packed weight (the step's projections read it). The
-    eager runtime keeps it alone (no second copy), except a tied lm_head's (the embedding reads the plain one);
-    the compiled runtime keeps both, within the RAM rule. Same tokens as the plain weights; in bf16 too, where
-    oneDNN computes bf16 natively."""
+    eager runtime keeps it alone (no second copy), except a tied lm_head's (the embedding reads the plain one),
+    and except where a few rows' fp32 projections call F.linear (``ops.CPU_MKL_MAX_ROWS``, Intel CPUs): both then,
+    within the RAM rule, as the compiled runtime keeps them. Same tokens as the plain weights; in bf16 too, where
+    oneDNN computes bf16 natively (and the F.linear rule does not apply)."""
     from pathlib import Path
 
     from fastdebias import ops
@@ -459,6 +483,18 @@ def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_di
 
     from .conftest import make_llama
 
+    monkeypatch.setattr(ops, "CPU_MKL_MAX_ROWS", 3)  # (the rule on Intel CPUs, whatever this one is)
+    fraction = ops.CPU_PACK_MAX_RAM_FRACTION
+    both = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
+    assert both.runtime == "eager"
+    assert all(m.weight is not None and (m.cpu_weight is not None) == ops._ONEDNN for m in both.decoder.projections())
+    two_rows = tokens(fastdebias.generate(both, PROMPTS[:2], max_new_tokens=NEW))  # F.linear (MKL), then the packed
+    eight_rows = tokens(fastdebias.generate(both, (PROMPTS * 4)[:8], max_new_tokens=NEW))  # oneDNN weights
+    monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", 0.0)  # the copies would not fit: the plain weights alone
+    plain_only = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
+    assert all(m.weight is not None and m.cpu_weight is None for m in plain_only.decoder.projections())
+    monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", fraction)
+    monkeypatch.setattr(ops, "CPU_MKL_MAX_ROWS", 0)  # (the rule elsewhere)
     model = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
     assert model.runtime == "eager"
     mods = model.decoder.projections()
@@ -466,6 +502,8 @@ def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_di
     assert all((m.cpu_weight is not None) == ops._ONEDNN for m in mods)
     assert all((m.weight is None) == ops._ONEDNN for m in mods)  # untied lm_head: nothing keeps a plain copy
     want = tokens(fastdebias.generate(model, PROMPTS, max_new_tokens=NEW))
+    assert tokens(fastdebias.generate(model, PROMPTS[:2], max_new_tokens=NEW)) == two_rows
+    assert tokens(fastdebias.generate(model, (PROMPTS * 4)[:8], max_new_tokens=NEW)) == eight_rows
     plain = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
     for m in plain.decoder.projections():  # the plain layout back, exactly (to_dense), and no packed copy
         if m.weight is None:
@@ -477,7 +515,7 @@ def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_di
     nbytes = sum(m.weight.numel() * 4 for m in decoder.projections())
     monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", 0.0)
     assert decoder.pack_cpu_weights(keep_plain=True) == 0 and all(m.cpu_weight is None for m in decoder.projections())
-    monkeypatch.undo()
+    monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", fraction)
     assert decoder.pack_cpu_weights(keep_plain=True) == (nbytes if ops._ONEDNN else 0)
     assert all(m.weight is not None for m in decoder.projections())
     # a tied lm_head keeps the plain weight the embedding reads, and a merge restores the plain layout

@@ -142,13 +142,58 @@ _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in
 _ONEDNN_BF16 = _ONEDNN and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "GenuineIntel" if "GenuineIntel" in platform.processor() else ""  # (Windows names the vendor there)
+
+
+# Except that on Intel CPUs fp32 projections of up to this many rows call F.linear (MKL's sgemm, Intel's library):
+# there it beat oneDNN on the packed weight, where on the AMD EPYC above it took twice as long. ``bench/cpu_gemm.py``
+# on the 2-core Intel Xeon CI machine (``bench/results/cpu_gemm_cpu-xeon.md``), the 120 SmolLM2 projections +
+# lm_head of a step: 1/2/3 rows F.linear 17.5 + 2.8 / 20.3 + 3.1 / 22.1 + 4.7 ms vs oneDNN packed 22.4 + 2.6 /
+# 26.1 + 3.5 / 24.2 + 4.6; 4 rows 31.2 + 5.1 vs 26.3 + 4.6, 8 rows 38.7 + 8.3 vs 29.3 + 5.3 (oneDNN), the layers'
+# projections at 64 and 256 rows within 1 %. Inside torch.compile one row stays a multiply-reduce (14.6 + 3.3 there)
+# and two rows take F.linear (20.1 + 3.1 compiled, against the multiply-reduce's 25.6 + 7.6). Whole decodes of
+# SmolLM2 there, interleaved in one process (this rule vs 0): eager runtime 1.16-1.19x faster at batch 1-3 (TPOT
+# 33.6 vs 39.7 ms at batch 1), batch 4 and 8 unchanged; compile runtime 1.46x at batch 2 (30.8 vs 44.9 ms), batch 1
+# unchanged; same tokens. The two differ by rounding only (~1e-6 in fp32: their sums run in different orders), and
+# the rule is fixed per machine, not measured at load, so a machine's results do not change from run to run. Set it
+# to 0 to turn it off (before ``load``: the eager runtime keeps the plain weights only where it is on).
+CPU_MKL_MAX_ROWS = 3 if _ONEDNN and _cpu_vendor() == "GenuineIntel" else 0
+
+
+def mkl_rows(x: torch.Tensor) -> bool:
+    """Whether ``_base_linear`` computes the fp32 CPU projection of ``x`` [M, K] with F.linear on the plain weight
+    (``CPU_MKL_MAX_ROWS``) rather than oneDNN's matmul (or, compiled, a multiply-reduce from 2 rows). Compiled, only
+    up to ``CPU_GEMV_MAX_ROWS`` rows, so that the compiled layer's kinds stay those of 1, 2 and more rows."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32):
+        return False
+    if torch.compiler.is_compiling():  # (one bound, the multiply-reduce's: a second would add a kind at 3 rows)
+        return x.shape[0] <= min(CPU_MKL_MAX_ROWS, CPU_GEMV_MAX_ROWS)
+    return x.shape[0] <= CPU_MKL_MAX_ROWS
+
+
+def keeps_plain_weights(dtype: torch.dtype) -> bool:
+    """Whether a CPU model of ``dtype`` under the eager runtime keeps its plain weights beside the packed ones
+    (which it reads otherwise): where the projections of a few rows call F.linear (``CPU_MKL_MAX_ROWS``)."""
+    return CPU_MKL_MAX_ROWS > 0 and dtype == torch.float32
+
+
 # Rows the pre-packed CPU weights are laid out for (one packed copy serves every row count: packed for 8 rows and
 # called with 1-512 rows it measured as fast as packing for the exact count or faster than the plain weight,
 # ``bench/results/cpu_gemm_cpu.md``).
 CPU_PACK_ROWS = 8
 # Under the compiled runtime the packed copies sit beside the plain weights (its 1-2-row multiply-reduce reads
-# those): pack only when the copies take at most this fraction of the machine's RAM. (The eager runtime keeps the
-# packed weights alone: nothing to add, no limit.)
+# those), and under the eager runtime where F.linear takes a few rows (``keeps_plain_weights``): pack only when the
+# copies take at most this fraction of the machine's RAM. (Otherwise the eager runtime keeps the packed weights
+# alone: nothing to add, no limit.)
 CPU_PACK_MAX_RAM_FRACTION = 0.25
 
 
@@ -201,7 +246,15 @@ def multiply_reduce_rows(x: torch.Tensor) -> bool:
     """Whether ``_base_linear`` computes ``x`` [M, K] as a multiply-reduce on the plain weight (compiled, CPU, few
     rows). The model then does not even read its packed copy: inside ``torch.compile`` each read costs a guard per
     call (the batch-1 step measured ~1.4 ms slower with them)."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS):
+        return False
+    return x.shape[0] == 1 or not mkl_rows(x)
+
+
+def reads_plain_weight(x: torch.Tensor) -> bool:
+    """Whether ``_base_linear`` reads the plain weight for ``x`` (a multiply-reduce, or F.linear): the model then
+    passes no packed one (inside torch.compile each read costs a guard per call)."""
+    return multiply_reduce_rows(x) or (_ONEDNN and mkl_rows(x))
 
 
 def _base_linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,6 +271,8 @@ def _base_linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Ten
     if x.device.type == "cpu" and x.dim() == 2 and w is not None:
         if weight is not None and multiply_reduce_rows(x):
             return _multiply_reduce(x, weight)
+        if weight is not None and mkl_rows(x):
+            return torch.nn.functional.linear(x, weight)
         if x.dtype == w.dtype and _onednn_dtype(x.dtype):
             return _cpu_linear(x.contiguous(), w) if torch.compiler.is_compiling() else _onednn(x, w)
     if weight is None:
