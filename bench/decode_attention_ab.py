@@ -30,7 +30,7 @@ import torch
 import fastdebias
 import fastdebias.model as fm
 from fastdebias import bench
-from fastdebias.model import KVCache, run_layer
+from fastdebias.model import KVCache, run_layers
 
 NEW = 64
 # the model globals an A/B may flip (False = baseline, True = candidate) → the variants' names
@@ -50,14 +50,14 @@ def layer_ab(model, b: int, switch: str, kv_len: int = 129, n_layers: int = 6, r
     cos, sin = dec.rope_cos[slots].to(dtype), dec.rope_sin[slots].to(dtype)
     mask = (torch.arange(kv_len).view(1, 1, 1, kv_len) <= slots.view(b, 1, 1, 1)).expand(b, 1, 1, kv_len)
     rows = torch.zeros(b, dtype=torch.int32) if model.adapter_names else None
-    fn = torch.compile(run_layer, dynamic=False)
+    fn = torch.compile(run_layers, dynamic=False)
 
     def passes(flag: bool, n: int = 20) -> float:
         setattr(fm, switch, flag)
         t = time.perf_counter()
         for _ in range(n):
             for i, layer in enumerate(dec.layers[:n_layers]):
-                fn(layer, h, rows, cos, sin, cache.k[i], cache.v[i], slots, mask)
+                fn((layer,), h, rows, cos, sin, (cache.k[i],), (cache.v[i],), slots, mask)
         return (time.perf_counter() - t) / n / n_layers * 1e6
 
     for flag in (False, True):

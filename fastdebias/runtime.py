@@ -37,22 +37,23 @@ prompt waits, under ``"eager"`` and ``"compile"`` the finished rows leave the ba
 ``min_rows_after_retiring``, ``select_rows``: a new cache of the kept rows each time); ``"cuda_graph"`` keeps them
 to the end (its graphs replay on fixed addresses; on a GPU a decode step streams the weights whatever the rows).
 
-``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, each decoder layer runs through one
-compiled function of the layer (``model.run_layer``; the layers' weights are its inputs, so one graph serves all of
-them), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful of
-small ops). The kv length (the mask's last dimension) and the cache length are marked dynamic from the first
-compile, and the batch size becomes dynamic at its second value (dynamo's automatic dynamic shapes; marking every
-dimension dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head dimensions become symbolic too). So
-batch size, kv length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more rows:
-on CPU, inside the compiled layer, projections of up to ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which
-inductor streams at about twice the rate of oneDNN's GEMV, and larger ones oneDNN's matmul on the weight pre-packed
-at load, as an opaque op (``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``); on Intel
-CPUs two fp32 rows take F.linear (MKL), as the eager runtime's one to three do there (``ops.CPU_MKL_MAX_ROWS``). The
-one-token attention is a multiply-reduce as well (``model.decode_attention``, fused into the layer's graph): SDPA
-costs more per call there than its arithmetic (``bench/results/decode_attention_ab_cpu.md``: the compiled layer
-1.03-1.14x faster in fp32 at batch 1-32, 1.25-2.16x in bf16), with its query stored first where it is not cheap to
-recompute per key (``realize_q``; ``bench/results/realize_q_ab_cpu.md``). The loop's step (``generate._advance``)
-is compiled too (``compile_step``). The prefill stays eager, and the cache is allocated per call as under ``"eager"``.
+``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, the decoder layers run through one compiled
+function of a few consecutive layers (``model.run_layers``, three or two at a time where they divide the layer count,
+``model.LAYER_GROUPS``: each call costs ~100 us of host time; the layers' weights are its inputs, so one graph serves
+every group), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful of
+small ops). The kv length (the mask's last dimension) and the cache length are marked dynamic from the first compile,
+and the batch size becomes dynamic at its second value (dynamo's automatic dynamic shapes; marking every dimension
+dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head dimensions become symbolic too). So batch size, kv
+length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more rows: on CPU, inside the
+compiled layer, projections of up to ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which inductor streams at
+about twice the rate of oneDNN's GEMV, and larger ones oneDNN's matmul on the weight pre-packed at load, as an opaque op
+(``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``); on Intel CPUs two fp32 rows take
+F.linear (MKL), as the eager runtime's one to three do there (``ops.CPU_MKL_MAX_ROWS``). The one-token attention is a
+multiply-reduce as well (``model.decode_attention``, fused into the layer's graph): SDPA costs more per call there than
+its arithmetic (``bench/results/decode_attention_ab_cpu.md``: the compiled layer 1.03-1.14x faster in fp32 at batch
+1-32, 1.25-2.16x in bf16), with its query stored first where it is not cheap to recompute per key (``realize_q``;
+``bench/results/realize_q_ab_cpu.md``). The loop's step (``generate._advance``) is compiled too (``compile_step``). The
+prefill stays eager, and the cache is allocated per call as under ``"eager"``.
 Measured against compiling the whole one-token forward with static shapes
 (what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
 (``bench/results/regional_compile_ab_cpu.md``): decode TPOT whole vs regional 24.5 vs 25.0 ms at batch 1, 67.9 vs
@@ -71,7 +72,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from fastdebias.errors import BackendError
-from fastdebias.model import KVCache, LlamaDecoder, run_layer
+from fastdebias.model import KVCache, LlamaDecoder, layer_group, run_layers
 
 KV_BUCKET = 256  # slots: the attention read grows in steps of this (a new graph per step of growth)
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activation and mask memory for long prompts
@@ -164,7 +165,8 @@ class DecodeRunner:
         # with positions T > 1 a prompt-lookup verification forward
         self.graphs: dict[tuple[int, int, bool, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        self.regions = None  # "compile": (compiled run_layer, compiled LlamaDecoder.head), made at the first decode
+        # "compile": (compiled run_layers, compiled LlamaDecoder.head, layers per call), made at the first decode
+        self.regions = None
         self.on_cuda = decoder.embed_tokens.device.type == "cuda"
         self._bufs: dict[str, torch.Tensor] = {}
         self._step_fns: dict = {}  # fn -> its compiled form (None after a failed compile or capture)
@@ -380,7 +382,13 @@ class DecodeRunner:
         """The compiled decoder layer and head of the CPU ``"compile"`` runtime (dynamic shapes; made at first use),
         shared by the one-token step and the verification forward."""
         if self.regions is None:
-            self.regions = (torch.compile(run_layer), torch.compile(LlamaDecoder.head))
+            g = layer_group(len(self.decoder.layers))
+            # in half precision, rounded between fused ops as eager rounds (else a group of layers, fused across their
+            # boundaries, skips roundings that eager and transformers make: SmolLM2 bf16, 8 rows x 48 greedy tokens,
+            # diverged from eager after 204 of 384 tokens, with it none did; fp32 has no such rounding to emulate)
+            low = self.decoder.embed_tokens.dtype != torch.float32
+            layers_fn = torch.compile(run_layers, options={"emulate_precision_casts": True} if low else None)
+            self.regions = (layers_fn, torch.compile(LlamaDecoder.head), g)
         return self.regions
 
     def _every_position(self, h: torch.Tensor, adapter_idx) -> torch.Tensor:
@@ -480,7 +488,9 @@ class DecodeRunner:
             h = self.decoder(toks, at, bufs["start"][:bb], kvb, self.cache, aidx, all_hidden=True)
             return self._every_position(h, aidx)
         if self.runtime == "compile" and self.regions is None:
-            self.regions = (torch.compile(run_layer, dynamic=False), torch.compile(LlamaDecoder.head, dynamic=False))
+            # (one layer a call: the captured graphs replay without the per-call host cost that groups save on CPU)
+            layers_fn, head_fn = (torch.compile(f, dynamic=False) for f in (run_layers, LlamaDecoder.head))
+            self.regions = (layers_fn, head_fn, 1)
         return self.decoder(
             bufs["tokens"][:bb], bufs["slots"][:bb], bufs["start"][:bb], kvb, self.cache, aidx, head=head,
             regions=self.regions if self.runtime == "compile" else None,

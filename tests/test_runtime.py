@@ -235,7 +235,8 @@ def test_compiled_forward_in_graphs_equals_eager(llama_dir, adapter_qv, emulated
     for names in (["qv", None, "qv"], [None, "qv", "qv"]):
         want = tokens(fastdebias.generate(eager, PROMPTS, adapter=names, max_new_tokens=NEW))
         assert tokens(fastdebias.generate(comp, PROMPTS, adapter=names, max_new_tokens=NEW)) == want, names
-    assert ("run_layer", {"dynamic": False}) in compiled and ("head", {"dynamic": False}) in compiled
+    assert ("run_layers", {"dynamic": False}) in compiled and ("head", {"dynamic": False}) in compiled
+    assert comp.runner.regions[2] == 1  # one layer a call under CUDA graphs
     assert comp.runner.cache.k[0].shape[0] == 4 and len(comp.runner.graphs) > 1  # padded batch, kv buckets
     # the layer, the head and the loop's step: one graph each, whatever the kv bucket and the adapter mix
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
@@ -350,6 +351,40 @@ def test_torch_compile_step_equals_eager(llama_dir, adapter_qv, mkl_max_rows, mo
         assert tokens(got) == tokens(fastdebias.generate(eager, prompts, **kw2))
     assert counters["stats"]["unique_graphs"] == frames, dict(counters["stats"])
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_layer_group_equals_its_layers_one_by_one(llama_dir, dtype):
+    """The compiled CPU runtime runs consecutive layers in one call (``model.LAYER_GROUPS``; the tiny model's two
+    layers: one group). Fused across the layer boundary, the group gives the same hidden states bit for bit as the
+    same compiled function called on each layer alone, whose output eager rounds to the weights' dtype: in bf16
+    because the runtime has inductor emulate eager's roundings (``emulate_precision_casts``)."""
+    from fastdebias.model import KVCache, layer_group
+
+    model = fastdebias.load(llama_dir, runtime="compile", dtype=dtype, progress=False)
+    dec, cfg = model.decoder, model.config
+    layers_fn, _, g = model.runner._dynamic_regions()
+    assert g == layer_group(cfg.num_hidden_layers) == 2
+    gen = torch.Generator().manual_seed(0)
+    b, kv_len = 2, 9
+    dt = dec.embed_tokens.dtype
+    h = torch.randn(b, 1, cfg.hidden_size, generator=gen).to(dt) * 4
+    slots = torch.tensor([[kv_len - 1], [kv_len - 3]])
+    cos, sin = dec.rope_cos[slots].to(dt), dec.rope_sin[slots].to(dt)
+    mask = (torch.arange(kv_len).view(1, 1, 1, kv_len) <= slots.view(b, 1, 1, 1))
+    caches = []
+    for _ in range(2):
+        cache = KVCache.allocate(cfg, b, kv_len, dt, torch.device("cpu"))
+        for i, t in enumerate(cache.k + cache.v):
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(i)).to(dt))
+        caches.append(cache)
+    with torch.inference_mode():
+        group = layers_fn(tuple(dec.layers), h, None, cos, sin, tuple(caches[0].k), tuple(caches[0].v), slots, mask)
+        one = h
+        for i, layer in enumerate(dec.layers):
+            one = layers_fn((layer,), one, None, cos, sin, (caches[1].k[i],), (caches[1].v[i],), slots, mask)
+    assert group.dtype == dt and torch.equal(group, one)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,14 +1,14 @@
 """Trace the CUDA ``"compile"`` runtime's compiled regions (a decoder layer, the final norm + lm_head) with the
 Triton backend, on a machine without a GPU, and report whether dynamo takes each in one graph.
 
-On CUDA, ``runtime="compile"`` captures CUDA graphs of a forward that runs through ``torch.compile(run_layer)`` and
-``torch.compile(LlamaDecoder.head)``; with ``backend="triton"`` the layer's projections are Triton LoRA launches.
-Dynamo takes a Triton launch into its graph as a ``triton_kernel_wrapper_mutation`` node only if it recognises the
-kernel; anything it cannot trace in the host code around it (argument checks, meta-parameter rules, allocations)
-breaks the graph, which costs speed (the pieces between breaks run as separate compiled graphs, their glue in
-Python), not correctness. This script traces both regions with ``fullgraph=True``, the way the runtime calls them
-(one-token step, the mask's kv length marked dynamic, ``dynamic=False``), and stops before anything runs: the
-backend records the graph and raises. So it checks what a GPU run would trace, without one:
+On CUDA, ``runtime="compile"`` captures CUDA graphs of a forward that runs through ``torch.compile(run_layers)`` (one
+layer a call) and ``torch.compile(LlamaDecoder.head)``; with ``backend="triton"`` the layer's projections are Triton
+LoRA launches. Dynamo takes a Triton launch into its graph as a ``triton_kernel_wrapper_mutation`` node only if it
+recognises the kernel; anything it cannot trace in the host code around it (argument checks, meta-parameter rules,
+allocations) breaks the graph, which costs speed (the pieces between breaks run as separate compiled graphs, their glue
+in Python), not correctness. This script traces both regions with ``fullgraph=True``, the way the runtime calls them
+(one-token step, the mask's kv length marked dynamic, ``dynamic=False``), and stops before anything runs: the backend
+records the graph and raises. So it checks what a GPU run would trace, without one:
 
 - the kernels are defined as GPU kernels (run it without ``TRITON_INTERPRET=1``) and Triton's driver is the
   compile-only one of ``tests/aot_compile.py`` (an sm_90 target), so dynamo's analysis of the kernels runs;
@@ -39,7 +39,7 @@ import fastdebias  # noqa: E402
 import fastdebias.ops as ops  # noqa: E402
 import fastdebias.ops.logits  # noqa: E402,F401 (defines the kernels now, as GPU kernels)
 import fastdebias.ops.lora as ops_lora  # noqa: E402
-from fastdebias.model import KVCache, LlamaDecoder, run_layer  # noqa: E402
+from fastdebias.model import KVCache, LlamaDecoder, run_layers  # noqa: E402
 from tests.aot_compile import _CompileOnlyDriver  # noqa: E402
 
 
@@ -69,16 +69,16 @@ def _region_args(model, batch: int):
     aidx = torch.where(torch.arange(batch) % 3 == 2, -1, torch.arange(batch) % len(model.adapter_names)).int()
     seen = {}
 
-    def grab(layer, h, *args):
-        seen["layer"] = (layer, h, *args)
+    def grab(layers, h, *args):
+        seen["layer"] = (layers, h, *args)
         raise _Traced
 
     try:
-        dec(tokens, slots, start, kv, cache, aidx, regions=(grab, LlamaDecoder.head))
+        dec(tokens, slots, start, kv, cache, aidx, regions=(grab, LlamaDecoder.head, 1))
     except _Traced:
         pass
     layer_args = seen["layer"]
-    return {"layer": (run_layer, layer_args), "head": (LlamaDecoder.head, (dec, layer_args[1], aidx))}
+    return {"layer": (run_layers, layer_args), "head": (LlamaDecoder.head, (dec, layer_args[1], aidx))}
 
 
 def trace(fn, args) -> dict:
