@@ -437,14 +437,14 @@ def run_layers(layers: tuple, h: torch.Tensor, rows, cos, sin, k_caches: tuple, 
 
 
 # The compiled CPU runtime runs the first of these that divides the layer count as consecutive layers per call of its
-# compiled region (else one). A call costs ~100 us of host time beside its kernel (dynamo's guards on the layers'
-# weights, inductor's wrapper and allocations): on the 2-core Intel Xeon CI machine, SmolLM2's 30 layers, one-token
-# step, one process: 30 calls of one layer 24.0 ms in fp32 / 19.8 in bf16, 15 of two 21.2 / 17.4, 10 of three
-# 20.5 / 17.1, 5 of six 20.0 (fp32), 1 of thirty 21.9; the first compile (cold inductor cache) 14.4 s for one, two
-# or three layers in fp32 (13.0 / 14.9 / 16.1 in bf16), 18.4 for six, 56.4 for thirty. Whole decodes there (groups
-# of three vs one layer a call, interleaved in one process, 32 new tokens, medians, same tokens): fp32 TPOT 26.9 vs
-# 27.9 ms at batch 1 (8 rounds), 28.9 vs 30.8 at batch 2, 42.2 vs 44.9 at batch 8; bf16 22.0 vs 22.7 at batch 1, 25.8
-# vs 27.9 at batch 8 (with the rounding of half precision emulated, ``DecodeRunner._dynamic_regions``).
+# compiled region (else one; and one in half precision, ``DecodeRunner._dynamic_regions``). A call costs ~100 us of host
+# time beside its kernel (dynamo's guards on the layers' weights, inductor's wrapper and allocations): on the 2-core
+# Intel Xeon CI machine, SmolLM2's 30 layers, one-token step, one process: 30 calls of one layer 24.0 ms in fp32 / 19.8
+# in bf16, 15 of two 21.2 / 17.4, 10 of three 20.5 / 17.1, 5 of six 20.0 (fp32), 1 of thirty 21.9; the first compile
+# (cold inductor cache) 14.4 s for one, two or three layers in fp32 (13.0 / 14.9 / 16.1 in bf16), 18.4 for six, 56.4 for
+# thirty. Whole decodes there (groups of three vs one layer a call, interleaved in one process, 32 new tokens, medians,
+# same tokens): fp32 TPOT 26.9 vs 27.9 ms at batch 1 (8 rounds), 28.9 vs 30.8 at batch 2, 42.2 vs 44.9 at batch 8 (bf16,
+# with inductor emulating eager's roundings: 22.0 vs 22.7 at batch 1, 25.8 vs 27.9 at batch 8; not used, see there).
 LAYER_GROUPS = (3, 2)
 
 

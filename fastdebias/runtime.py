@@ -38,22 +38,22 @@ prompt waits, under ``"eager"`` and ``"compile"`` the finished rows leave the ba
 to the end (its graphs replay on fixed addresses; on a GPU a decode step streams the weights whatever the rows).
 
 ``"compile"`` (the fast CPU runtime) is regional: of a one-token forward, the decoder layers run through one compiled
-function of a few consecutive layers (``model.run_layers``, three or two at a time where they divide the layer count,
-``model.LAYER_GROUPS``: each call costs ~100 us of host time; the layers' weights are its inputs, so one graph serves
-every group), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a handful of
-small ops). The kv length (the mask's last dimension) and the cache length are marked dynamic from the first compile,
-and the batch size becomes dynamic at its second value (dynamo's automatic dynamic shapes; marking every dimension
-dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head dimensions become symbolic too). So batch size, kv
-length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more rows: on CPU, inside the
-compiled layer, projections of up to ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which inductor streams at
-about twice the rate of oneDNN's GEMV, and larger ones oneDNN's matmul on the weight pre-packed at load, as an opaque op
-(``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``); on Intel CPUs two fp32 rows take
-F.linear (MKL), as the eager runtime's one to three do there (``ops.CPU_MKL_MAX_ROWS``). The one-token attention is a
-multiply-reduce as well (``model.decode_attention``, fused into the layer's graph): SDPA costs more per call there than
-its arithmetic (``bench/results/decode_attention_ab_cpu.md``: the compiled layer 1.03-1.14x faster in fp32 at batch
-1-32, 1.25-2.16x in bf16), with its query stored first where it is not cheap to recompute per key (``realize_q``;
-``bench/results/realize_q_ab_cpu.md``). The loop's step (``generate._advance``) is compiled too (``compile_step``). The
-prefill stays eager, and the cache is allocated per call as under ``"eager"``.
+function of a few consecutive layers (``model.run_layers``, three or two at a time where they divide the layer count, in
+fp32, ``model.LAYER_GROUPS``: each call costs ~100 us of host time; the layers' weights are its inputs, so one graph
+serves every group), and the final norm + lm_head through another; the embedding, RoPE gather and mask stay eager (a
+handful of small ops). The kv length (the mask's last dimension) and the cache length are marked dynamic from the first
+compile, and the batch size becomes dynamic at its second value (dynamo's automatic dynamic shapes; marking every
+dimension dynamic, ``dynamic=True``, measured ~15% slower at batch 1: the head dimensions become symbolic too). So batch
+size, kv length and cache size compile nothing new, apart from a graph each for batches of 1, 2 and more rows: on CPU,
+inside the compiled layer, projections of up to ``ops.CPU_GEMV_MAX_ROWS`` rows are multiply-reduces, which inductor
+streams at about twice the rate of oneDNN's GEMV, and larger ones oneDNN's matmul on the weight pre-packed at load, as
+an opaque op (``ops._base_linear``, ``LlamaDecoder.pack_cpu_weights``; ``bench/cpu_gemm.py``); on Intel CPUs two fp32
+rows take F.linear (MKL), as the eager runtime's one to three do there (``ops.CPU_MKL_MAX_ROWS``). The one-token
+attention is a multiply-reduce as well (``model.decode_attention``, fused into the layer's graph): SDPA costs more per
+call there than its arithmetic (``bench/results/decode_attention_ab_cpu.md``: the compiled layer 1.03-1.14x faster in
+fp32 at batch 1-32, 1.25-2.16x in bf16), with its query stored first where it is not cheap to recompute per key
+(``realize_q``; ``bench/results/realize_q_ab_cpu.md``). The loop's step (``generate._advance``) is compiled too
+(``compile_step``). The prefill stays eager, and the cache is allocated per call as under ``"eager"``.
 Measured against compiling the whole one-token forward with static shapes
 (what ``"compile"`` was up to f269405), both in one process, interleaved, SmolLM2 on the 2-core CI CPU
 (``bench/results/regional_compile_ab_cpu.md``): decode TPOT whole vs regional 24.5 vs 25.0 ms at batch 1, 67.9 vs
@@ -382,13 +382,13 @@ class DecodeRunner:
         """The compiled decoder layer and head of the CPU ``"compile"`` runtime (dynamic shapes; made at first use),
         shared by the one-token step and the verification forward."""
         if self.regions is None:
-            g = layer_group(len(self.decoder.layers))
-            # in half precision, rounded between fused ops as eager rounds (else a group of layers, fused across their
-            # boundaries, skips roundings that eager and transformers make: SmolLM2 bf16, 8 rows x 48 greedy tokens,
-            # diverged from eager after 204 of 384 tokens, with it none did; fp32 has no such rounding to emulate)
-            low = self.decoder.embed_tokens.dtype != torch.float32
-            layers_fn = torch.compile(run_layers, options={"emulate_precision_casts": True} if low else None)
-            self.regions = (layers_fn, torch.compile(LlamaDecoder.head), g)
+            # groups of layers in fp32 only: in half precision inductor, fusing across a layer boundary, skips the
+            # rounding of the residual stream that eager and transformers make (SmolLM2 bf16, 8 rows x 48 greedy
+            # tokens: diverged from eager after 204 of 384 tokens). Its emulate_precision_casts restored them bit
+            # for bit with torch 2.13, not with 2.11 (1-2 bf16 ulps off): one layer a call there.
+            fp32 = self.decoder.embed_tokens.dtype == torch.float32
+            g = layer_group(len(self.decoder.layers)) if fp32 else 1
+            self.regions = (torch.compile(run_layers), torch.compile(LlamaDecoder.head), g)
         return self.regions
 
     def _every_position(self, h: torch.Tensor, adapter_idx) -> torch.Tensor:
