@@ -12,7 +12,8 @@ the fused q/k/v, o, fused gate/up and down) and the lm_head, for M rows, seven w
 - compiled (``torch.compile``): a multiply-reduce (what ``fastdebias.ops._base_linear`` emits for few rows),
   oneDNN as an opaque custom op (``fastdebias::cpu_linear``, what it emits for more rows), and F.linear.
 
-Medians of ``--reps`` runs after two warm-ups, ms per step. ``fastdebias.ops.CPU_GEMV_MAX_ROWS`` and the choice of
+Medians of ``--reps`` runs after two warm-ups, ms per step. ``fastdebias.ops.CPU_GEMV_MAX_ROWS``,
+``fastdebias.ops.CPU_MKL_MAX_ROWS`` (``bench/results/cpu_gemm_cpu-xeon.md``) and the choice of
 oneDNN come from this table on the CI machine; rerun it on another CPU before trusting them there.
 """
 

@@ -992,6 +992,8 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
             torch._dynamo.reset()
         log(f"{name}: {info['reason']}")
 
+    from fastdebias import ops
+
     commit, dirty = git_commit()
     header = dict(
         device=device_name(dev), device_tag=device_tag(dev), device_type=dev.type, torch=torch.__version__,
@@ -1007,6 +1009,8 @@ def _run(cfg: BenchConfig, dev: torch.device, workdir: Path, log: Callable[[str]
                  if tokenizer is not None else f"random token ids, {cfg.prompt_len} per prompt"),
         fastdebias_runtime=cfg.runtime,
         fastdebias_compile_step=cfg.compile_step,
+        # which CPU GEMM few fp32 rows take (F.linear on Intel CPUs, oneDNN elsewhere): it differs by machine
+        cpu_mkl_max_rows=ops.CPU_MKL_MAX_ROWS if dev.type == "cpu" else None,
         hf_compile_config=("cache_implementation='static', CompileConfig(fullgraph=True, dynamic=False, mode="
                            f"{'reduce-overhead' if dev.type == 'cuda' else 'default'!r})"),
         order="interleaved" if cfg.interleave else "one system at a time", loadavg_start=load_start,
@@ -1271,6 +1275,9 @@ def format_markdown(result: dict) -> str:
         f"{'' if h.get('fastdebias_compile_step') is None else ', compile_step=' + str(h['fastdebias_compile_step'])}"
         " (see fastdebias.runtime); hf-compile: "
         f"{h['hf_compile_config']}",
+        *([] if h.get("cpu_mkl_max_rows") is None else [
+            f"- CPU projections: fp32 ones of up to {h['cpu_mkl_max_rows']} rows take F.linear (MKL), others oneDNN "
+            "or, compiled, a multiply-reduce (fastdebias.ops.CPU_MKL_MAX_ROWS: 3 on Intel CPUs, 0 elsewhere)"]),
         f"- order: {h['order']}; peak memory: {memory}",
         f"- load average (1/5/15 min) at start {h['loadavg_start']}, at end {h['loadavg_end']}; "
         f"run took {h['seconds']:.0f} s",

@@ -28,7 +28,7 @@ HEADER_FIELDS = {
     "device", "device_tag", "device_type", "torch", "transformers", "peft", "triton", "python", "dtype", "commit",
     "dirty", "model", "adapter", "loadavg_start", "loadavg_end", "prompt_len", "new_tokens", "batch_sizes",
     "lexicon_sizes", "lexicon_size", "lexicon", "reps", "warmup", "prompts", "hf_compile_config", "memory_method",
-    "order", "seconds", "complete", "model_tag", "fastdebias_runtime",
+    "order", "seconds", "complete", "model_tag", "fastdebias_runtime", "cpu_mkl_max_rows",
 }
 TOP_FIELDS = {
     "schema", "header", "copy_bandwidth_gbs", "model_bytes", "lexicon_build_s", "systems", "points", "comparisons",
@@ -102,6 +102,10 @@ def test_quick_prints_table_and_writes_plot(quick, tmp_path):
     _, stdout, res, paths = quick
     assert "| system | batch | lexicon | TTFT ms | TPOT ms | tok/s |" in stdout
     assert res["header"]["torch"] in stdout and res["header"]["commit"] in stdout
+    from fastdebias import ops
+
+    assert res["header"]["cpu_mkl_max_rows"] == ops.CPU_MKL_MAX_ROWS  # (which CPU GEMM few rows took: by machine)
+    assert f"fp32 ones of up to {ops.CPU_MKL_MAX_ROWS} rows take F.linear" in stdout
     assert paths["md"].read_text() == bench.format_markdown(res)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the plot and table are made from the JSON alone; --out names them by device
