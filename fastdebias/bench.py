@@ -1276,8 +1276,11 @@ def format_markdown(result: dict) -> str:
         " (see fastdebias.runtime); hf-compile: "
         f"{h['hf_compile_config']}",
         *([] if h.get("cpu_mkl_max_rows") is None else [
-            f"- CPU projections: fp32 ones of up to {h['cpu_mkl_max_rows']} rows take F.linear (MKL), others oneDNN "
-            "or, compiled, a multiply-reduce (fastdebias.ops.CPU_MKL_MAX_ROWS: 3 on Intel CPUs, 0 elsewhere)"]),
+            "- CPU projections (fp32): "
+            + (f"F.linear (MKL) for up to {h['cpu_mkl_max_rows']} rows eagerly, 2 compiled; " if h["cpu_mkl_max_rows"]
+               else "no F.linear rule (not an Intel CPU); ")
+            + "compiled, a multiply-reduce for 1 row (2 without the rule); else oneDNN on packed weights "
+            f"(fastdebias.ops.CPU_MKL_MAX_ROWS = {h['cpu_mkl_max_rows']}: 3 on Intel CPUs, 0 elsewhere)"]),
         f"- order: {h['order']}; peak memory: {memory}",
         f"- load average (1/5/15 min) at start {h['loadavg_start']}, at end {h['loadavg_end']}; "
         f"run took {h['seconds']:.0f} s",

@@ -36,7 +36,7 @@ class LoRALinear(nn.Module):
         self.loras: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
         self.packed = None  # the backend's pre-packed form of ``loras`` (built once by ``attach``)
         # ``weight`` pre-packed for oneDNN on CPU (``LlamaDecoder.pack_cpu_weights``); under the eager runtime the
-        # only copy (``weight`` is None then)
+        # only copy (``weight`` is None then), except where few fp32 rows take F.linear (``ops.keeps_plain_weights``)
         self.cpu_weight = None
         self.backend = backend
 
@@ -283,12 +283,14 @@ class LlamaDecoder(nn.Module):
         """Every fused projection, once each (the decoder layers' and the lm_head)."""
         return list({id(m): m for m, _ in self.lora_targets().values()}.values())
 
-    def pack_cpu_weights(self, keep_plain: bool = True, progress: bool = False) -> int:
+    def pack_cpu_weights(self, keep_plain: bool = True, progress: bool = False,
+                         packed_if_not_both: bool = False) -> int:  # fmt: skip
         """Pack each fp32 (or bf16) CPU projection weight for oneDNN (``ops.pack_cpu_weight``). Call after any merge.
 
         ``keep_plain=True`` (the compiled runtime, whose 1-2-row multiply-reduce reads the plain weights, and the
         eager one where F.linear takes a few rows, ``ops.keeps_plain_weights``): the packed copies sit beside them,
-        if they fit ``ops.cpu_pack_fits``. ``keep_plain=False`` (the eager runtime elsewhere, which reads only the
+        if they fit ``ops.cpu_pack_fits`` (else nothing is packed, or with ``packed_if_not_both``, the eager runtime's
+        case, the packed ones alone, as below). ``keep_plain=False`` (the eager runtime elsewhere, which reads only the
         packed ones): each packed copy replaces its plain weight, one projection at a time, so
         nothing is added, except for an lm_head tied to the input embedding (the embedding lookup reads the plain
         one). Returns the bytes the packed copies add (0: nothing packed, or nothing added). ``progress``: a tqdm bar
@@ -296,8 +298,14 @@ class LlamaDecoder(nn.Module):
         mods = [m for m in self.projections() if m.weight is not None and ops.cpu_packable(m.weight)]
         added = [m for m in mods if keep_plain or m.weight is self.embed_tokens]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in added)
-        if not mods or (keep_plain and not ops.cpu_pack_fits(nbytes)):
+        if not mods:
             return 0
+        if keep_plain and not ops.cpu_pack_fits(nbytes):
+            if not packed_if_not_both:
+                return 0
+            keep_plain = False
+            added = [m for m in mods if m.weight is self.embed_tokens]
+            nbytes = sum(m.weight.numel() * m.weight.element_size() for m in added)
         for m in tqdm(mods, desc="Packing weights for oneDNN", unit="weight", disable=not progress):
             m.cpu_weight = ops.pack_cpu_weight(m.weight)
             if m not in added:

@@ -222,8 +222,10 @@ def load(
     if dev.type == "cpu" and resolved_backend == "torch":
         # fp32 (and bf16 where oneDNN computes it natively) on x86-64 only, a no-op elsewhere; the eager runtime keeps
         # the packed weights alone, except where a few rows' fp32 projections call F.linear (Intel CPUs)
-        keep_plain = resolved_runtime != "eager" or ops.keeps_plain_weights(dt)
-        decoder.pack_cpu_weights(keep_plain=keep_plain, progress=progress)
+        # (both copies only if they fit; else, under eager, the packed ones alone: the F.linear rule then off)
+        eager = resolved_runtime == "eager"
+        keep_plain = not eager or ops.keeps_plain_weights(dt)
+        decoder.pack_cpu_weights(keep_plain=keep_plain, progress=progress, packed_if_not_both=eager)
     return FastDebiasModel(
         path=model_dir, decoder=decoder, tokenizer=tokenizer, config=config, device=dev, dtype=dt,
         backend=resolved_backend, merged_adapter=merged, eos_token_ids=eos_token_ids,

@@ -517,7 +517,7 @@ def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_di
     """On CPU, fp32, x86-64: every projection has a oneDNN-packed weight (the step's projections read it). The
     eager runtime keeps it alone (no second copy), except a tied lm_head's (the embedding reads the plain one),
     and except where a few rows' fp32 projections call F.linear (``ops.CPU_MKL_MAX_ROWS``, Intel CPUs): both then,
-    within the RAM rule, as the compiled runtime keeps them. Same tokens as the plain weights; in bf16 too, where
+    if they fit the compiled runtime's RAM rule (else the packed ones alone). Same tokens as the plain weights; in bf16 too, where
     oneDNN computes bf16 natively (and the F.linear rule does not apply)."""
     from pathlib import Path
 
@@ -533,9 +533,10 @@ def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_di
     assert all(m.weight is not None and (m.cpu_weight is not None) == ops._ONEDNN for m in both.decoder.projections())
     two_rows = tokens(fastdebias.generate(both, PROMPTS[:2], max_new_tokens=NEW))  # F.linear (MKL), then the packed
     eight_rows = tokens(fastdebias.generate(both, (PROMPTS * 4)[:8], max_new_tokens=NEW))  # oneDNN weights
-    monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", 0.0)  # the copies would not fit: the plain weights alone
-    plain_only = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
-    assert all(m.weight is not None and m.cpu_weight is None for m in plain_only.decoder.projections())
+    monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", 0.0)  # both would not fit: the packed weights alone
+    packed_only = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)
+    assert all((m.weight is None) == ops._ONEDNN for m in packed_only.decoder.projections())
+    assert tokens(fastdebias.generate(packed_only, (PROMPTS * 4)[:8], max_new_tokens=NEW)) == eight_rows
     monkeypatch.setattr(ops, "CPU_PACK_MAX_RAM_FRACTION", fraction)
     monkeypatch.setattr(ops, "CPU_MKL_MAX_ROWS", 0)  # (the rule elsewhere)
     model = fastdebias.load(llama_dir, adapter_qv, device="cpu", progress=False)

@@ -165,7 +165,8 @@ def _cpu_vendor() -> str:
 # 33.6 vs 39.7 ms at batch 1), batch 4 and 8 unchanged; compile runtime 1.46x at batch 2 (30.8 vs 44.9 ms), batch 1
 # unchanged; same tokens. The two differ by rounding only (~1e-6 in fp32: their sums run in different orders), and
 # the rule is fixed per machine, not measured at load, so a machine's results do not change from run to run. Set it
-# to 0 to turn it off (before ``load``: the eager runtime keeps the plain weights only where it is on).
+# to 0 to turn it off (before ``load``: the eager runtime keeps the plain weights only where it is on, and only where
+# both copies fit ``cpu_pack_fits``; else the packed ones alone, and the rule has no plain weight to read).
 CPU_MKL_MAX_ROWS = 3 if _ONEDNN and _cpu_vendor() == "GenuineIntel" else 0
 
 
@@ -182,7 +183,8 @@ def mkl_rows(x: torch.Tensor) -> bool:
 
 def keeps_plain_weights(dtype: torch.dtype) -> bool:
     """Whether a CPU model of ``dtype`` under the eager runtime keeps its plain weights beside the packed ones
-    (which it reads otherwise): where the projections of a few rows call F.linear (``CPU_MKL_MAX_ROWS``)."""
+    (which it reads otherwise): where the projections of a few rows call F.linear (``CPU_MKL_MAX_ROWS``), and if both
+    copies fit ``cpu_pack_fits`` (``LlamaDecoder.pack_cpu_weights``)."""
     return CPU_MKL_MAX_ROWS > 0 and dtype == torch.float32
 
 
@@ -191,9 +193,10 @@ def keeps_plain_weights(dtype: torch.dtype) -> bool:
 # ``bench/results/cpu_gemm_cpu.md``).
 CPU_PACK_ROWS = 8
 # Under the compiled runtime the packed copies sit beside the plain weights (its 1-2-row multiply-reduce reads
-# those), and under the eager runtime where F.linear takes a few rows (``keeps_plain_weights``): pack only when the
-# copies take at most this fraction of the machine's RAM. (Otherwise the eager runtime keeps the packed weights
-# alone: nothing to add, no limit.)
+# those), and under the eager runtime where F.linear takes a few rows (``keeps_plain_weights``): both only when the
+# copies take at most this fraction of the machine's RAM (else the compiled runtime keeps the plain weights alone,
+# the eager one the packed ones alone). (Otherwise the eager runtime keeps the packed weights alone: nothing to add,
+# no limit.)
 CPU_PACK_MAX_RAM_FRACTION = 0.25
 
 
@@ -264,6 +267,8 @@ def _base_linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Ten
     - inside ``torch.compile``, a decode GEMV of up to ``CPU_GEMV_MAX_ROWS`` rows is a multiply-reduce: inductor
       turns it into one vectorised pass that streams W from memory at about twice oneDNN's rate and three times
       MKL's (it would materialise [M, N, K] eagerly, so only there);
+    - fp32 projections of up to ``CPU_MKL_MAX_ROWS`` rows (3 on Intel CPUs, 0 elsewhere; compiled, from 2 rows up
+      to ``CPU_GEMV_MAX_ROWS``) are F.linear (MKL) on the plain weight, if given;
     - other fp32 projections (eager, prefill, larger batches), and bf16 ones where oneDNN computes bf16 natively,
       are oneDNN's matmul, on the packed weight if given.
     Everything else is ``F.linear``."""
