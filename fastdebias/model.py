@@ -296,16 +296,18 @@ class LlamaDecoder(nn.Module):
         one). Returns the bytes the packed copies add (0: nothing packed, or nothing added). ``progress``: a tqdm bar
         (Llama-2-7B's bf16 weights took 11-13 s to pack on the CI machine)."""
         mods = [m for m in self.projections() if m.weight is not None and ops.cpu_packable(m.weight)]
-        added = [m for m in mods if keep_plain or m.weight is self.embed_tokens]
-        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in added)
         if not mods:
             return 0
+
+        def beside(keep: bool):  # the projections whose packed copy sits beside their plain weight, and its bytes
+            added = [m for m in mods if keep or m.weight is self.embed_tokens]
+            return added, sum(m.weight.numel() * m.weight.element_size() for m in added)
+
+        added, nbytes = beside(keep_plain)
         if keep_plain and not ops.cpu_pack_fits(nbytes):
             if not packed_if_not_both:
                 return 0
-            keep_plain = False
-            added = [m for m in mods if m.weight is self.embed_tokens]
-            nbytes = sum(m.weight.numel() * m.weight.element_size() for m in added)
+            keep_plain, (added, nbytes) = False, beside(False)
         for m in tqdm(mods, desc="Packing weights for oneDNN", unit="weight", disable=not progress):
             m.cpu_weight = ops.pack_cpu_weight(m.weight)
             if m not in added:

@@ -379,8 +379,8 @@ class DecodeRunner:
         return self._every_position(h, adapter_idx)
 
     def _dynamic_regions(self):
-        """The compiled decoder layer and head of the CPU ``"compile"`` runtime (dynamic shapes; made at first use),
-        shared by the one-token step and the verification forward."""
+        """The compiled decoder layers (a group a call) and head of the CPU ``"compile"`` runtime, and the group size
+        (dynamic shapes; made at first use), shared by the one-token step and the verification forward."""
         if self.regions is None:
             # groups of layers in fp32 only: in half precision inductor, fusing across a layer boundary, skips the
             # rounding of the residual stream that eager and transformers make (SmolLM2 bf16, 8 rows x 48 greedy

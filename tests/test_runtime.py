@@ -517,8 +517,8 @@ def test_cpu_models_keep_packed_weights(llama_dir, adapter_qv, tiny_tokenizer_di
     """On CPU, fp32, x86-64: every projection has a oneDNN-packed weight (the step's projections read it). The
     eager runtime keeps it alone (no second copy), except a tied lm_head's (the embedding reads the plain one),
     and except where a few rows' fp32 projections call F.linear (``ops.CPU_MKL_MAX_ROWS``, Intel CPUs): both then,
-    if they fit the compiled runtime's RAM rule (else the packed ones alone). Same tokens as the plain weights; in bf16 too, where
-    oneDNN computes bf16 natively (and the F.linear rule does not apply)."""
+    if they fit the compiled runtime's RAM rule (else the packed ones alone). Same tokens as the plain weights; in
+    bf16 too, where oneDNN computes bf16 natively (and the F.linear rule does not apply)."""
     from pathlib import Path
 
     from fastdebias import ops

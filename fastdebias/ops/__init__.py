@@ -257,7 +257,7 @@ def multiply_reduce_rows(x: torch.Tensor) -> bool:
 def reads_plain_weight(x: torch.Tensor) -> bool:
     """Whether ``_base_linear`` reads the plain weight for ``x`` (a multiply-reduce, or F.linear): the model then
     passes no packed one (inside torch.compile each read costs a guard per call)."""
-    return multiply_reduce_rows(x) or (_ONEDNN and mkl_rows(x))
+    return multiply_reduce_rows(x) or mkl_rows(x)
 
 
 def _base_linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None = None) -> torch.Tensor:
